@@ -52,7 +52,7 @@ class CropCamera:
         )
 
     def feature_k(self, stride: int) -> np.ndarray:
-        """Intrinsics of the stride-``stride`` feature map of this crop; see ``feature_intrinsics``."""
+        """Intrinsics of this crop's stride-``stride`` feature map (``feature_intrinsics``)."""
         return feature_intrinsics(self.k, stride)
 
     def reference_distance(self) -> float:
@@ -81,8 +81,12 @@ def feature_intrinsics(k: np.ndarray, stride: int) -> np.ndarray:
 
 
 def _crop_camera(
-    focal_px: float, centre_xy: tuple[float, float], principal_xy: tuple[float, float],
-    scale: float, size: tuple[int, int], protocol: str,
+    focal_px: float,
+    centre_xy: tuple[float, float],
+    principal_xy: tuple[float, float],
+    scale: float,
+    size: tuple[int, int],
+    protocol: str,
 ) -> CropCamera:
     h, w = size
     # The crop is centred on `centre_xy` (scaled): its centre pixel is ((W−1)/2, (H−1)/2).
@@ -90,8 +94,9 @@ def _crop_camera(
     k = intrinsics(
         focal_px * scale, scale * principal_xy[0] + offset[0], scale * principal_xy[1] + offset[1]
     )
-    return CropCamera(k=np.asarray(k), scale=float(scale), offset=offset, size=(h, w),
-                      protocol=protocol)
+    return CropCamera(
+        k=np.asarray(k), scale=float(scale), offset=offset, size=(h, w), protocol=protocol
+    )
 
 
 def gt_normalized_crop(

@@ -93,7 +93,9 @@ def _rx(phi: torch.Tensor) -> torch.Tensor:
     return torch.stack([o, z, z, z, c, -s, z, s, c], dim=-1).reshape(*phi.shape, 3, 3)
 
 
-def _rotation_torch(azimuth: torch.Tensor, elevation: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+def _rotation_torch(
+    azimuth: torch.Tensor, elevation: torch.Tensor, theta: torch.Tensor
+) -> torch.Tensor:
     a, e, t = torch.broadcast_tensors(azimuth, elevation, theta)
     return _rz(t) @ _rx(e - math.pi / 2) @ _rz(-a)
 

@@ -1,0 +1,101 @@
+"""Atomic file writes and run records: nothing nvsm writes is ever left half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import IO, Any
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path``; on success it is renamed onto ``path``.
+
+    On any exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temp file + rename)."""
+    with atomic_open(path, "w") as fh:
+        fh.write(text)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file + rename)."""
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as indented JSON atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+_PACKAGES = ("torch", "torchvision", "kornia", "numpy", "scipy", "faiss-cpu", "easypytorch3d")
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of Python and the packages results depend on (None when not installed)."""
+    out: dict[str, str | None] = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in ("nvsm", *_PACKAGES):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit(cwd: str | os.PathLike[str] | None = None) -> str | None:
+    """The git commit of the nvsm source tree (with ``+dirty`` if modified), or None."""
+    root = cwd or Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sha + ("+dirty" if dirty else "")
+
+
+def write_run_info(run_dir: str | os.PathLike[str], config: dict[str, Any], seed: int) -> Path:
+    """Record what a run needs to be reproduced: resolved config, seed, versions, git commit."""
+    path = Path(run_dir) / "run_info.json"
+    atomic_write_json(
+        path,
+        {
+            "config": config,
+            "seed": seed,
+            "versions": package_versions(),
+            "git_commit": git_commit(),
+            "argv": sys.argv,
+        },
+    )
+    return path
