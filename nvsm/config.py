@@ -1,0 +1,189 @@
+"""Typed configuration: dataclasses filled from named YAML recipes and ``key=value`` overrides.
+
+A recipe is a YAML file in ``recipes/`` (or any path) whose nested mapping mirrors the
+dataclasses below; keys it leaves out keep their defaults, unknown keys are an error naming the
+file and the key. ``nvsm recipes list`` / ``nvsm recipes show NAME`` expose them on the CLI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+#: Where named recipes live: the repository's ``recipes/`` folder (beside the package).
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the configuration schema."""
+
+
+@dataclass
+class DataConfig:
+    """Which images, which objects, how they are cropped."""
+
+    dataset: str = "synthetic"  # synthetic | pascal3d | occluded_pascal3d | kitti | objectnet3d
+    root: str | None = None  # None: the built-in synthetic dataset (generated on demand)
+    categories: list[str] = field(default_factory=lambda: ["car"])
+    crop_protocol: str = "gt-normalized"  # gt-normalized | bbox
+    crop_size: list[int] | None = None  # (H, W); None: the per-category default
+    synth_size: str = "default"  # tiny | default (built-in dataset only)
+
+
+@dataclass
+class ModelConfig:
+    """Backbone and neural mesh."""
+
+    backbone: str = "efficientnet-lite0"
+    backbone_weights: str | None = None
+    feature_dim: int = 128
+    n_vertices: int = 1000
+    rasterizer: str = "auto"  # auto | torch | pytorch3d
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; sub-configs are filled by the commands that use them."""
+
+    name: str = "custom"
+    description: str = ""
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    """Validate (and lightly coerce) ``value`` against the annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: unexpected value {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _from_dict(tp, value, where)
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, str) and isinstance(value, tp) and not isinstance(value, bool):
+        return value
+    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(names)}")
+    base = cls()
+    kwargs = {}
+    for name in names:
+        if name in data:
+            current = getattr(base, name)
+            value = data[name]
+            if dataclasses.is_dataclass(current) and isinstance(value, dict):
+                merged = {**config_to_dict(current), **value}
+                kwargs[name] = _from_dict(type(current), merged, f"{where}.{name}")
+            else:
+                kwargs[name] = _check_type(value, hints[name], f"{where}.{name}")
+    return dataclasses.replace(base, **kwargs)  # type: ignore[type-var]
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
+    """Build a ``RunConfig`` from a nested mapping; ``source`` names it in errors."""
+    return _from_dict(RunConfig, data, source)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain-Python dictionary of a config dataclass (YAML/JSON-able)."""
+    return dataclasses.asdict(cfg)
+
+
+def list_recipes(recipe_dir: Path = RECIPE_DIR) -> dict[str, str]:
+    """Named recipes and their one-line descriptions."""
+    out = {}
+    for path in sorted(recipe_dir.glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        out[path.stem] = str(data.get("description", "")).strip()
+    return out
+
+
+def recipe_path(name: str | os.PathLike[str], recipe_dir: Path = RECIPE_DIR) -> Path:
+    """Resolve a recipe name (``recipes/<name>.yaml``) or a path to a YAML file."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    candidate = recipe_dir / f"{name}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = ", ".join(list_recipes(recipe_dir)) or "none"
+    raise ConfigError(f"unknown recipe {str(name)!r}: no file {candidate}; known recipes: {known}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.steps=200"`` → (["train", "steps"], 200); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY.PATH=VALUE")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override {text!r}: empty key")
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def load_config(
+    recipe: str | os.PathLike[str] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    recipe_dir: Path = RECIPE_DIR,
+) -> RunConfig:
+    """Defaults ← recipe YAML ← ``key=value`` overrides, validated against the dataclasses."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if recipe is not None:
+        path = recipe_path(recipe, recipe_dir)
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        data = loaded
+        data.setdefault("name", path.stem)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {k} is not a section")
+        node[keys[-1]] = value
+    return config_from_dict(data, source)

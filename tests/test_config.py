@@ -1,0 +1,41 @@
+import pytest
+
+from nvsm.config import (
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    config_to_dict,
+    list_recipes,
+    load_config,
+)
+
+
+def test_defaults_round_trip():
+    cfg = RunConfig()
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_recipe_and_overrides(tmp_path):
+    (tmp_path / "r1.yaml").write_text(
+        "description: a test recipe\nseed: 3\nmodel:\n  feature_dim: 64\n"
+    )
+    cfg = load_config(
+        "r1", ["model.backbone=resnet50-unet", "data.crop_size=[64, 96]"], recipe_dir=tmp_path
+    )
+    assert cfg.name == "r1" and cfg.seed == 3
+    assert cfg.model.feature_dim == 64 and cfg.model.backbone == "resnet50-unet"
+    assert cfg.data.crop_size == [64, 96] and cfg.data.dataset == "synthetic"
+    assert list_recipes(tmp_path) == {"r1": "a test recipe"}
+
+
+def test_bad_recipes_name_file_and_key(tmp_path):
+    (tmp_path / "bad.yaml").write_text("model:\n  feature_dimm: 64\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml\.model: unknown key\(s\) \['feature_dimm'\]"):
+        load_config("bad", recipe_dir=tmp_path)
+    (tmp_path / "typ.yaml").write_text("seed: many\n")
+    with pytest.raises(ConfigError, match=r"typ\.yaml\.seed: expected int"):
+        load_config("typ", recipe_dir=tmp_path)
+    with pytest.raises(ConfigError, match="unknown recipe 'nope'"):
+        load_config("nope", recipe_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"expected KEY\.PATH=VALUE"):
+        load_config(None, ["seed"])
