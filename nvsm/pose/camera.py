@@ -37,6 +37,9 @@ class CropCamera:
         offset: (2,) crop_xy = scale · image_xy + offset.
         size: (H, W) of the crop in pixels.
         protocol: which crop protocol produced it.
+        normalized_focal: focal length (crop pixels) at which an object of normalised size
+            appears at ``NORMALIZED_DISTANCE`` (3000 in NeMo's protocol; smaller values give
+            proportionally smaller crops for CPU recipes).
     """
 
     k: np.ndarray
@@ -44,6 +47,7 @@ class CropCamera:
     offset: np.ndarray
     size: tuple[int, int]
     protocol: str
+    normalized_focal: float = PASCAL3D_VIEWPORT
 
     def image_to_crop(self) -> np.ndarray:
         """(2, 3) affine matrix mapping original pixels to crop pixels."""
@@ -59,9 +63,10 @@ class CropCamera:
         """Distance at which an object of the normalised size appears in this crop.
 
         For ``gt-normalized`` crops this is the annotated distance (the crop focal is
-        3000·d/5 px), so the pose is rendered exactly with its true distance.
+        F·d/5 px for the normalised focal F), so the pose is rendered exactly with its true
+        distance; for ``bbox`` crops it is the distance the box scale suggests.
         """
-        return float(self.k[0, 0]) * NORMALIZED_DISTANCE / PASCAL3D_VIEWPORT
+        return float(self.k[0, 0]) * NORMALIZED_DISTANCE / self.normalized_focal
 
 
 def feature_intrinsics(k: np.ndarray, stride: int) -> np.ndarray:
@@ -87,6 +92,7 @@ def _crop_camera(
     scale: float,
     size: tuple[int, int],
     protocol: str,
+    normalized_focal: float,
 ) -> CropCamera:
     h, w = size
     # The crop is centred on `centre_xy` (scaled): its centre pixel is ((W−1)/2, (H−1)/2).
@@ -95,25 +101,39 @@ def _crop_camera(
         focal_px * scale, scale * principal_xy[0] + offset[0], scale * principal_xy[1] + offset[1]
     )
     return CropCamera(
-        k=np.asarray(k), scale=float(scale), offset=offset, size=(h, w), protocol=protocol
+        k=np.asarray(k),
+        scale=float(scale),
+        offset=offset,
+        size=(h, w),
+        protocol=protocol,
+        normalized_focal=float(normalized_focal),
     )
 
 
 def gt_normalized_crop(
-    distance: float, px: float, py: float, focal_px: float, size: tuple[int, int]
+    distance: float,
+    px: float,
+    py: float,
+    focal_px: float,
+    size: tuple[int, int],
+    normalized_focal: float = PASCAL3D_VIEWPORT,
 ) -> CropCamera:
-    """NeMo-protocol crop: object origin at the crop centre, scaled to look 5 units away at 3000 px.
+    """NeMo-protocol crop: object origin at the crop centre, scaled to look 5 units away at
+    ``normalized_focal`` px (3000 in NeMo).
 
     Args:
         distance: ground-truth object distance (> 0).
         px, py: ground-truth projection of the object origin in the original image.
         focal_px: focal length of the original image in pixels (focal · viewport in PASCAL3D+).
         size: crop (H, W).
+        normalized_focal: see ``CropCamera.normalized_focal``.
     """
     if not distance > 0:
         raise ValueError(f"gt-normalized crop needs a positive distance, got {distance}")
-    scale = PASCAL3D_VIEWPORT * distance / (NORMALIZED_DISTANCE * focal_px)
-    return _crop_camera(focal_px, (px, py), (px, py), scale, size, "gt-normalized")
+    scale = normalized_focal * distance / (NORMALIZED_DISTANCE * focal_px)
+    return _crop_camera(
+        focal_px, (px, py), (px, py), scale, size, "gt-normalized", normalized_focal
+    )
 
 
 def bbox_crop(
@@ -122,6 +142,7 @@ def bbox_crop(
     focal_px: float,
     size: tuple[int, int],
     fill: float = 0.8,
+    normalized_focal: float = PASCAL3D_VIEWPORT,
 ) -> CropCamera:
     """Realistic crop from a 2D box only: the box is centred and its aspect-corrected size fills
     ``fill`` of the crop. ``principal_xy`` is the original camera's principal point (the image
@@ -133,4 +154,4 @@ def bbox_crop(
     h, w = size
     scale = fill * min(w / (x1 - x0), h / (y1 - y0))
     centre = ((x0 + x1) / 2, (y0 + y1) / 2)
-    return _crop_camera(focal_px, centre, principal_xy, scale, size, "bbox")
+    return _crop_camera(focal_px, centre, principal_xy, scale, size, "bbox", normalized_focal)

@@ -1,0 +1,139 @@
+"""``nvsm data``: dataset checks and few-shot split lists (mounted by ``nvsm/cli.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from nvsm.data.datasets import DATASET_NAMES, train_test_records
+from nvsm.data.errors import DataFormatError
+from nvsm.data.splits import SPLIT_STRATEGIES, few_shot_splits, write_few_shot_split
+from nvsm.data.synth import synth_command
+from nvsm.data.verify import verify_dataset
+
+app = typer.Typer(
+    help="Datasets: check a local copy against its manifest, write few-shot split lists.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.command("synth")(synth_command)
+
+
+def _check_name(name: str) -> str:
+    if name not in DATASET_NAMES:
+        raise typer.BadParameter(f"unknown dataset {name!r}; choose from {_NAMES}")
+    return name
+
+
+_NAMES = ", ".join(DATASET_NAMES)
+
+
+@app.command()
+def verify(
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help=f"One of: {_NAMES}.")],
+    root: Annotated[Path, typer.Option("--root", "-r", help="Root folder of the local copy.")],
+    category: Annotated[list[str] | None, typer.Option(
+        "--category", "-c", help="Only these categories (repeatable).")] = None,
+    decode: Annotated[bool, typer.Option(
+        "--decode/--no-decode", help="Fully decode every image (slow), not headers only.")] = False,
+    pascal3d_root: Annotated[Path | None, typer.Option(
+        "--pascal3d-root", help="occluded_pascal3d: also check the source annotations.")] = None,
+    limit: Annotated[int, typer.Option(
+        "--limit", help="Rows shown in the table (all are counted).")] = 200,
+) -> None:
+    """Check a local dataset copy against data_manifests/<dataset>.yaml; list EVERY problem.
+
+    Exit code 1 if anything is wrong.
+
+    Example:
+
+        nvsm data verify --dataset pascal3d --root /data/PASCAL3D+_release1.1
+    """
+    _check_name(dataset)
+    console = Console()
+    problems = verify_dataset(dataset, root, categories=category or None, decode_images=decode,
+                              pascal3d_root=pascal3d_root)
+    if not problems:
+        console.print(f"[green]{dataset}: {root} matches the manifest[/green]")
+        return
+    table = Table(title=f"{dataset}: {len(problems)} problem(s) in {root}")
+    for col in ("kind", "path", "field", "message"):
+        table.add_column(col, overflow="fold")
+    for p in problems[:limit]:
+        table.add_row(p.kind, str(p.path), p.field or "", p.message)
+    console.print(table)
+    if len(problems) > limit:
+        console.print(f"... and {len(problems) - limit} more (raise --limit to see them)")
+    raise typer.Exit(code=1)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def split(
+    ctx: typer.Context,
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help=f"One of: {_NAMES}.")],
+    root: Annotated[Path, typer.Option("--root", "-r", help="Root folder of the dataset.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    annotations: Annotated[str, typer.Option(
+        "--annotations", "-n", help="Labelled-set sizes: '--annotations 7 20 50' or '7,20,50'.")
+    ] = "7,20,50",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the PCG64 stream.")] = 0,
+    strategy: Annotated[str, typer.Option(
+        "--strategy", help=f"One of: {', '.join(SPLIT_STRATEGIES)}.")] = "stratified",
+    category: Annotated[list[str] | None, typer.Option(
+        "--category", "-c", help="Only these categories (repeatable).")] = None,
+    test_fold: Annotated[int, typer.Option(
+        "--test-fold", help="KITTI: frames with number mod 4 == this are the test set.")] = 0,
+    independent: Annotated[bool, typer.Option(
+        "--independent", help="Draw each N independently instead of nested (7 in 20 in 50).")
+    ] = False,
+) -> None:
+    r"""Write deterministic few-shot labelled/unlabelled/test lists (ids '<image_id>:<object>').
+
+    Writes <out>/<category>/n<N>_<strategy>_seed<S>/{labelled,unlabelled,test}.txt and
+    split.json (counts and azimuth coverage of the labelled set), atomically.
+
+    Example:
+
+        nvsm data split --dataset pascal3d --root /data/PASCAL3D+_release1.1 \
+            --annotations 7 20 50 --seed 0 --strategy stratified --out splits/pascal3d
+    """
+    _check_name(dataset)
+    if strategy not in SPLIT_STRATEGIES:
+        raise typer.BadParameter(f"strategy must be one of {SPLIT_STRATEGIES}")
+    tokens = [t for part in [annotations, *ctx.args] for t in part.split(",") if t.strip()]
+    try:
+        sizes = sorted({int(t) for t in tokens})
+    except ValueError as exc:
+        raise typer.BadParameter(f"--annotations takes integers, got {tokens}") from exc
+    if not sizes or min(sizes) < 1:
+        raise typer.BadParameter("--annotations needs positive integers")
+    console = Console()
+    try:
+        train, test = train_test_records(dataset, root, category or None, test_fold=test_fold)
+    except DataFormatError as exc:
+        console.print(f"[red]{exc}[/red]\nRun 'nvsm data verify --dataset {dataset} --root "
+                      f"{root}' to list every problem.")
+        raise typer.Exit(code=1) from exc
+    try:
+        splits = few_shot_splits(train.records, test.records, sizes,
+                                 strategy, seed, nested=not independent)  # type: ignore[arg-type]
+    except ValueError as exc:
+        console.print(f"[red]cannot split {dataset}: {exc}[/red]")
+        raise typer.Exit(code=2) from exc
+    table = Table(title=f"{dataset} few-shot splits (seed {seed}, {strategy})")
+    for col in ("category", "N", "labelled", "unlabelled", "test", "azimuth bins covered (of 8)",
+                "max gap °", "folder"):
+        table.add_column(col)
+    for (cat, n), sp in sorted(splits.items()):
+        folder = write_few_shot_split(sp, out, dataset)
+        table.add_row(cat, str(n), str(len(sp.labelled)), str(len(sp.unlabelled)),
+                      str(len(sp.test)), str(sp.coverage.covered_bins),
+                      f"{sp.coverage.max_gap_deg:.0f}", str(folder))
+    console.print(table)
+    if train.skipped:
+        console.print(f"{len(train.skipped)} training objects skipped: "
+                      + ", ".join(f"{n} x {r}" for r, n in sorted(train.skip_reasons().items())))

@@ -1,0 +1,99 @@
+"""Dataset names → readers, and the train/test records the ``split`` command uses."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from nvsm.data.categories import register_categories
+from nvsm.data.kitti import KittiConfig, kitti_folds, load_kitti
+from nvsm.data.matlab import ErrorMode, ReadResult
+from nvsm.data.objectnet3d import load_objectnet3d
+from nvsm.data.occluded import load_occluded_pascal3d
+from nvsm.data.pascal3d import load_pascal3d
+
+__all__ = ["DATASET_NAMES", "load_dataset", "synthetic_categories", "train_test_records"]
+
+DATASET_NAMES: tuple[str, ...] = (
+    "pascal3d", "occluded_pascal3d", "kitti", "objectnet3d", "synthetic",
+)
+
+
+def synthetic_categories(root: Path) -> list[str]:
+    """Categories of a synthetic set in PASCAL3D+ layout: those with ``Image_sets/<cat>_imagenet_*``
+    lists (registered as known categories)."""
+    pattern = re.compile(r"^(.+)_imagenet_[A-Za-z0-9]+\.txt$")
+    cats = sorted({m.group(1) for p in (Path(root) / "Image_sets").glob("*_imagenet_*.txt")
+                   if (m := pattern.match(p.name))})
+    register_categories(cats)
+    return cats
+
+
+def load_dataset(
+    name: str,
+    root: Path,
+    *,
+    split: str | None = "train",
+    categories: list[str] | None = None,
+    errors: ErrorMode = "raise",
+    **kwargs: Any,
+) -> ReadResult:
+    """Read a dataset by name.
+
+    Args:
+        name: one of ``DATASET_NAMES``.
+        root: dataset root.
+        split: list name (``"train"``/``"val"``; ignored for KITTI and Occluded PASCAL3D+).
+        categories: classes to keep (default: the dataset's).
+        errors: ``"raise"`` or ``"collect"``.
+        kwargs: reader-specific (``pascal3d_root`` and ``levels`` for occluded_pascal3d,
+            ``config`` for kitti, ``objects`` for the MATLAB family).
+    """
+    root = Path(root)
+    if name == "pascal3d":
+        return load_pascal3d(root, categories, split=split, errors=errors, **kwargs)
+    if name == "synthetic":
+        cats = categories or synthetic_categories(root)
+        return load_pascal3d(root, cats, split=split, errors=errors, source="synthetic", **kwargs)
+    if name == "objectnet3d":
+        return load_objectnet3d(root, categories, split=split, errors=errors, **kwargs)
+    if name == "kitti":
+        config = kwargs.pop("config", None) or KittiConfig()
+        return load_kitti(root, config, errors=errors, **kwargs)
+    if name == "occluded_pascal3d":
+        p3d = kwargs.pop("pascal3d_root", None)
+        if p3d is None:
+            raise ValueError("occluded_pascal3d needs pascal3d_root (the PASCAL3D+ release) for "
+                             "the poses")
+        return load_occluded_pascal3d(root, p3d, categories, errors=errors, **kwargs)
+    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
+
+
+def train_test_records(
+    name: str,
+    root: Path,
+    categories: list[str] | None = None,
+    *,
+    test_fold: int = 0,
+    n_folds: int = 4,
+) -> tuple[ReadResult, ReadResult]:
+    """(train, test) records for few-shot splits.
+
+    PASCAL3D+-layout sets: the ``train`` and ``val`` lists. ObjectNet3D: ``train`` and ``val``.
+    KITTI (no public test labels): frame number mod ``n_folds`` == ``test_fold`` is the test set.
+    Occluded PASCAL3D+ is a test-only benchmark (its images are PASCAL3D+ val): split PASCAL3D+.
+    """
+    if name == "occluded_pascal3d":
+        raise ValueError("occluded_pascal3d is test-only (PASCAL3D+ val with occluders); "
+                         "make splits of pascal3d and test on the occluded levels")
+    if name == "kitti":
+        full = load_dataset("kitti", root)
+        folds = kitti_folds(full.records, n_folds)
+        if categories:
+            folds = {k: [r for r in v if r.category in categories] for k, v in folds.items()}
+        train = ReadResult([r for k, v in sorted(folds.items()) if k != test_fold for r in v],
+                           list(full.skipped))
+        return train, ReadResult(list(folds[test_fold]))
+    return (load_dataset(name, root, split="train", categories=categories),
+            load_dataset(name, root, split="val", categories=categories))

@@ -1,0 +1,112 @@
+"""Image and mask loading with errors that name the file."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from nvsm.data.errors import DataFormatError
+from nvsm.data.record import ObjectRecord
+
+__all__ = ["check_image", "load_image", "load_mask", "load_masks"]
+
+#: Integer masks (e.g. Occluded PASCAL3D+'s JPEG-derived object masks, 0..255) are foreground
+#: where the value exceeds this (the generator's own threshold); float/bool masks above 0.5.
+INT_MASK_THRESHOLD = 10
+
+
+def load_image(path: Path) -> np.ndarray:
+    """Read an image as (H, W, 3) uint8 RGB (greyscale, CMYK, palette converted).
+
+    Raises:
+        DataFormatError: missing or undecodable file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(path, "image", "an existing image file", "missing")
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        raise DataFormatError(path, "image", "a decodable image", f"{type(exc).__name__}: {exc}") \
+            from exc
+
+
+def check_image(path: Path, decode: bool = False) -> tuple[int, int]:
+    """Check an image without keeping it; returns its (H, W).
+
+    Args:
+        decode: fully decode (catches truncated data) instead of only parsing the header.
+    Raises:
+        DataFormatError: missing or unreadable file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(path, "image", "an existing image file", "missing")
+    try:
+        with Image.open(path) as im:
+            size = (im.height, im.width)
+            if decode:
+                im.load()
+            else:
+                im.verify()
+        return size
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        raise DataFormatError(path, "image", "a readable image", f"{type(exc).__name__}: {exc}") \
+            from exc
+
+
+def _binarise(mask: np.ndarray) -> np.ndarray:
+    if mask.ndim == 3:
+        mask = mask[..., 0]
+    if mask.dtype == bool:
+        return mask
+    if np.issubdtype(mask.dtype, np.integer):
+        return mask > (INT_MASK_THRESHOLD if mask.max(initial=0) > 1 else 0)
+    return mask > 0.5
+
+
+def load_mask(path: Path, key: str = "mask") -> np.ndarray:
+    """Read a mask as (H, W) bool: from an ``.npz`` (entry ``key``) or an image file.
+
+    Raises:
+        DataFormatError: missing file or key, or not a 2-D array.
+    """
+    path = Path(path)
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise DataFormatError(path, key, "an existing .npz", "missing")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                if key not in npz.files:
+                    raise DataFormatError(path, key, f"a '{key}' entry", f"keys {npz.files}")
+                mask = np.asarray(npz[key])
+        except DataFormatError:
+            raise
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise DataFormatError(path, key, "a readable .npz", str(exc)) from exc
+    else:
+        if not path.is_file():
+            raise DataFormatError(path, "mask", "an existing mask image", "missing")
+        try:
+            with Image.open(path) as im:
+                mask = np.asarray(im.convert("L"))
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            raise DataFormatError(path, "mask", "a decodable image", str(exc)) from exc
+    if mask.ndim not in (2, 3) or mask.size == 0:
+        raise DataFormatError(path, key, "an (H, W) mask", f"shape {mask.shape}")
+    return _binarise(mask)
+
+
+def load_masks(record: ObjectRecord) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(object mask, occluder mask) of a record as (H, W) bool arrays, None where absent.
+
+    For ``.npz`` paths (Occluded PASCAL3D+) the entries ``mask`` and ``occluder_mask`` are read.
+    """
+    obj = None if record.object_mask_path is None else load_mask(record.object_mask_path, "mask")
+    occ = None if record.occluder_mask_path is None else load_mask(record.occluder_mask_path,
+                                                                   "occluder_mask")
+    return obj, occ

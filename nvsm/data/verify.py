@@ -1,0 +1,308 @@
+"""Check a local copy of a dataset against its manifest (``data_manifests/<name>.yaml``).
+
+``verify_dataset`` walks the whole copy once and returns **every** problem it finds — missing
+folders, missing or unreadable images and annotation files, malformed annotation fields, count
+mismatches — each naming the file. Objects the readers skip on purpose (coarse-only viewpoints,
+KITTI filters) are not problems.
+
+Manifest fields used (see the YAML files for the full description): ``categories``,
+``layout.folders``, ``layout.files``, ``layout.per_category.{folders,files,cad}``,
+``layout.lists``, ``levels``/``layout.per_level`` (Occluded PASCAL3D+) and ``counts`` entries
+``{pattern, measure: lines|files, per_category | sum_over_categories | total, source}`` checked
+where the expected number is not null.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nvsm.data.cad import load_cad_models
+from nvsm.data.categories import register_categories
+from nvsm.data.datasets import DATASET_NAMES, synthetic_categories
+from nvsm.data.errors import DataFormatError
+from nvsm.data.images import check_image
+from nvsm.data.kitti import read_kitti_calib, read_kitti_label
+from nvsm.data.matlab import parse_record_file
+from nvsm.data.occluded import occluded_folder, read_occluded_npz
+from nvsm.data.pascal3d import pascal3d_annotation_dir, read_image_set
+
+__all__ = ["PROBLEM_KINDS", "Problem", "load_manifest", "manifest_dir", "verify_dataset"]
+
+PROBLEM_KINDS: tuple[str, ...] = (
+    "missing_folder", "missing_file", "unreadable", "bad_field", "count_mismatch",
+)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a local dataset copy.
+
+    Attributes:
+        kind: one of ``PROBLEM_KINDS``.
+        path: the file or folder concerned.
+        message: what is wrong and what was expected.
+        field: the annotation field, when there is one.
+    """
+
+    kind: str
+    path: Path
+    message: str
+    field: str | None = None
+
+    def __str__(self) -> str:
+        where = f" [{self.field}]" if self.field else ""
+        return f"{self.kind}: {self.path}{where}: {self.message}"
+
+
+def manifest_dir() -> Path:
+    """Folder of the manifests: ``$NVSM_MANIFEST_DIR`` or the repository's ``data_manifests``."""
+    env = os.environ.get("NVSM_MANIFEST_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "data_manifests"
+
+
+def load_manifest(name: str, directory: Path | None = None) -> dict[str, Any]:
+    """Load ``<directory>/<name>.yaml`` (a mapping with at least ``name`` and ``layout``)."""
+    if name not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
+    path = Path(directory or manifest_dir()) / f"{name}.yaml"
+    with path.open(encoding="utf-8") as fh:
+        data = yaml.safe_load(fh)
+    if not isinstance(data, dict) or data.get("name") != name or "layout" not in data:
+        raise ValueError(f"{path}: not a manifest for {name!r} (needs 'name' and 'layout')")
+    return data
+
+
+def _from_error(exc: DataFormatError) -> Problem:
+    missing = exc.got == "missing"
+    if exc.field == "<folder>":
+        kind = "missing_folder" if missing else "unreadable"
+    elif exc.field in ("<file>", "image"):
+        kind = "missing_file" if missing else "unreadable"
+    else:
+        kind = "missing_file" if missing and exc.field in ("source",) else "bad_field"
+    return Problem(kind, exc.path, exc.detail(), None if exc.field.startswith("<") else exc.field)
+
+
+class _Collector:
+    def __init__(self, progress: Callable[[str], None] | None) -> None:
+        self.problems: list[Problem] = []
+        self.progress = progress
+
+    def add(self, problem: Problem) -> None:
+        self.problems.append(problem)
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call ``fn``; a ``DataFormatError`` becomes a problem (returns None)."""
+        try:
+            return fn(*args, **kwargs)
+        except DataFormatError as exc:
+            self.add(_from_error(exc))
+            return None
+
+    def folder(self, path: Path) -> bool:
+        if path.is_dir():
+            return True
+        self.add(Problem("missing_folder", path, "required folder is missing"))
+        return False
+
+    def file(self, path: Path) -> bool:
+        if path.is_file():
+            return True
+        self.add(Problem("missing_file", path, "required file is missing"))
+        return False
+
+    def image(self, path: Path, decode: bool) -> None:
+        self.run(check_image, path, decode)
+
+
+def _count(root: Path, pattern: str, measure: str) -> int:
+    if measure == "files":
+        return sum(1 for _ in root.glob(pattern))
+    path = root / pattern
+    if not path.is_file():
+        return 0
+    return sum(1 for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()
+               if ln.strip())
+
+
+def _check_counts(root: Path, manifest: dict[str, Any], categories: list[str],
+                  all_categories: bool, out: _Collector) -> None:
+    for entry in manifest.get("counts") or []:
+        pattern, measure = entry["pattern"], entry.get("measure", "lines")
+        source = entry.get("source", "")
+        if entry.get("total") is not None:
+            got = _count(root, pattern, measure)
+            if got != entry["total"]:
+                out.add(Problem("count_mismatch", root / pattern,
+                                f"{entry.get('what', pattern)}: expected {entry['total']} "
+                                f"({source}), found {got}"))
+        for cat, expected in (entry.get("per_category") or {}).items():
+            if expected is None or cat not in categories:
+                continue
+            got = _count(root, pattern.format(category=cat), measure)
+            if got != expected:
+                out.add(Problem("count_mismatch", root / pattern.format(category=cat),
+                                f"expected {expected} ({source}), found {got}"))
+        if entry.get("sum_over_categories") is not None and all_categories:
+            got = sum(_count(root, pattern.format(category=c), measure) for c in categories)
+            if got != entry["sum_over_categories"]:
+                out.add(Problem("count_mismatch", root / pattern,
+                                f"{entry.get('what', pattern)}: expected "
+                                f"{entry['sum_over_categories']} ({source}), found {got}"))
+
+
+def _verify_pascal_layout(root: Path, manifest: dict[str, Any], categories: list[str],
+                          decode: bool, out: _Collector) -> None:
+    layout = manifest["layout"]
+    per_cat = layout.get("per_category", {})
+    source = manifest["name"]
+    for cat in categories:
+        if out.progress:
+            out.progress(f"{source}: {cat}")
+        for folder in per_cat.get("folders", []):
+            out.folder(root / folder.format(category=cat))
+        for file in per_cat.get("files", []):
+            out.file(root / file.format(category=cat))
+        cad_patterns = [p.format(category=cat) for p in per_cat.get("cad", [])]
+        if cad_patterns:
+            if not any(any(root.glob(p)) for p in cad_patterns):
+                out.add(Problem("missing_file", root / cad_patterns[0],
+                                f"no CAD model: expected one of {cad_patterns}"))
+            else:
+                out.run(load_cad_models, root, cat)
+        img_dir = root / layout["image_dir"].format(category=cat)
+        ann_dir = root / layout["annotation_dir"].format(category=cat)
+        for split, pattern in (layout.get("lists") or {}).items():
+            list_path = root / pattern.format(category=cat)
+            if not list_path.is_file():
+                continue  # reported above
+            ids = out.run(read_image_set, list_path) or []
+            for image_id in ids:
+                result = out.run(parse_record_file, ann_dir / f"{image_id}.mat", img_dir,
+                                 categories=[cat], source=source, image_id=image_id)
+                if result is None:
+                    continue
+                if not result.records and not result.skipped:
+                    out.add(Problem("bad_field", ann_dir / f"{image_id}.mat",
+                                    f"listed in {list_path.name} ({split}) but has no object of "
+                                    f"class {cat!r}", "record.objects"))
+                out.image(result.image_path, decode)
+
+
+def _verify_occluded(root: Path, manifest: dict[str, Any], categories: list[str], decode: bool,
+                     pascal3d_root: Path | None, out: _Collector) -> None:
+    layout = manifest["layout"]
+    levels = [int(k) for k in manifest.get("levels", {1: 0, 2: 0, 3: 0})]
+    for cat in categories:
+        if out.progress:
+            out.progress(f"occluded_pascal3d: {cat}")
+        for level in levels:
+            folder = occluded_folder(cat, level)
+            for f in layout["per_level"].get("folders", []):
+                out.folder(root / f.format(folder=folder))
+            list_path = root / layout["list"].format(folder=folder)
+            if not out.file(list_path):
+                continue
+            for name in out.run(read_image_set, list_path) or []:
+                stem = Path(name).stem
+                out.image(root / layout["image"].format(folder=folder, name=name), decode)
+                npz = root / layout["annotation"].format(folder=folder, stem=stem)
+                ann = out.run(read_occluded_npz, npz, check_masks=decode)
+                if ann is not None and pascal3d_root is not None:
+                    mat = pascal3d_annotation_dir(pascal3d_root, cat) / f"{ann.source}.mat"
+                    if not mat.is_file():
+                        out.add(Problem("missing_file", mat,
+                                        f"PASCAL3D+ source annotation of {npz} is missing",
+                                        "source"))
+
+
+def _verify_kitti(root: Path, manifest: dict[str, Any], decode: bool, out: _Collector) -> None:
+    base = root / "training"
+    label_dir = base / "label_2"
+    if not label_dir.is_dir():
+        return  # reported by the folder check
+    for label in sorted(label_dir.glob("*.txt")):
+        out.run(read_kitti_label, label)
+        out.image(base / "image_2" / f"{label.stem}.png", decode)
+        out.run(read_kitti_calib, base / "calib" / f"{label.stem}.txt")
+
+
+def _verify_objectnet3d(root: Path, manifest: dict[str, Any], decode: bool,
+                        out: _Collector) -> None:
+    classes = root / "Image_sets" / "classes.txt"
+    if classes.is_file():
+        names = out.run(read_image_set, classes) or []
+        out.run(register_categories, names)
+    for pattern in (manifest["layout"].get("lists") or {}).values():
+        list_path = root / pattern
+        if not list_path.is_file():
+            continue
+        for image_id in out.run(read_image_set, list_path) or []:
+            result = out.run(parse_record_file, root / "Annotations" / f"{image_id}.mat",
+                             root / "Images", categories=None, source="objectnet3d",
+                             image_id=image_id)
+            if result is not None:
+                out.image(result.image_path, decode)
+
+
+def verify_dataset(
+    name: str,
+    root: str | os.PathLike[str],
+    *,
+    categories: Iterable[str] | None = None,
+    manifest_directory: Path | None = None,
+    decode_images: bool = False,
+    pascal3d_root: str | os.PathLike[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[Problem]:
+    """Check the local copy at ``root`` against the manifest of dataset ``name``.
+
+    Args:
+        name: one of ``nvsm.data.datasets.DATASET_NAMES``.
+        root: dataset root.
+        categories: restrict the per-category checks (sums over categories are then skipped).
+        manifest_directory: default ``manifest_dir()``.
+        decode_images: fully decode every image (slow) instead of checking headers.
+        pascal3d_root: Occluded PASCAL3D+ only: also check each ``source`` annotation exists.
+        progress: optional callback receiving a short status line per stage.
+    Returns:
+        every problem found, in walk order (empty list = the copy matches the manifest).
+    """
+    manifest = load_manifest(name, manifest_directory)
+    root = Path(root)
+    out = _Collector(progress)
+    if not root.is_dir():
+        return [Problem("missing_folder", root, f"dataset root of {name} does not exist")]
+    layout = manifest["layout"]
+    for folder in layout.get("folders", []):
+        out.folder(root / folder)
+    for file in layout.get("files", []):
+        out.file(root / file)
+
+    known = manifest.get("categories")
+    if name == "synthetic" and not known:
+        known = synthetic_categories(root)
+    if name == "objectnet3d":
+        known = None
+    cats = list(categories) if categories is not None else list(known or [])
+    all_categories = categories is None or set(cats) >= set(known or [])
+    if progress:
+        progress(f"checking {name} at {root}")
+
+    if name in ("pascal3d", "synthetic"):
+        _verify_pascal_layout(root, manifest, cats, decode_images, out)
+    elif name == "occluded_pascal3d":
+        _verify_occluded(root, manifest, cats, decode_images,
+                         None if pascal3d_root is None else Path(pascal3d_root), out)
+    elif name == "kitti":
+        _verify_kitti(root, manifest, decode_images, out)
+    elif name == "objectnet3d":
+        _verify_objectnet3d(root, manifest, decode_images, out)
+    _check_counts(root, manifest, cats, all_categories, out)
+    return out.problems

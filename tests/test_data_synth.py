@@ -1,0 +1,308 @@
+"""The synthetic PASCAL3D+-layout generator: layout, file formats, determinism, geometry."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+import typer
+from PIL import Image
+from scipy.spatial import cKDTree
+from skimage.draw import polygon as draw_polygon
+from typer.testing import CliRunner
+
+from nvsm.data.shapes import CATEGORY_BUILDERS, ROLES, category_subtypes
+from nvsm.data.synth import (
+    OCCLUSION_LEVELS,
+    SYNSETS,
+    generate_synthetic_dataset,
+    synth_command,
+)
+from nvsm.data.synth_render import BackgroundBank, RenderMesh, ViewPose, rasterize
+from nvsm.data.writers import (
+    mat_bytes,
+    npz_bytes,
+    occluded_npz_bytes,
+    pascal3d_record_bytes,
+    write_occluded_npz,
+    write_pascal3d_record,
+)
+from nvsm.mesh import read_off
+from nvsm.pose import mirror_pose, project_pascal3d
+from nvsm.render import default_rasterizer
+
+COUNTS = {"car": (2, 1), "aeroplane": (1, 1), "chair": (1, 1)}
+CATS = tuple(COUNTS)
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "a"
+    summary = generate_synthetic_dataset(out, COUNTS, seed=0)
+    assert summary.counts == {c: {"train": n[0], "val": n[1]} for c, n in COUNTS.items()}
+    return out
+
+
+def _ids(root: Path, cat: str, split: str) -> list[str]:
+    return (root / "Image_sets" / f"{cat}_imagenet_{split}.txt").read_text().split()
+
+
+def _load_record(root: Path, cat: str, image_id: str) -> dict:
+    """record.objects[0] in the plain ``loadmat`` indexing PASCAL3D+ users write."""
+    rec = scipy.io.loadmat(root / "Annotations" / f"{cat}_imagenet" / f"{image_id}.mat")["record"]
+    return rec
+
+
+def _viewpoint(obj: np.ndarray) -> dict[str, float]:
+    vp = obj["viewpoint"][0, 0]
+    return {k: float(vp[k][0, 0]) for k in vp.dtype.names}
+
+
+# ----------------------------------------------------------------------------- layout & format
+def test_layout_and_mat_fields(dataset: Path) -> None:
+    for cat, (n_train, n_val) in COUNTS.items():
+        train, val = _ids(dataset, cat, "train"), _ids(dataset, cat, "val")
+        assert len(train) == n_train and len(val) == n_val and not set(train) & set(val)
+        assert all(i.startswith(SYNSETS[cat] + "_") for i in train + val)
+        n_cad = len(CATEGORY_BUILDERS[cat])
+        assert sorted(p.name for p in (dataset / "CAD" / cat).glob("*.off")) == [
+            f"{i:02d}.off" for i in range(1, n_cad + 1)]
+        for image_id in train + val:
+            image = dataset / "Images" / f"{cat}_imagenet" / f"{image_id}.JPEG"
+            with Image.open(image) as im:
+                assert im.format == "JPEG" and im.mode == "RGB"
+                w, h = im.size
+            rec = _load_record(dataset, cat, image_id)
+            for name in ("filename", "folder", "imgsize", "database", "objects"):
+                assert name in rec.dtype.names
+            assert rec["filename"][0, 0][0] == f"{image_id}.JPEG"
+            assert rec["folder"][0, 0][0] == f"{cat}_imagenet"
+            assert rec["imgsize"][0, 0].ravel().tolist() == [w, h, 3]
+            objs = rec["objects"][0, 0]
+            assert objs.shape == (1, 1)
+            obj = objs[0, 0]
+            for name in ("class", "bbox", "truncated", "occluded", "difficult", "cad_index",
+                         "viewpoint"):
+                assert name in obj.dtype.names
+            assert obj["class"][0] == cat
+            assert 1 <= obj["cad_index"][0, 0] <= n_cad
+            assert obj["truncated"][0, 0] == 0 and obj["difficult"][0, 0] == 0
+            vp = _viewpoint(obj)
+            assert set(vp) >= {"azimuth", "elevation", "theta", "distance", "focal", "px", "py",
+                               "viewport", "azimuth_coarse", "elevation_coarse"}
+            assert vp["focal"] == 1.0 and vp["viewport"] == 3000.0
+            assert 0.0 <= vp["azimuth"] < 360.0 and -90.0 <= vp["elevation"] <= 90.0
+            assert abs(vp["theta"]) <= 15.0 and vp["distance"] > 1.0
+            # bbox: 1-based inclusive, the tight box of the saved mask.
+            mask = np.asarray(Image.open(dataset / "Masks" / f"{cat}_imagenet" /
+                                         f"{image_id}.png")) > 127
+            ys, xs = np.nonzero(mask)
+            box = obj["bbox"][0].tolist()
+            assert box == [xs.min() + 1, ys.min() + 1, xs.max() + 1, ys.max() + 1]
+            assert min(box[0], box[1]) >= 1 and box[2] <= w and box[3] <= h
+    manifest = (dataset / "synthetic_manifest.json").read_text()
+    assert '"seed": 0' in manifest and '"generator_version"' in manifest
+
+
+def test_fixed_seed_identical_bytes_and_seeds_differ(dataset: Path, tmp_path: Path) -> None:
+    again = generate_synthetic_dataset(tmp_path / "b", COUNTS, seed=0, workers=1)
+    assert _hashes(dataset) == _hashes(again.out)
+    other = generate_synthetic_dataset(tmp_path / "c", {"car": (1, 0)}, seed=1, categories=["car"],
+                                       occlusion=False)
+    a = (dataset / "Images/car_imagenet" / f"{SYNSETS['car']}_100001.JPEG").read_bytes()
+    b = (other.out / "Images/car_imagenet" / f"{SYNSETS['car']}_100001.JPEG").read_bytes()
+    assert a != b
+
+
+def test_encoders_are_deterministic(tmp_path: Path) -> None:
+    rec = {"record": {"filename": "x.JPEG", "objects": {"class": "car"}}}
+    assert mat_bytes(rec) == mat_bytes(rec)
+    assert b"Created on" not in mat_bytes(rec)[:116]
+    arrays = {"source": np.array("x"), "mask": np.eye(3, dtype=np.uint8)}
+    assert npz_bytes(arrays) == npz_bytes(arrays)
+    # The file writers (used by the reader tests) are built on the same encoders.
+    obj = {"class": "car", "bbox": np.array([1.0, 2.0, 3.0, 4.0]), "viewpoint": {"azimuth": 1.0}}
+    mat = write_pascal3d_record(tmp_path / "a.mat", "a.JPEG", [obj], imgsize=(4, 5, 3),
+                                folder="car_imagenet")
+    assert mat.read_bytes() == pascal3d_record_bytes("a.JPEG", [obj], imgsize=(4, 5, 3),
+                                                     folder="car_imagenet")
+    assert b"Created on" not in mat.read_bytes()[:116]
+    mask = np.eye(4, dtype=np.uint8) * 255
+    args = ("x", mask, mask > 0, [0, 4, 0, 4, 4, 4], np.zeros((0, 6)))
+    npz = write_occluded_npz(tmp_path / "a.npz", *args, level=np.int64(2))
+    assert npz.read_bytes() == occluded_npz_bytes(*args, level=np.int64(2))
+    with np.load(npz) as data:
+        assert list(data) == ["source", "mask", "occluder_mask", "box", "occluder_box", "level"]
+        assert data["occluder_box"].shape == (0, 6) and int(data["level"]) == 2
+
+
+def test_refuses_non_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        generate_synthetic_dataset(tmp_path, {"car": (1, 0)}, categories=["car"])
+    with pytest.raises(FileExistsError):
+        generate_synthetic_dataset(tmp_path, {"car": (1, 0)}, categories=["car"], overwrite=True)
+    with pytest.raises(ValueError, match="bicycle"):
+        generate_synthetic_dataset(tmp_path / "x", "tiny", categories=["bicycle"])
+
+
+def test_background_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "bg"
+    folder.mkdir()
+    Image.fromarray(np.full((40, 50, 3), 200, np.uint8)).save(folder / "flat.png")
+    bank = BackgroundBank.default(folder, use_skimage=False)
+    assert bank.names == ["dir:flat.png"]
+    img = bank.sample(np.random.default_rng(0), (30, 20))
+    assert img.shape == (30, 20, 3) and img.dtype == np.float32
+    assert np.allclose(img, 200 / 255, atol=0.02)
+    assert any(n.startswith("skimage:") for n in BackgroundBank.default().names)
+    with pytest.raises(FileNotFoundError):
+        BackgroundBank.default(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------- geometry
+def _cad_silhouette(vertices: np.ndarray, faces: np.ndarray, vp: dict[str, float],
+                    size: tuple[int, int]) -> np.ndarray:
+    """Union of the projected triangles (an independent check of the rasteriser)."""
+    pix = project_pascal3d(vertices, math.radians(vp["azimuth"]), math.radians(vp["elevation"]),
+                           math.radians(vp["theta"]), vp["distance"], vp["px"] - 1.0,
+                           vp["py"] - 1.0, vp["focal"], vp["viewport"])
+    out = np.zeros(size, dtype=bool)
+    for tri in pix[faces]:
+        rr, cc = draw_polygon(tri[:, 1], tri[:, 0], shape=size)
+        out[rr, cc] = True
+    return out
+
+
+def test_mask_matches_cad_projection(dataset: Path) -> None:
+    for cat in CATS:
+        for image_id in _ids(dataset, cat, "train") + _ids(dataset, cat, "val"):
+            obj = _load_record(dataset, cat, image_id)["objects"][0, 0][0, 0]
+            cad = read_off(dataset / "CAD" / cat / f"{int(obj['cad_index'][0, 0]):02d}.off")
+            mask = np.asarray(Image.open(dataset / "Masks" / f"{cat}_imagenet" /
+                                         f"{image_id}.png")) > 127
+            sil = _cad_silhouette(cad.vertices.double().numpy(), cad.faces.numpy(),
+                                  _viewpoint(obj), mask.shape)
+            iou = (mask & sil).sum() / (mask | sil).sum()
+            assert iou >= 0.9, (cat, image_id, iou)
+
+
+def test_occlusion_levels(dataset: Path) -> None:
+    root = dataset / "OccludedPASCAL3D"
+    for cat in CATS:
+        val = _ids(dataset, cat, "val")
+        for level, (lo, hi) in OCCLUSION_LEVELS.items():
+            name = f"{cat}FGL{level}_BGL{level}"
+            assert (root / "lists" / f"{name}.txt").read_text().split() == [
+                f"{i}.JPEG" for i in val]
+            for image_id in val:
+                assert (root / "images" / name / f"{image_id}.JPEG").is_file()
+                with np.load(root / "annotations" / name / f"{image_id}.npz") as npz:
+                    assert str(npz["source"]) == image_id
+                    mask, occ = npz["mask"] > 127, npz["occluder_mask"].astype(bool)
+                    y0, y1, x0, x1, h, w = npz["box"].tolist()
+                    assert npz["occluder_box"].shape[1] == 6
+                frac = (mask & occ).sum() / mask.sum()
+                assert lo <= frac <= hi, (name, image_id, frac)
+                saved = np.asarray(Image.open(dataset / "Masks" / f"{cat}_imagenet" /
+                                              f"{image_id}.png")) > 127
+                assert np.array_equal(mask, saved) and (h, w) == mask.shape
+                ys, xs = np.nonzero(mask)
+                assert (y0, y1, x0, x1) == (ys.min(), ys.max() + 1, xs.min(), xs.max() + 1)
+
+
+def test_models_symmetric_closed_unit_sized() -> None:
+    for cat in CATEGORY_BUILDERS:
+        subs = category_subtypes(cat)
+        assert 4 <= len(subs) <= 6 and [s.cad_index for s in subs] == list(range(1, len(subs) + 1))
+        for sub in subs:
+            v, f = sub.part_mesh.vertices, sub.part_mesh.faces
+            lo, hi = v.min(0), v.max(0)
+            assert np.allclose((lo + hi)[1:] / 2, 0, atol=1e-9) and abs(lo[0] + hi[0]) < 1e-9
+            assert math.isclose((hi - lo).max(), 1.0)
+            dist, _ = cKDTree(v).query(v * np.array([-1.0, 1.0, 1.0]))
+            assert dist.max() < 1e-9, (cat, sub.name)
+            tri = v[f]
+            volume = np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])).sum() / 6
+            assert volume > 0  # outward orientation
+            assert set(sub.part_mesh.role_names) == set(ROLES[cat])
+
+
+def test_mirrored_pose_renders_flipped_image() -> None:
+    size = (120, 160)
+    ras = default_rasterizer("cpu")
+    rng = np.random.default_rng(0)
+    for cat in CATEGORY_BUILDERS:
+        for sub in category_subtypes(cat):
+            mesh = RenderMesh.from_part_mesh(sub.part_mesh)
+            a, e, t = rng.uniform(0, 2 * math.pi), rng.uniform(-0.2, 0.6), rng.uniform(-0.25, 0.25)
+            px, py = rng.uniform(70, 90), rng.uniform(50, 70)
+            mask = rasterize(mesh, ViewPose(a, e, t, 30.0, px, py), size, ras) >= 0
+            ma, me, mt = mirror_pose(np.float64(a), np.float64(e), np.float64(t))
+            flipped = rasterize(mesh, ViewPose(float(ma), float(me), float(mt), 30.0,
+                                               size[1] - 1 - px, py), size, ras) >= 0
+            iou = (mask & flipped[:, ::-1]).sum() / (mask | flipped[:, ::-1]).sum()
+            assert iou >= 0.98, (cat, sub.name, iou)
+
+
+def test_azimuth_zero_shows_the_front() -> None:
+    ras = default_rasterizer("cpu")
+    names = ROLES["car"]
+    for sub in category_subtypes("car"):
+        mesh = RenderMesh.from_part_mesh(sub.part_mesh)
+        for az, seen, hidden in ((0.0, "headlight", "taillight"), (180.0, "taillight",
+                                                                    "headlight")):
+            pix = rasterize(mesh, ViewPose(math.radians(az), 0.15, 0.0, 20.0, 120, 90), (180, 240),
+                            ras)
+            roles = {names[r] for r in np.unique(mesh.roles[pix[pix >= 0]])}
+            assert seen in roles and hidden not in roles, (sub.name, az, roles)
+
+
+# ----------------------------------------------------------------------------- readers & CLI
+def test_round_trip_through_the_readers(dataset: Path) -> None:
+    pytest.importorskip("nvsm.data.pascal3d")
+    from nvsm.data.datasets import load_dataset
+
+    for split in ("train", "val"):
+        result = load_dataset("synthetic", dataset, split=split)
+        assert not result.errors and not result.skipped
+        assert len(result.records) == sum(n[split == "val"] for n in COUNTS.values())
+        for rec in result.records:
+            obj = _load_record(dataset, rec.category, rec.image_id)["objects"][0, 0][0, 0]
+            vp = _viewpoint(obj)
+            assert rec.source == "synthetic" and rec.image_size == (360, 480)
+            assert math.isclose(rec.azimuth, math.radians(vp["azimuth"]))
+            assert math.isclose(rec.px, vp["px"] - 1.0) and math.isclose(rec.py, vp["py"] - 1.0)
+            assert rec.bbox == tuple(float(b) - 1.0 for b in obj["bbox"][0])
+            assert rec.cad_index == int(obj["cad_index"][0, 0]) - 1
+            mask_path = dataset / "Masks" / f"{rec.category}_imagenet" / f"{rec.image_id}.png"
+            assert rec.object_mask_path == mask_path and mask_path.is_file()
+    occluded = load_dataset("occluded_pascal3d", dataset / "OccludedPASCAL3D",
+                            pascal3d_root=dataset, categories=list(CATS))
+    assert not occluded.errors
+    assert len(occluded.records) == 3 * sum(n[1] for n in COUNTS.values())
+    assert {r.occlusion_level for r in occluded.records} == {1, 2, 3}
+
+
+def test_cli_command(tmp_path: Path) -> None:
+    app = typer.Typer()
+    app.command("synth")(synth_command)
+    app.command("noop")(lambda: None)  # keep "synth" a sub-command
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(app, ["synth", "--out", str(out), "--tiny", "-c", "chair",
+                                      "--counts", "chair=1:0", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert _ids(out, "chair", "train") == [f"{SYNSETS['chair']}_100001"]
+    again = CliRunner().invoke(app, ["synth", "--out", str(out), "--tiny", "-c", "chair"])
+    assert again.exit_code == 2 and "not empty" in again.output
