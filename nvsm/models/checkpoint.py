@@ -1,0 +1,186 @@
+"""Checkpoint files: tensors plus JSON metadata, written atomically, read with weights_only.
+
+Layout of the file (a ``torch.save`` pickle restricted to what ``weights_only=True`` loads):
+
+    {"format": "nvsm-checkpoint", "version": 1,
+     "tensors": {name: Tensor | {name: Tensor}},     # e.g. {"backbone": sd, "bank/car": sd}
+     "metadata": "<JSON text>"}
+
+Metadata is stored as JSON text, so whatever goes in must be JSON-serialisable and comes back
+exactly as ``json.loads`` gives it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nvsm.io import atomic_open
+
+CHECKPOINT_FORMAT = "nvsm-checkpoint"
+CHECKPOINT_VERSION = 1
+
+TensorTree = Mapping[str, "torch.Tensor | TensorTree"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable, corrupt or lacks expected entries."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint.
+
+    Attributes:
+        tensors: name -> tensor, or name -> dict of tensors (a state dict).
+        metadata: the JSON metadata.
+        path: the file it came from.
+    """
+
+    tensors: dict[str, Any]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def _prepare(tree: Mapping[str, Any], where: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if not isinstance(key, str):
+            raise TypeError(f"checkpoint keys must be strings, got {key!r} in {where or 'tensors'}")
+        name = f"{where}.{key}" if where else key
+        if isinstance(value, torch.Tensor):
+            out[key] = value.detach().cpu().clone()
+        elif isinstance(value, Mapping):
+            out[key] = _prepare(value, name)
+        else:
+            raise TypeError(f"checkpoint entry {name!r} is {type(value).__name__}, not a tensor")
+    return out
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, Any],
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint atomically (temp file + rename; never a half-written file).
+
+    Args:
+        path: destination file (parents are created).
+        tensors: name -> tensor or name -> (nested) dict of tensors, e.g.
+            ``{"backbone": model.state_dict(), "bank": bank.state_dict()}``. Tensors are
+            detached and copied to the CPU.
+        metadata: JSON-serialisable dict (config, step, categories, ...).
+
+    Returns:
+        The path written.
+
+    Raises:
+        TypeError: a non-tensor entry or non-JSON metadata.
+    """
+    path = Path(path)
+    try:
+        meta_text = json.dumps(dict(metadata or {}), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"checkpoint metadata for {path} is not JSON-serialisable: {exc}") from exc
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "tensors": _prepare(tensors, ""),
+        "metadata": meta_text,
+    }
+    with atomic_open(path, "wb") as fh:
+        torch.save(payload, fh)
+    return path
+
+
+def _check_tree(tree: Any, where: str, path: Path) -> None:
+    if not isinstance(tree, dict):
+        raise CheckpointError(f"{path}: entry {where or 'tensors'!r} is not a dict")
+    for key, value in tree.items():
+        name = f"{where}.{key}" if where else str(key)
+        if isinstance(value, dict):
+            _check_tree(value, name, path)
+        elif not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {name!r} is {type(value).__name__}, not a tensor")
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    required: Iterable[str] = (),
+    map_location: str | torch.device = "cpu",
+) -> Checkpoint:
+    """Read a checkpoint written by ``save_checkpoint`` (``torch.load(weights_only=True)``).
+
+    Args:
+        path: the file.
+        required: top-level tensor entries that must be present.
+        map_location: device the tensors are loaded onto.
+
+    Raises:
+        CheckpointError: missing file, unreadable/corrupt file, wrong format or version, or a
+            missing required entry. The message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path}: corrupt or unreadable checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path}: not an nvsm checkpoint (no format={CHECKPOINT_FORMAT!r} entry)"
+        )
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint version {payload.get('version')!r}; "
+            f"this nvsm reads version {CHECKPOINT_VERSION}"
+        )
+    for key in ("tensors", "metadata"):
+        if key not in payload:
+            raise CheckpointError(f"{path}: checkpoint lacks its {key!r} entry")
+    _check_tree(payload["tensors"], "", path)
+    try:
+        metadata = json.loads(payload["metadata"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: checkpoint metadata is not valid JSON ({exc})") from exc
+    missing = [k for k in required if k not in payload["tensors"]]
+    if missing:
+        raise CheckpointError(
+            f"{path}: checkpoint lacks entries {missing}; it has {sorted(payload['tensors'])}"
+        )
+    return Checkpoint(tensors=payload["tensors"], metadata=metadata, path=path)
+
+
+def load_module_state(
+    module: nn.Module, checkpoint: Checkpoint, key: str, strict: bool = True
+) -> None:
+    """``module.load_state_dict(checkpoint.tensors[key])`` with errors that name the file.
+
+    Raises:
+        CheckpointError: the entry is missing or does not fit the module.
+    """
+    where = checkpoint.path or "<checkpoint>"
+    if key not in checkpoint.tensors or not isinstance(checkpoint.tensors[key], dict):
+        raise CheckpointError(
+            f"{where}: no state dict {key!r}; entries: {sorted(checkpoint.tensors)}"
+        )
+    try:
+        result = module.load_state_dict(checkpoint.tensors[key], strict=strict)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{where}: entry {key!r} does not fit {type(module).__name__}: {exc}"
+        ) from exc
+    if strict and (
+        result.missing_keys or result.unexpected_keys
+    ):  # pragma: no cover - torch raises
+        raise CheckpointError(f"{where}: entry {key!r}: {result}")
