@@ -1,0 +1,31 @@
+"""NeMo-style inference: templates, batched scoring, top-k and joint gradient refinement."""
+
+from nvsm.infer.solve import (
+    REFERENCE_SCHEDULE,
+    SCHEDULES,
+    InferenceSchedule,
+    PosePrediction,
+    TemplateBank,
+    canonical_feature_camera,
+    clutter_model,
+    estimate_poses,
+    pose_loss,
+    refine_poses,
+    render_templates,
+    score_templates,
+)
+
+__all__ = [
+    "REFERENCE_SCHEDULE",
+    "SCHEDULES",
+    "InferenceSchedule",
+    "PosePrediction",
+    "TemplateBank",
+    "canonical_feature_camera",
+    "clutter_model",
+    "estimate_poses",
+    "pose_loss",
+    "refine_poses",
+    "render_templates",
+    "score_templates",
+]

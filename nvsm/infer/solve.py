@@ -1,0 +1,302 @@
+"""NeMo render-and-compare pose estimation: template search, top-k, joint gradient refinement.
+
+Score of a pose for an image feature map F (unit-norm, (D, h, w)), with the neural mesh's
+rendered features R (zero off the silhouette) and the clutter model b (one unit vector):
+
+    obj(p) = ⟨R(p), F(p)⟩,   clu(p) = ⟨b, F(p)⟩,   loss = 1 − mean_p mask(p)·ReLU(obj(p) − clu(p))
+
+(the outlier process of NeMo: a pixel explains the object only where the mesh explains it better
+than clutter, so occluded pixels stop contributing). The reference computes
+mean_p max(obj, clu) − mean_p clu with obj = 0 off the silhouette, which also credits background
+pixels with ReLU(−clu); nvsm masks them out so a pose is never rewarded for pixels it does not
+cover.
+
+Poses are optimised directly as (azimuth, elevation, θ, distance) — no look-at camera and so no
+singularity at the poles — for B images × k hypotheses in one batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from nvsm.mesh import Mesh
+from nvsm.pose.camera import feature_intrinsics
+from nvsm.pose.convention import NORMALIZED_DISTANCE, PASCAL3D_VIEWPORT, intrinsics
+from nvsm.render import Rasterizer, render_pose
+
+
+@dataclass(frozen=True)
+class InferenceSchedule:
+    """Template grid and refinement schedule.
+
+    Attributes:
+        n_azimuth: azimuths 0, 360/n, ... degrees.
+        elevations_deg, thetas_deg: template elevations and in-plane rotations (degrees).
+        top_k: hypotheses refined per image.
+        steps: Adam steps; lr, betas: Adam; lr decays ×``lr_decay`` every ``lr_decay_every``.
+        tolerance: stop early once no hypothesis' loss improved by more than this over
+            ``patience`` steps (0 disables early stopping).
+    """
+
+    n_azimuth: int = 12
+    elevations_deg: tuple[float, ...] = (-30.0, 0.0, 30.0, 60.0)
+    thetas_deg: tuple[float, ...] = (-30.0, 0.0, 30.0)
+    top_k: int = 1
+    steps: int = 300
+    lr: float = 0.05
+    betas: tuple[float, float] = (0.4, 0.6)
+    lr_decay: float = 0.2
+    lr_decay_every: int = 100
+    tolerance: float = 0.0
+    patience: int = 10
+
+    def template_poses(self) -> torch.Tensor:
+        """(T, 3) template (azimuth, elevation, θ) in radians, azimuth-major order."""
+        az = torch.arange(self.n_azimuth, dtype=torch.float64) * (2 * math.pi / self.n_azimuth)
+        el = torch.tensor(self.elevations_deg, dtype=torch.float64).deg2rad()
+        th = torch.tensor(self.thetas_deg, dtype=torch.float64).deg2rad()
+        grid = torch.cartesian_prod(az, el, th)
+        return grid.reshape(-1, 3)
+
+
+#: The reference NeMo schedule: 144 templates, top-1, Adam 0.05 (0.4, 0.6), 300 steps, ×0.2/100.
+REFERENCE_SCHEDULE = InferenceSchedule()
+
+SCHEDULES: dict[str, InferenceSchedule] = {"reference": REFERENCE_SCHEDULE}
+
+
+@dataclass(frozen=True)
+class PosePrediction:
+    """Per-image result: poses (B, 4) as (azimuth, elevation, θ, distance) and loss (B,)."""
+
+    poses: torch.Tensor
+    loss: torch.Tensor
+    hypotheses: torch.Tensor = field(repr=False)  # (B, k, 4) refined hypotheses
+    hypothesis_loss: torch.Tensor = field(repr=False)  # (B, k)
+
+
+def clutter_model(clutter_queue: torch.Tensor) -> torch.Tensor:
+    """Single clutter vector b (D,): the re-normalised mean of the clutter queue (Q, D)."""
+    return torch.nn.functional.normalize(clutter_queue.mean(0), dim=0)
+
+
+def canonical_feature_camera(
+    image_size: tuple[int, int], stride: int, normalized_focal: float = PASCAL3D_VIEWPORT
+) -> np.ndarray:
+    """Feature-map intrinsics of a normalised crop: focal ``normalized_focal`` px at the crop's
+    full resolution (3000 in NeMo), principal point at the map centre; objects of normalised
+    size then stand at ``NORMALIZED_DISTANCE``."""
+    h, w = image_size
+    k = np.asarray(intrinsics(normalized_focal, (w * stride - 1) / 2, (h * stride - 1) / 2))
+    return feature_intrinsics(k, stride)
+
+
+def pose_loss(
+    feature_maps: torch.Tensor,
+    rendered: torch.Tensor,
+    mask: torch.Tensor,
+    clutter: torch.Tensor,
+) -> torch.Tensor:
+    """Clutter-aware render-and-compare loss, one value per (image, pose) pair.
+
+    Args:
+        feature_maps: (N, D, h, w) image features; rendered: (N, D, h, w); mask: (N, h, w);
+        clutter: (D,) clutter model.
+    Returns:
+        (N,) loss = 1 − mean_p mask·ReLU(⟨R, F⟩ − ⟨b, F⟩).
+    """
+    obj = (rendered * feature_maps).sum(1)
+    clu = torch.einsum("d,ndhw->nhw", clutter, feature_maps)
+    return 1 - (mask * torch.relu(obj - clu)).mean(dim=(1, 2))
+
+
+def score_templates(
+    feature_maps: torch.Tensor,
+    templates: torch.Tensor,
+    template_masks: torch.Tensor,
+    clutter: torch.Tensor,
+) -> torch.Tensor:
+    """Loss of every template for every image in one batched operation.
+
+    Args:
+        feature_maps: (B, D, h, w); templates: (T, D, h, w); template_masks: (T, h, w) bool;
+        clutter: (D,).
+    Returns:
+        (B, T) losses (lower is better).
+    """
+    clu = torch.einsum("d,bdhw->bhw", clutter, feature_maps)
+    obj = torch.einsum("bdhw,tdhw->bthw", feature_maps, templates)
+    fg = torch.relu(obj - clu[:, None]) * template_masks[None].to(obj.dtype)
+    return 1 - fg.mean(dim=(2, 3))
+
+
+@dataclass
+class TemplateBank:
+    """Templates rendered once per model: poses (T, 3), features (T, D, h, w), masks (T, h, w)."""
+
+    poses: torch.Tensor
+    features: torch.Tensor
+    masks: torch.Tensor
+
+
+def render_templates(
+    mesh: Mesh,
+    vertex_features: torch.Tensor,
+    schedule: InferenceSchedule,
+    image_size: tuple[int, int],
+    stride: int,
+    rasterizer: Rasterizer | None = None,
+    chunk: int = 64,
+    k_feat: np.ndarray | None = None,
+) -> TemplateBank:
+    """Render the schedule's template grid at distance 5 with ``k_feat`` (default: the
+    canonical camera of ``canonical_feature_camera``)."""
+    poses = schedule.template_poses().to(vertex_features.device, vertex_features.dtype)
+    if k_feat is None:
+        k_feat = canonical_feature_camera(image_size, stride)
+    k = torch.as_tensor(k_feat, dtype=vertex_features.dtype)
+    feats, masks = [], []
+    with torch.no_grad():
+        for start in range(0, len(poses), chunk):
+            p = poses[start : start + chunk]
+            out = render_pose(
+                mesh,
+                vertex_features,
+                p[:, 0],
+                p[:, 1],
+                p[:, 2],
+                torch.full_like(p[:, 0], NORMALIZED_DISTANCE),
+                k,
+                image_size,
+                rasterizer,
+            )
+            feats.append(out.features)
+            masks.append(out.mask)
+    return TemplateBank(poses, torch.cat(feats), torch.cat(masks))
+
+
+def refine_poses(
+    feature_maps: torch.Tensor,
+    init: torch.Tensor,
+    mesh: Mesh,
+    vertex_features: torch.Tensor,
+    clutter: torch.Tensor,
+    k_feat: torch.Tensor,
+    schedule: InferenceSchedule,
+    rasterizer: Rasterizer | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Refine k pose hypotheses per image jointly by gradient descent on (a, e, θ, d).
+
+    Args:
+        feature_maps: (B, D, h, w); init: (B, k, 4) hypotheses (a, e, θ, d);
+        k_feat: (B, 3, 3) or (3, 3) feature-map intrinsics of each image.
+    Returns:
+        refined (B, k, 4) and their final losses (B, k). Each hypothesis keeps the best pose
+        seen during optimisation.
+    """
+    b, k, _ = init.shape
+    _, _, h, w = feature_maps.shape
+    params = init.detach().clone().reshape(b * k, 4).requires_grad_(True)
+    fmap = feature_maps.detach().repeat_interleave(k, dim=0)
+    kk = k_feat.to(feature_maps.dtype)
+    kk = kk.expand(b, 3, 3) if kk.ndim == 2 else kk
+    kk = kk.repeat_interleave(k, dim=0)
+    best = params.detach().clone()
+    best_loss = torch.full((b * k,), math.inf, dtype=feature_maps.dtype)
+    if schedule.steps == 0:
+        with torch.no_grad():
+            out = render_pose(
+                mesh,
+                vertex_features,
+                params[:, 0],
+                params[:, 1],
+                params[:, 2],
+                params[:, 3],
+                kk,
+                (h, w),
+                rasterizer,
+            )
+            best_loss = pose_loss(fmap, out.features, out.mask, clutter)
+        return best.reshape(b, k, 4), best_loss.reshape(b, k)
+    opt = torch.optim.Adam([params], lr=schedule.lr, betas=schedule.betas)
+    sched = torch.optim.lr_scheduler.StepLR(opt, schedule.lr_decay_every, schedule.lr_decay)
+    stale = 0
+    for _ in range(schedule.steps):
+        out = render_pose(
+            mesh,
+            vertex_features,
+            params[:, 0],
+            params[:, 1],
+            params[:, 2],
+            params[:, 3],
+            kk,
+            (h, w),
+            rasterizer,
+        )
+        loss = pose_loss(fmap, out.features, out.mask, clutter)
+        with torch.no_grad():
+            improved = loss < best_loss - schedule.tolerance
+            best = torch.where(improved[:, None], params.detach(), best)
+            best_loss = torch.minimum(loss.detach(), best_loss)
+        stale = 0 if bool(improved.any()) else stale + 1
+        if schedule.tolerance > 0 and stale >= schedule.patience:
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        opt.step()
+        sched.step()
+    return best.reshape(b, k, 4), best_loss.reshape(b, k)
+
+
+def estimate_poses(
+    feature_maps: torch.Tensor,
+    k_feat: torch.Tensor,
+    init_distance: torch.Tensor,
+    mesh: Mesh,
+    vertex_features: torch.Tensor,
+    clutter: torch.Tensor,
+    templates: TemplateBank,
+    schedule: InferenceSchedule,
+    rasterizer: Rasterizer | None = None,
+) -> PosePrediction:
+    """Template search → top-k → joint refinement → best hypothesis, for a batch of images.
+
+    Args:
+        feature_maps: (B, D, h, w) unit-norm features; k_feat: (B, 3, 3) or (3, 3);
+        init_distance: (B,) starting distance per image (the crop's reference distance).
+    """
+    scores = score_templates(feature_maps, templates.features, templates.masks, clutter)
+    top = torch.topk(-scores, k=min(schedule.top_k, scores.shape[1]), dim=1).indices  # (B, k)
+    init_rot = templates.poses[top]  # (B, k, 3)
+    init = torch.cat(
+        [init_rot, init_distance.to(init_rot.dtype)[:, None, None].expand(*top.shape, 1)], dim=-1
+    )
+    hyp, hyp_loss = refine_poses(
+        feature_maps, init, mesh, vertex_features, clutter, k_feat, schedule, rasterizer
+    )
+    best = hyp_loss.argmin(1)
+    poses = hyp[torch.arange(len(best)), best]
+    poses = torch.cat([torch.remainder(poses[:, :1], 2 * math.pi), poses[:, 1:]], dim=1)
+    return PosePrediction(
+        poses=poses, loss=hyp_loss.min(1).values, hypotheses=hyp, hypothesis_loss=hyp_loss
+    )
+
+
+__all__ = [
+    "REFERENCE_SCHEDULE",
+    "SCHEDULES",
+    "InferenceSchedule",
+    "PosePrediction",
+    "TemplateBank",
+    "canonical_feature_camera",
+    "clutter_model",
+    "estimate_poses",
+    "pose_loss",
+    "refine_poses",
+    "render_templates",
+    "score_templates",
+]
