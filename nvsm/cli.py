@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Annotated
+
 import typer
+import yaml
 from rich.console import Console
 from rich.table import Table
 
+from nvsm.config import RunConfig
 from nvsm.data.cli import app as data_app
 
 app = typer.Typer(
@@ -14,6 +21,36 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(data_app, name="data")
+recipes_app = typer.Typer(help="List and show the named recipes in recipes/.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+console = Console()
+
+RecipeOpt = Annotated[str | None, typer.Option("--recipe", "-r", help="Recipe name or YAML path.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config value, e.g. -s train.steps=200."),
+]
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(2)
+
+
+def _config(recipe: str | None, overrides: list[str] | None) -> RunConfig:
+    from nvsm.config import ConfigError, load_config
+
+    try:
+        return load_config(recipe, overrides or [])
+    except ConfigError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _run_dir(out: Path | None, prefix: str) -> Path:
+    if out is not None:
+        return out
+    return Path("runs") / f"{prefix}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 @app.command()
@@ -34,7 +71,119 @@ def info() -> None:
     table.add_row("git commit", str(git_commit()))
     table.add_row("pytorch3d rasteriser", "available" if pytorch3d_available() else "missing")
     table.add_row("default rasteriser (cpu)", default_rasterizer("cpu").name)
-    Console().print(table)
+    console.print(table)
+
+
+@recipes_app.command("list")
+def recipes_list() -> None:
+    """List the named recipes.
+
+    Example:
+        nvsm recipes list
+    """
+    from nvsm.config import list_recipes
+
+    table = Table(title="recipes")
+    table.add_column("name")
+    table.add_column("description")
+    for name, text in list_recipes().items():
+        table.add_row(name, text)
+    console.print(table)
+
+
+@recipes_app.command("show")
+def recipes_show(
+    name: Annotated[str, typer.Argument(help="Recipe name or YAML path.")],
+    overrides: SetOpt = None,
+) -> None:
+    """Print a recipe fully resolved (defaults ← recipe ← overrides) as YAML.
+
+    Example:
+        nvsm recipes show synthetic-car-7labels -s train.steps=100
+    """
+    from nvsm.config import config_to_dict
+
+    typer.echo(yaml.safe_dump(config_to_dict(_config(name, overrides)), sort_keys=False))
+
+
+@app.command()
+def train(
+    recipe: RecipeOpt = "synthetic-car-supervised",
+    out: Annotated[
+        Path | None, typer.Option(help="Run folder (default runs/train-<time>).")
+    ] = None,
+    overrides: SetOpt = None,
+    resume: Annotated[bool, typer.Option(help="Continue from RUN/model.pt.")] = False,
+    evaluate: Annotated[bool, typer.Option(help="Evaluate on the test split after.")] = True,
+) -> None:
+    """Train a NeMo model (backbone + neural mesh features); checkpoint at RUN/model.pt.
+
+    With no dataset root the built-in synthetic dataset is used (generated on first use).
+
+    Examples:
+        nvsm train --recipe synthetic-car-supervised --out runs/sup
+        nvsm train -r synthetic-car-7labels -s train.steps=200 -s labels.anchors=random
+        nvsm train -r synthetic-car-supervised -s data.dataset=pascal3d -s data.root=/data/P3D
+    """
+    from nvsm.pipeline import train_and_evaluate
+
+    cfg = _config(recipe, overrides)
+    metrics = train_and_evaluate(cfg, _run_dir(out, "train"), resume=resume, evaluate=evaluate)
+    if metrics is not None:
+        print_metrics_table(metrics, f"{cfg.name}: test")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint (model.pt).")],
+    out: Annotated[Path | None, typer.Option(help="Folder for metrics.json.")] = None,
+    schedule: Annotated[str, typer.Option(help="Inference schedule: fast | reference.")] = "fast",
+    occlusion_level: Annotated[
+        list[int] | None, typer.Option("--occlusion-level", "-l", help="Levels 0..3 (repeat).")
+    ] = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Evaluate a checkpoint on its dataset's test split: Acc@π/6, Acc@π/18, MedErr, failures.
+
+    The dataset, crop protocol and categories come from the checkpoint's config; override them
+    with -s (e.g. -s data.root=/data/PASCAL3D+). Failures count as 180° errors.
+
+    Examples:
+        nvsm evaluate --model runs/sup/model.pt
+        nvsm evaluate -m runs/sup/model.pt -l 0 -l 1 -l 2 -l 3 --schedule reference --out ev
+    """
+    from nvsm.pipeline import evaluate_checkpoint
+
+    levels = tuple(occlusion_level or [0])
+    if any(lv not in (0, 1, 2, 3) for lv in levels):
+        _fail(f"--occlusion-level must be 0..3, got {list(levels)}")
+    metrics = evaluate_checkpoint(model, levels, schedule, overrides or [], out)
+    print_metrics_table(metrics, f"{model}: test ({schedule})")
+
+
+def print_metrics_table(metrics: dict, title: str) -> None:
+    """Rich table of ``nvsm.infer.evaluate.score`` output."""
+    table = Table(title=title)
+    for col in ("category", "level", "n", "Acc@π/6", "Acc@π/18", "MedErr°", "failures", "s/img"):
+        table.add_column(col)
+    rows = [(cat, lv, m) for cat, by in metrics["per_category"].items() for lv, m in by.items()]
+    rows += [("mean (weighted)", lv, m) for lv, m in metrics["mean"].items()]
+    for cat, lv, m in rows:
+        table.add_row(
+            cat,
+            lv,
+            str(m["n"]),
+            f"{100 * m['acc_pi_6']:.1f}",
+            f"{100 * m['acc_pi_18']:.1f}",
+            f"{m['median_error_deg']:.1f}",
+            str(m["failures"]),
+            f"{m['seconds_per_image']:.3f}" if "seconds_per_image" in m else "",
+        )
+    console.print(table)
+    console.print(
+        f"protocol: {metrics.get('protocol', '?')}  ·  "
+        + json.dumps({"seconds_per_image": round(metrics["seconds_per_image"], 4)})
+    )
 
 
 def main() -> None:

@@ -37,6 +37,7 @@ class DataConfig:
     crop_protocol: str = "gt-normalized"  # gt-normalized | bbox
     crop_size: list[int] | None = None  # (H, W); None: the per-category default
     synth_size: str = "default"  # tiny | default (built-in dataset only)
+    crop_scale: float = 1.0  # crops and normalised focal ×this (1 = NeMo's 3000 px)
 
 
 @dataclass
@@ -51,6 +52,56 @@ class ModelConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Training augmentations (``nvsm.train.cropset``); each keeps the camera exact."""
+
+    flip: bool = True
+    color_jitter: float = 0.3
+    scale_jitter: float = 0.1
+    translate_jitter: float = 0.05
+    occluders: float = 0.0  # probability of pasting one occluder per image
+
+
+@dataclass
+class TrainConfig:
+    """NeMo contrastive training of the backbone and the vertex feature banks."""
+
+    steps: int = 600
+    batch_size: int = 8
+    lr_head: float = 1e-3
+    lr_backbone: float = 1e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 20
+    bank_momentum: float = 0.9
+    clutter_size: int = 512
+    clutter_per_image: int = 16
+    temperature: float = 0.07
+    clutter_weight: float = 5e-3
+    regulariser_weight: float = 0.1
+    near_radius: float = 0.1  # object units: vertices this close are not negatives
+    sample_mode: str = "bilinear"  # bilinear | nearest
+    checkpoint_every: int = 200
+    amp: bool = True  # mixed precision on CUDA only
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class LabelConfig:
+    """Which training images keep their pose labels (few-shot settings)."""
+
+    annotations: int | None = None  # None: every training image is labelled
+    anchors: str = "stratified"  # stratified | random (over azimuth)
+
+
+@dataclass
+class InferConfig:
+    """Render-and-compare inference (``nvsm.infer``)."""
+
+    schedule: str = "fast"  # fast | reference
+    batch_size: int = 16
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs; sub-configs are filled by the commands that use them."""
 
@@ -60,6 +111,9 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
 
 
 def _check_type(value: Any, tp: Any, where: str) -> Any:

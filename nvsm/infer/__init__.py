@@ -1,6 +1,7 @@
 """NeMo-style inference: templates, batched scoring, top-k and joint gradient refinement."""
 
 from nvsm.infer.solve import (
+    FAST_SCHEDULE,
     REFERENCE_SCHEDULE,
     SCHEDULES,
     InferenceSchedule,
@@ -16,6 +17,7 @@ from nvsm.infer.solve import (
 )
 
 __all__ = [
+    "FAST_SCHEDULE",
     "REFERENCE_SCHEDULE",
     "SCHEDULES",
     "InferenceSchedule",

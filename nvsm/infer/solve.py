@@ -66,7 +66,22 @@ class InferenceSchedule:
 #: The reference NeMo schedule: 144 templates, top-1, Adam 0.05 (0.4, 0.6), 300 steps, ×0.2/100.
 REFERENCE_SCHEDULE = InferenceSchedule()
 
-SCHEDULES: dict[str, InferenceSchedule] = {"reference": REFERENCE_SCHEDULE}
+#: nvsm's default: a denser template grid (scoring is one batched einsum, so templates are
+#: cheap), the best 3 hypotheses refined jointly with few steps and early stopping.
+FAST_SCHEDULE = InferenceSchedule(
+    n_azimuth=24,
+    elevations_deg=(-15.0, 0.0, 15.0, 30.0, 45.0, 60.0),
+    thetas_deg=(-20.0, 0.0, 20.0),
+    top_k=3,
+    steps=30,
+    lr=0.05,
+    lr_decay=0.3,
+    lr_decay_every=15,
+    tolerance=1e-4,
+    patience=5,
+)
+
+SCHEDULES: dict[str, InferenceSchedule] = {"reference": REFERENCE_SCHEDULE, "fast": FAST_SCHEDULE}
 
 
 @dataclass(frozen=True)
@@ -287,6 +302,7 @@ def estimate_poses(
 
 
 __all__ = [
+    "FAST_SCHEDULE",
     "REFERENCE_SCHEDULE",
     "SCHEDULES",
     "InferenceSchedule",

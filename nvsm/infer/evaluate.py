@@ -1,0 +1,174 @@
+"""Run render-and-compare inference over a ``CropSet`` and score it honestly.
+
+Every image gets a prediction or is counted as a failure: a batch whose inference raises, or a
+prediction that is not finite, scores a 180° error (``nvsm.pose.metrics``); nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from rich.progress import track
+
+from nvsm.infer.solve import (
+    SCHEDULES,
+    InferenceSchedule,
+    canonical_feature_camera,
+    clutter_model,
+    estimate_poses,
+    render_templates,
+)
+from nvsm.models import normalize_images
+from nvsm.models.common import STRIDE
+from nvsm.pose.camera import feature_intrinsics
+from nvsm.pose.metrics import PoseMetrics, pose_errors, summarize_errors, weighted_mean
+from nvsm.render import Rasterizer, default_rasterizer
+from nvsm.train.cropset import CropSet
+from nvsm.train.model import NeMoModel
+
+
+@dataclass
+class Predictions:
+    """Per-crop results: poses (N, 4) (NaN rows for failures), loss (N,), seconds (N,),
+    and the error message of each failed crop (None when it succeeded)."""
+
+    poses: torch.Tensor
+    loss: torch.Tensor
+    seconds: torch.Tensor
+    errors: list[str | None]
+
+
+def resolve_schedule(name: str) -> InferenceSchedule:
+    if name not in SCHEDULES:
+        raise ValueError(
+            f"unknown inference schedule {name!r}; expected one of {sorted(SCHEDULES)}"
+        )
+    return SCHEDULES[name]
+
+
+@torch.no_grad()
+def _features(model: NeMoModel, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    model.eval()
+    return model.features(normalize_images(images.float().to(device) / 255.0)).float()
+
+
+def predict(
+    model: NeMoModel,
+    data: CropSet,
+    schedule: InferenceSchedule,
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+    rasterizer: Rasterizer | None = None,
+    show_progress: bool = True,
+    description: str = "inference",
+) -> Predictions:
+    """Estimate the pose of every crop with its category's mesh (category given by the data)."""
+    device = torch.device(device)
+    rasterizer = rasterizer or default_rasterizer(device)
+    n = len(data)
+    poses = torch.full((n, 4), float("nan"), dtype=torch.float64)
+    loss = torch.full((n,), float("nan"))
+    seconds = torch.zeros(n)
+    errors: list[str | None] = [None] * n
+    h, w = data.images.shape[-2] // STRIDE, data.images.shape[-1] // STRIDE
+    k_canon = canonical_feature_camera((h, w), STRIDE, data.normalized_focal)
+    templates = {}
+    for cat in sorted(set(data.categories)):
+        bank = model.banks[cat]
+        templates[cat] = render_templates(
+            model.meshes[cat],
+            bank.memory.float(),
+            schedule,
+            (h, w),
+            STRIDE,
+            rasterizer,
+            k_feat=k_canon,
+        )
+    batches = []
+    for cat in sorted(set(data.categories)):
+        idx = [i for i, c in enumerate(data.categories) if c == cat]
+        batches += [(cat, idx[s : s + batch_size]) for s in range(0, len(idx), batch_size)]
+    iterator = track(batches, description=description) if show_progress else batches
+    for cat, idx in iterator:
+        start = time.perf_counter()
+        try:
+            index = torch.tensor(idx)
+            fmap = _features(model, data.images[index], device)
+            k_feat = torch.as_tensor(feature_intrinsics(data.k[index].numpy(), STRIDE)).float()
+            bank = model.banks[cat]
+            pred = estimate_poses(
+                fmap,
+                k_feat,
+                data.reference_distance[index].float(),
+                model.meshes[cat],
+                bank.memory.float(),
+                clutter_model(bank.clutter_queue().float()),
+                templates[cat],
+                schedule,
+                rasterizer,
+            )
+            poses[index] = pred.poses.double().cpu()
+            loss[index] = pred.loss.float().cpu()
+        except Exception as exc:  # counted as failures (180°), never dropped
+            for i in idx:
+                errors[i] = f"{type(exc).__name__}: {exc}"
+        elapsed = time.perf_counter() - start
+        seconds[torch.tensor(idx)] = elapsed / len(idx)
+    for i in range(n):
+        if errors[i] is None and not bool(torch.isfinite(poses[i]).all()):
+            errors[i] = "non-finite prediction"
+    return Predictions(poses=poses, loss=loss, seconds=seconds, errors=errors)
+
+
+def score(data: CropSet, predictions: Predictions) -> dict[str, object]:
+    """Metrics per category and occlusion level, pooled, and the image-weighted mean.
+
+    Returns a JSON-able dict:
+        {"per_category": {cat: {"L0": PoseMetrics-dict, ...}}, "pooled": {"L0": ...},
+         "mean": {"L0": ...}, "seconds_per_image": float, "failures": int}
+    where "mean" is the papers' image-count-weighted mean of the per-category numbers.
+    """
+    preds = [
+        None if predictions.errors[i] is not None else tuple(predictions.poses[i, :3].tolist())
+        for i in range(len(data))
+    ]
+    err = pose_errors(preds, data.poses[:, :3].numpy())
+    failed = np.array([e is not None for e in predictions.errors])
+    levels = data.occlusion_levels.numpy()
+    cats = np.array(data.categories)
+    out: dict[str, dict[str, dict[str, float | int]]] = {
+        "per_category": {},
+        "pooled": {},
+        "mean": {},
+    }
+    per_level: dict[str, list[PoseMetrics]] = {}
+    for cat in sorted(set(data.categories)):
+        out["per_category"][cat] = {}
+        for level in sorted(set(levels.tolist())):
+            sel = (cats == cat) & (levels == level)
+            if not sel.any():
+                continue
+            m = summarize_errors(err[sel], failures=int(failed[sel].sum()))
+            out["per_category"][cat][f"L{level}"] = _with_time(m, predictions, sel)
+            per_level.setdefault(f"L{level}", []).append(m)
+    for level in sorted(set(levels.tolist())):
+        sel = levels == level
+        m = summarize_errors(err[sel], failures=int(failed[sel].sum()))
+        out["pooled"][f"L{level}"] = _with_time(m, predictions, sel)
+        out["mean"][f"L{level}"] = weighted_mean(per_level[f"L{level}"]).to_dict()
+    return {
+        **out,
+        "seconds_per_image": float(predictions.seconds.mean()) if len(data) else math.nan,
+        "failures": int(failed.sum()),
+    }
+
+
+def _with_time(m: PoseMetrics, predictions: Predictions, sel: np.ndarray) -> dict[str, float | int]:
+    return {
+        **m.to_dict(),
+        "seconds_per_image": float(predictions.seconds[torch.as_tensor(sel)].mean()),
+    }

@@ -1,0 +1,232 @@
+"""Orchestration shared by the CLI commands: resolve the dataset, build meshes and crop sets,
+train, evaluate. Each function is a thin composition of the library's pure parts."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nvsm.config import RunConfig, config_to_dict, parse_override
+from nvsm.data.cad import load_cad_models
+from nvsm.data.datasets import load_dataset
+from nvsm.data.record import ObjectRecord
+from nvsm.data.splits import select_labelled
+from nvsm.mesh import Mesh, single_cuboid
+from nvsm.train.cropset import CropSet, build_cropset
+from nvsm.train.model import NeMoModel
+
+#: Where the built-in synthetic dataset is generated when no root is given.
+DATA_HOME_ENV = "NVSM_DATA"
+
+
+def data_home() -> Path:
+    """``$NVSM_DATA`` or ``~/.cache/nvsm``."""
+    return Path(os.environ.get(DATA_HOME_ENV, "~/.cache/nvsm")).expanduser()
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA if available, else CPU; anything else is passed to torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def ensure_synthetic(size: str, seed: int = 0, show_progress: bool = True) -> Path:
+    """Root of the built-in synthetic dataset of this size, generated on first use."""
+    from nvsm.data.synth import generate_synthetic_dataset
+
+    root = data_home() / f"synthetic-{size}-seed{seed}"
+    if not (root / "synthetic_manifest.json").is_file():
+        generate_synthetic_dataset(root, size=size, seed=seed, workers=2, overwrite=root.exists())
+    return root
+
+
+def dataset_root(config: RunConfig) -> Path:
+    """The configured dataset root; for ``synthetic`` without a root, the built-in set."""
+    if config.data.root is not None:
+        return Path(config.data.root)
+    if config.data.dataset != "synthetic":
+        raise ValueError(f"dataset {config.data.dataset!r} needs data.root (--root PATH)")
+    return ensure_synthetic(config.data.synth_size, seed=0)
+
+
+def category_meshes(root: Path, categories: list[str], n_vertices: int) -> dict[str, Mesh]:
+    """One cuboid per category from its CAD models (99 % coverage of the pooled vertices)."""
+    return {
+        cat: single_cuboid([m.vertices for m in load_cad_models(root, cat)], 0.99, n_vertices)
+        for cat in categories
+    }
+
+
+@dataclass
+class DatasetSplits:
+    """Train records, and test records per occlusion level (0 = unoccluded)."""
+
+    root: Path
+    train: list[ObjectRecord]
+    test: dict[int, list[ObjectRecord]]
+
+
+def load_splits(config: RunConfig, occlusion_levels: tuple[int, ...] = (0,)) -> DatasetSplits:
+    """Train and test records of the configured dataset; levels 1–3 come from its Occluded
+    PASCAL3D+ folder (``<root>/OccludedPASCAL3D`` for the synthetic set)."""
+    root = dataset_root(config)
+    name, cats = config.data.dataset, config.data.categories
+    train = load_dataset(name, root, split="train", categories=cats).records
+    test: dict[int, list[ObjectRecord]] = {}
+    if 0 in occlusion_levels:
+        test[0] = load_dataset(name, root, split="val", categories=cats).records
+    occluded = tuple(lv for lv in occlusion_levels if lv > 0)
+    if occluded:
+        occ_root = root / "OccludedPASCAL3D" if name == "synthetic" else root
+        recs = load_dataset(
+            "occluded_pascal3d", occ_root, categories=cats, pascal3d_root=root, levels=occluded
+        ).records
+        for lv in occluded:
+            test[lv] = [r for r in recs if r.occlusion_level == lv]
+    return DatasetSplits(root, train, test)
+
+
+def labelled_subset(
+    records: list[ObjectRecord], n: int, strategy: str, seed: int
+) -> list[ObjectRecord]:
+    """The ``n`` labelled records per category chosen by the deterministic split."""
+    out = []
+    for cat in sorted({r.category for r in records}):
+        recs = [r for r in records if r.category == cat]
+        ids = set(select_labelled(recs, n, strategy, seed, tag=cat))  # type: ignore[arg-type]
+        out += [r for r in recs if r.uid in ids]
+    return out
+
+
+def cropsets(config: RunConfig, records: list[ObjectRecord], description: str) -> CropSet:
+    """Crops of records of possibly several categories (one crop size per category)."""
+    size = tuple(config.data.crop_size) if config.data.crop_size else None
+    parts = []
+    for cat in sorted({r.category for r in records}):
+        recs = [r for r in records if r.category == cat]
+        parts.append(
+            build_cropset(
+                recs,
+                config.data.crop_protocol,
+                config.data.crop_scale,
+                size,
+                f"{description} ({cat})",
+            )
+        )  # type: ignore[arg-type]
+    return CropSet.concat(parts)
+
+
+def training_records(config: RunConfig, splits: DatasetSplits) -> list[ObjectRecord]:
+    """The labelled training records: all, or ``labels.annotations`` per category."""
+    n = config.labels.annotations
+    if n is None:
+        return splits.train
+    return labelled_subset(splits.train, n, config.labels.anchors, config.seed)
+
+
+def evaluate_model(
+    model: NeMoModel,
+    config: RunConfig,
+    test: dict[int, list[ObjectRecord]],
+    schedule: str,
+    device: torch.device,
+) -> dict[str, object]:
+    """Predict and score every test level; the result names the crop protocol and schedule."""
+    from nvsm.infer.evaluate import predict, resolve_schedule, score
+    from nvsm.render import get_rasterizer
+
+    data = CropSet.concat(
+        [cropsets(config, recs, f"cropping L{lv}") for lv, recs in sorted(test.items())]
+    )
+    preds = predict(
+        model,
+        data,
+        resolve_schedule(schedule),
+        config.infer.batch_size,
+        device,
+        get_rasterizer(config.model.rasterizer, device),
+    )
+    metrics = score(data, preds)
+    return {
+        "protocol": config.data.crop_protocol,
+        "schedule": schedule,
+        "dataset": config.data.dataset,
+        **metrics,
+    }
+
+
+def train_and_evaluate(
+    config: RunConfig, run_dir: Path, resume: bool = False, evaluate: bool = True
+) -> dict[str, object] | None:
+    """``nvsm train``: build meshes and crops, train, checkpoint to RUN/model.pt, evaluate."""
+    from nvsm.io import atomic_write_json, write_run_info
+    from nvsm.render import get_rasterizer
+    from nvsm.train.model import NeMoModel, build_model
+    from nvsm.train.trainer import NeMoTrainer
+
+    torch.manual_seed(config.seed)
+    device = resolve_device(config.device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_run_info(run_dir, config_to_dict(config), config.seed)
+    splits = load_splits(config, (0,) if evaluate else ())
+    labelled = training_records(config, splits)
+    data = cropsets(config, labelled, "cropping train")
+    ckpt = run_dir / "model.pt"
+    done_steps = 0
+    if resume and ckpt.is_file():
+        model, meta = NeMoModel.load(ckpt)
+        done_steps = int(meta.get("step", 0))
+    else:
+        model = build_model(
+            config, category_meshes(splits.root, config.data.categories, config.model.n_vertices)
+        )
+    trainer = NeMoTrainer(
+        model,
+        config.train,
+        device,
+        get_rasterizer(config.model.rasterizer, device),
+        seed=config.seed,
+    )
+    trainer.step = done_steps
+    summary = trainer.fit(data, steps=max(0, config.train.steps - done_steps), checkpoint_path=ckpt)
+    summary["labelled_images"] = len(data)
+    atomic_write_json(run_dir / "train_summary.json", summary)
+    if not evaluate:
+        return None
+    metrics = evaluate_model(model, config, splits.test, config.infer.schedule, device)
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def evaluate_checkpoint(
+    checkpoint: Path,
+    levels: tuple[int, ...],
+    schedule: str,
+    overrides: list[str],
+    out: Path | None,
+) -> dict[str, object]:
+    """``nvsm evaluate``: a checkpoint on its dataset's test split at the given levels."""
+    from nvsm.config import config_from_dict
+    from nvsm.io import atomic_write_json
+    from nvsm.train.model import NeMoModel
+
+    model, _ = NeMoModel.load(checkpoint)
+    data = config_to_dict(model.config)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = value
+    config = config_from_dict(data, f"{checkpoint}: config")
+    device = resolve_device(config.device)
+    model = model.to(device)
+    splits = load_splits(config, levels)
+    metrics = evaluate_model(model, config, splits.test, schedule, device)
+    if out is not None:
+        atomic_write_json(Path(out) / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,260 @@
+"""Cropped training/evaluation images held in memory, and the batch augmentations that keep
+their cameras exact.
+
+Crops are cut once (``build_cropset``) and stored as uint8; every augmentation below edits the
+image AND its camera/pose together, so the pose annotation stays exact:
+
+* horizontal flip about the crop's centre column: x → (W − 1) − x, so the principal point
+  becomes (W − 1 − cx) and the pose is mirrored, (a, e, θ) → (−a, e, −θ) (``mirror_pose``);
+* scale/translation jitter: crop_xy → s·crop_xy + t about the crop centre: K ← (s·f, s·c + t);
+* colour jitter (kornia) and synthetic occluders, which leave the camera alone; occluded
+  feature cells are returned so the loss can treat the vertices under them as invisible.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import kornia.augmentation as KA
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import track
+
+from nvsm.config import AugmentConfig
+from nvsm.data.crops import crop_object, default_crop_size
+from nvsm.data.images import load_image
+from nvsm.data.record import ObjectRecord
+from nvsm.pose.convention import PASCAL3D_VIEWPORT, mirror_pose
+
+
+@dataclass
+class CropSet:
+    """N object crops with exact cameras and (possibly pseudo-) poses.
+
+    Attributes:
+        images: (N, 3, H, W) uint8.
+        k: (N, 3, 3) float64 crop intrinsics (OpenCV).
+        poses: (N, 4) float64 (azimuth, elevation, θ, distance) — labels, pseudo-labels or the
+            ground truth kept for evaluation.
+        weights: (N,) float32 training weight (1 for labels, the confidence for pseudo-labels).
+        categories: the category of each crop.
+        uids: ``ObjectRecord.uid`` of each crop.
+        occlusion_levels: (N,) int64.
+        reference_distance: (N,) float64 ``CropCamera.reference_distance`` (inference start).
+        normalized_focal: the crops' ``CropCamera.normalized_focal``.
+    """
+
+    images: torch.Tensor
+    k: torch.Tensor
+    poses: torch.Tensor
+    weights: torch.Tensor
+    categories: list[str]
+    uids: list[str]
+    occlusion_levels: torch.Tensor
+    reference_distance: torch.Tensor
+    normalized_focal: float = PASCAL3D_VIEWPORT
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def subset(self, index: Sequence[int] | torch.Tensor) -> CropSet:
+        idx = torch.as_tensor(index, dtype=torch.long)
+        il = idx.tolist()
+        return replace(
+            self,
+            images=self.images[idx],
+            k=self.k[idx],
+            poses=self.poses[idx],
+            weights=self.weights[idx],
+            categories=[self.categories[i] for i in il],
+            uids=[self.uids[i] for i in il],
+            occlusion_levels=self.occlusion_levels[idx],
+            reference_distance=self.reference_distance[idx],
+        )
+
+    def with_poses(self, poses: torch.Tensor, weights: torch.Tensor) -> CropSet:
+        """The same crops with other poses (pseudo-labels) and weights."""
+        return replace(self, poses=poses.to(torch.float64), weights=weights.float())
+
+    @staticmethod
+    def concat(sets: Sequence[CropSet]) -> CropSet:
+        if not sets:
+            raise ValueError("CropSet.concat needs at least one set")
+        if len({s.normalized_focal for s in sets}) != 1:
+            raise ValueError("CropSet.concat: crops with different normalized_focal")
+        sizes = {tuple(s.images.shape[-2:]) for s in sets}
+        if len(sizes) != 1:
+            raise ValueError(
+                f"CropSet.concat: crops of different sizes {sorted(sizes)}; give one crop size "
+                "(data.crop_size) to train several categories together"
+            )
+        return CropSet(
+            images=torch.cat([s.images for s in sets]),
+            k=torch.cat([s.k for s in sets]),
+            poses=torch.cat([s.poses for s in sets]),
+            weights=torch.cat([s.weights for s in sets]),
+            categories=[c for s in sets for c in s.categories],
+            uids=[u for s in sets for u in s.uids],
+            occlusion_levels=torch.cat([s.occlusion_levels for s in sets]),
+            normalized_focal=sets[0].normalized_focal,
+            reference_distance=torch.cat([s.reference_distance for s in sets]),
+        )
+
+
+def crop_size_for(category: str, crop_scale: float, stride: int = 8) -> tuple[int, int]:
+    """Default crop (H, W) of a category scaled by ``crop_scale``, rounded to the stride."""
+    h, w = default_crop_size(category)
+    return (
+        max(stride, round(h * crop_scale / stride) * stride),
+        max(stride, round(w * crop_scale / stride) * stride),
+    )
+
+
+def build_cropset(
+    records: Sequence[ObjectRecord],
+    protocol: str = "gt-normalized",
+    crop_scale: float = 1.0,
+    crop_size: tuple[int, int] | None = None,
+    description: str = "cropping",
+    show_progress: bool = True,
+) -> CropSet:
+    """Crop every record once (exact cameras) into an in-memory ``CropSet``.
+
+    Args:
+        records: objects (one category per crop size: all records must share a crop size).
+        protocol: ``gt-normalized`` or ``bbox`` (see ``nvsm.pose.camera``).
+        crop_scale: crops and the normalised focal are scaled by this (1 = NeMo's 3000 px).
+        crop_size: (H, W); default the category's NeMo size times ``crop_scale``.
+    """
+    if not records:
+        raise ValueError("build_cropset: no records")
+    normalized_focal = PASCAL3D_VIEWPORT * crop_scale
+    sizes = {crop_size or crop_size_for(r.category, crop_scale) for r in records}
+    if len(sizes) != 1:
+        raise ValueError(f"build_cropset: records need one crop size, got {sorted(sizes)}")
+    size = sizes.pop()
+    images, ks, ref = [], [], []
+    cache: dict[str, np.ndarray] = {}
+    iterator = track(records, description=description) if show_progress else records
+    for rec in iterator:
+        key = str(rec.image_path)
+        if key not in cache:
+            cache = {key: load_image(rec.image_path)}  # objects of one image are adjacent
+        crop, cam = crop_object(cache[key], rec, protocol, size, normalized_focal=normalized_focal)
+        images.append((crop * 255).round().to(torch.uint8))
+        ks.append(torch.as_tensor(cam.k))
+        ref.append(cam.reference_distance())
+    return CropSet(
+        images=torch.stack(images),
+        k=torch.stack(ks).double(),
+        poses=torch.tensor([r.pose for r in records], dtype=torch.float64),
+        weights=torch.ones(len(records)),
+        categories=[r.category for r in records],
+        uids=[r.uid for r in records],
+        occlusion_levels=torch.tensor([r.occlusion_level for r in records], dtype=torch.long),
+        normalized_focal=normalized_focal,
+        reference_distance=torch.tensor(ref, dtype=torch.float64),
+    )
+
+
+def flip_batch(
+    images: torch.Tensor, k: torch.Tensor, poses: torch.Tensor, flip: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flip the selected images horizontally with exact camera and mirrored pose.
+
+    Args:
+        images: (B, C, H, W); k: (B, 3, 3); poses: (B, 4); flip: (B,) bool.
+    """
+    w = images.shape[-1]
+    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    k = k.clone()
+    k[:, 0, 2] = torch.where(flip, (w - 1) - k[:, 0, 2], k[:, 0, 2])
+    a, e, t = mirror_pose(poses[:, 0], poses[:, 1], poses[:, 2])
+    mirrored = torch.stack([a, e, t, poses[:, 3]], dim=1)
+    poses = torch.where(flip[:, None], mirrored, poses)
+    return images, k, poses
+
+
+def affine_jitter(
+    images: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zoom by ``scale`` (B,) about the crop centre and shift by ``shift`` (B, 2) pixels:
+    new_xy = s·(xy − c0) + c0 + t, with the intrinsics changed the same way (exact)."""
+    _b, _, h, w = images.shape
+    c0 = torch.tensor([(w - 1) / 2, (h - 1) / 2], dtype=k.dtype, device=k.device)
+    s = scale.to(k.dtype)
+    t = shift.to(k.dtype)
+    k = k.clone()
+    k[:, 0, 0] = k[:, 0, 0] * s
+    k[:, 1, 1] = k[:, 1, 1] * s
+    k[:, :2, 2] = s[:, None] * (k[:, :2, 2] - c0) + c0 + t
+    # Sampling grid: output pixel p reads input pixel (p − c0 − t)/s + c0.
+    ys, xs = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+    )
+    pix = torch.stack([xs, ys], -1)[None]  # (1, H, W, 2)
+    src = (pix - c0.cpu() - t.cpu()[:, None, None]) / s.cpu()[:, None, None, None] + c0.cpu()
+    grid = torch.stack([2 * src[..., 0] / (w - 1) - 1, 2 * src[..., 1] / (h - 1) - 1], -1)
+    out = F.grid_sample(
+        images, grid.to(images), mode="bilinear", padding_mode="zeros", align_corners=True
+    )
+    return out, k
+
+
+class BatchAugmenter:
+    """Applies ``AugmentConfig`` to float image batches in [0, 1] with exact camera updates."""
+
+    def __init__(self, config: AugmentConfig, seed: int = 0) -> None:
+        self.config = config
+        self.generator = torch.Generator().manual_seed(seed)
+        c = config.color_jitter
+        self.color = KA.ColorJitter(c, c, c, min(0.1, c / 3), p=1.0) if c > 0 else None
+
+    def __call__(
+        self, images: torch.Tensor, k: torch.Tensor, poses: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """images (B, 3, H, W) float; returns (images, k, poses, occluded (B, H, W) bool)."""
+        cfg, g = self.config, self.generator
+        b, _, h, w = images.shape
+        if cfg.flip:
+            images, k, poses = flip_batch(images, k, poses, torch.rand(b, generator=g) < 0.5)
+        if cfg.scale_jitter > 0 or cfg.translate_jitter > 0:
+            scale = 1 + (torch.rand(b, generator=g) * 2 - 1) * cfg.scale_jitter
+            shift = (torch.rand(b, 2, generator=g) * 2 - 1) * cfg.translate_jitter
+            shift = shift * torch.tensor([w, h], dtype=shift.dtype)
+            images, k = affine_jitter(images, k, scale, shift)
+        if self.color is not None:
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+            images = self.color(images).clamp(0, 1)
+        occluded = torch.zeros(b, h, w, dtype=torch.bool)
+        if cfg.occluders > 0:
+            images, occluded = paste_occluders(images, cfg.occluders, g)
+        return images, k, poses, occluded
+
+
+def paste_occluders(
+    images: torch.Tensor, probability: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paste one rectangle cut from another image of the batch onto each selected image
+    (covering 5–25 % of the crop); returns the images and the (B, H, W) occluder masks."""
+    b, _, h, w = images.shape
+    out = images.clone()
+    occluded = torch.zeros(b, h, w, dtype=torch.bool)
+    for i in range(b):
+        if float(torch.rand(1, generator=generator)) >= probability or b < 2:
+            continue
+        area = float(torch.empty(1).uniform_(0.05, 0.25, generator=generator)) * h * w
+        aspect = math.exp(float(torch.empty(1).uniform_(-0.7, 0.7, generator=generator)))
+        ph = min(h, max(4, int(math.sqrt(area / aspect))))
+        pw = min(w, max(4, int(math.sqrt(area * aspect))))
+        y0 = int(torch.randint(0, h - ph + 1, (1,), generator=generator))
+        x0 = int(torch.randint(0, w - pw + 1, (1,), generator=generator))
+        donor = (i + 1 + int(torch.randint(0, b - 1, (1,), generator=generator))) % b
+        sy = int(torch.randint(0, h - ph + 1, (1,), generator=generator))
+        sx = int(torch.randint(0, w - pw + 1, (1,), generator=generator))
+        out[i, :, y0 : y0 + ph, x0 : x0 + pw] = images[donor, :, sy : sy + ph, sx : sx + pw]
+        occluded[i, y0 : y0 + ph, x0 : x0 + pw] = True
+    return out, occluded

@@ -1,0 +1,93 @@
+"""The NeMo model: one shared backbone, and per category a cuboid mesh with its feature bank."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nvsm.config import RunConfig, config_from_dict, config_to_dict
+from nvsm.mesh import Mesh
+from nvsm.models import FeatureBackbone, build_backbone, load_checkpoint, save_checkpoint
+from nvsm.train.bank import FeatureBank
+
+
+class NeMoModel(nn.Module):
+    """Backbone (swappable: any ``FeatureBackbone``) + meshes + banks, saved as one checkpoint.
+
+    Args:
+        backbone: images (B, 3, H, W) → unit features (B, D, H/8, W/8).
+        meshes: category → cuboid mesh.
+        config: the resolved run configuration (stored in the checkpoint).
+    """
+
+    def __init__(
+        self, backbone: FeatureBackbone, meshes: dict[str, Mesh], config: RunConfig
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.meshes = dict(meshes)
+        self.config = config
+        t = config.train
+        self.banks = nn.ModuleDict(
+            {
+                cat: FeatureBank(
+                    mesh.num_vertices,
+                    config.model.feature_dim,
+                    clutter_size=t.clutter_size,
+                    momentum=t.bank_momentum,
+                    seed=config.seed + i,
+                )
+                for i, (cat, mesh) in enumerate(sorted(self.meshes.items()))
+            }
+        )
+
+    @property
+    def categories(self) -> list[str]:
+        return sorted(self.meshes)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit feature maps of ImageNet-normalised images."""
+        return self.backbone(images)
+
+    def save(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
+        """Atomic checkpoint with backbone, banks, meshes and the resolved config."""
+        tensors: dict[str, Any] = {
+            "backbone": self.backbone.state_dict(),
+            "banks": {cat: bank.state_dict() for cat, bank in self.banks.items()},
+            "meshes": {
+                cat: {"vertices": m.vertices, "faces": m.faces} for cat, m in self.meshes.items()
+            },
+        }
+        meta = {"config": config_to_dict(self.config), **(extra or {})}
+        return save_checkpoint(path, tensors, meta)
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+    ) -> tuple[NeMoModel, dict[str, Any]]:
+        """Load a checkpoint written by ``save`` (``weights_only`` loading); returns the model
+        and the checkpoint's metadata."""
+        ckpt = load_checkpoint(
+            path, required=("backbone", "banks", "meshes"), map_location=map_location
+        )
+        config = config_from_dict(ckpt.metadata["config"], f"{path}: metadata.config")
+        meshes = {cat: Mesh(m["vertices"], m["faces"]) for cat, m in ckpt.tensors["meshes"].items()}
+        backbone = build_backbone(config.model.backbone, config.model.feature_dim, pretrained=False)
+        model = cls(backbone, meshes, config)
+        model.backbone.load_state_dict(ckpt.tensors["backbone"])
+        for cat, state in ckpt.tensors["banks"].items():
+            model.banks[cat].load_state_dict(state)
+        return model, ckpt.metadata
+
+
+def build_model(config: RunConfig, meshes: dict[str, Mesh]) -> NeMoModel:
+    """Fresh model for a config: its backbone (pretrained where available) and new banks."""
+    weights = config.model.backbone_weights
+    backbone = build_backbone(
+        config.model.backbone, config.model.feature_dim, weights=Path(weights) if weights else None
+    )
+    return NeMoModel(backbone, meshes, config)
