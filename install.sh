@@ -11,4 +11,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.12.0 torchvision==0.27.0
-.venv/bin/python -m pip install -q -e ".[pytorch3d,test]"
+.venv/bin/python -m pip install -q -e ".[pytorch3d,test,lite12]"

@@ -132,12 +132,14 @@ def score(data: CropSet, predictions: Predictions) -> dict[str, object]:
          "mean": {"L0": ...}, "seconds_per_image": float, "failures": int}
     where "mean" is the papers' image-count-weighted mean of the per-category numbers.
     """
+    finite = torch.isfinite(predictions.poses[:, :3]).all(1).tolist()
+    failed = np.array(
+        [e is not None or not ok for e, ok in zip(predictions.errors, finite, strict=True)]
+    )
     preds = [
-        None if predictions.errors[i] is not None else tuple(predictions.poses[i, :3].tolist())
-        for i in range(len(data))
+        None if failed[i] else tuple(predictions.poses[i, :3].tolist()) for i in range(len(data))
     ]
     err = pose_errors(preds, data.poses[:, :3].numpy())
-    failed = np.array([e is not None for e in predictions.errors])
     levels = data.occlusion_levels.numpy()
     cats = np.array(data.categories)
     out: dict[str, dict[str, dict[str, float | int]]] = {

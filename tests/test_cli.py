@@ -1,0 +1,80 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from nvsm.cli import app
+
+runner = CliRunner()
+
+
+def test_recipes_list_and_show():
+    res = runner.invoke(app, ["recipes", "list"])
+    assert res.exit_code == 0 and "synthetic-car-7labels" in res.output
+    res = runner.invoke(app, ["recipes", "show", "synthetic-car-7labels", "-s", "train.steps=5"])
+    assert res.exit_code == 0 and "steps: 5" in res.output and "annotations: 7" in res.output
+    res = runner.invoke(app, ["recipes", "show", "synthetic-car-7labels", "-s", "train.stepz=5"])
+    assert res.exit_code == 2 and "unknown key" in res.output
+
+
+def test_every_command_has_help_with_an_example():
+    for cmd in (
+        ["train"],
+        ["evaluate"],
+        ["recipes", "show"],
+        ["data", "verify"],
+        ["data", "split"],
+        ["data", "synth"],
+        ["info"],
+    ):
+        res = runner.invoke(app, [*cmd, "--help"])
+        assert res.exit_code == 0, cmd
+        assert "nvsm " in res.output, f"{cmd} --help has no example"
+
+
+@pytest.mark.slow
+def test_train_evaluate_end_to_end(tiny_synthetic, tmp_path):
+    run = tmp_path / "run"
+    sets = [
+        "-s",
+        f"data.root={tiny_synthetic}",
+        "-s",
+        "data.crop_scale=0.2",
+        "-s",
+        "data.crop_size=[64, 120]",
+        "-s",
+        "train.steps=4",
+        "-s",
+        "train.batch_size=4",
+        "-s",
+        "labels.annotations=3",
+    ]
+    res = runner.invoke(app, ["train", "-r", "synthetic-car-7labels", "--out", str(run), *sets])
+    assert res.exit_code == 0, res.output
+    assert (run / "model.pt").is_file() and (run / "run_info.json").is_file()
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["seed"] == 0 and info["config"]["train"]["steps"] == 4
+    assert info["versions"]["torch"] and "git_commit" in info
+    metrics = json.loads((run / "metrics.json").read_text())
+    l0 = metrics["pooled"]["L0"]
+    assert l0["n"] == 4 and 0.0 <= l0["acc_pi_6"] <= 1.0 and metrics["protocol"] == "gt-normalized"
+    assert json.loads((run / "train_summary.json").read_text())["labelled_images"] == 3
+    res = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "-m",
+            str(run / "model.pt"),
+            "-l",
+            "0",
+            "-l",
+            "2",
+            "--out",
+            str(tmp_path / "ev"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert set(ev["pooled"]) == {"L0", "L2"} and ev["pooled"]["L2"]["n"] == 4
+    res = runner.invoke(app, ["evaluate", "-m", str(run / "model.pt"), "-l", "7"])
+    assert res.exit_code == 2 and "0..3" in res.output
