@@ -115,6 +115,10 @@ def train(
     overrides: SetOpt = None,
     resume: Annotated[bool, typer.Option(help="Continue from RUN/model.pt.")] = False,
     evaluate: Annotated[bool, typer.Option(help="Evaluate on the test split after.")] = True,
+    backbone_weights: Annotated[
+        Path | None,
+        typer.Option(help="Local ImageNet state dict for the backbone (torchvision format)."),
+    ] = None,
 ) -> None:
     """Train a NeMo model (backbone + neural mesh features); checkpoint at RUN/model.pt.
 
@@ -124,10 +128,12 @@ def train(
         nvsm train --recipe synthetic-car-supervised --out runs/sup
         nvsm train -r synthetic-car-7labels -s train.steps=200 -s labels.anchors=random
         nvsm train -r synthetic-car-supervised -s data.dataset=pascal3d -s data.root=/data/P3D
+        nvsm train -s model.backbone=resnet50-unet --backbone-weights resnet50-imagenet.pth
     """
     from nvsm.pipeline import train_and_evaluate
 
-    cfg = _config(recipe, overrides)
+    extra = [f"model.backbone_weights={backbone_weights}"] if backbone_weights else []
+    cfg = _config(recipe, [*(overrides or []), *extra])
     metrics = train_and_evaluate(cfg, _run_dir(out, "train"), resume=resume, evaluate=evaluate)
     if metrics is not None:
         print_metrics_table(metrics, f"{cfg.name}: test")
@@ -142,6 +148,14 @@ def evaluate(
         list[int] | None, typer.Option("--occlusion-level", "-l", help="Levels 0..3 (repeat).")
     ] = None,
     overrides: SetOpt = None,
+    unseen_azimuth: Annotated[
+        bool,
+        typer.Option(
+            "--unseen-azimuth",
+            help="Score only the test images in the unseen azimuth bins (45° bins TFFTTFFT, "
+            "T = seen); metrics.json says subset: unseen-azimuth.",
+        ),
+    ] = False,
 ) -> None:
     """Evaluate a checkpoint on its dataset's test split: Acc@π/6, Acc@π/18, MedErr, failures.
 
@@ -151,14 +165,96 @@ def evaluate(
     Examples:
         nvsm evaluate --model runs/sup/model.pt
         nvsm evaluate -m runs/sup/model.pt -l 0 -l 1 -l 2 -l 3 --schedule reference --out ev
+        nvsm evaluate -m runs/sup/model.pt --unseen-azimuth --out ev-unseen
     """
     from nvsm.pipeline import evaluate_checkpoint
 
     levels = tuple(occlusion_level or [0])
     if any(lv not in (0, 1, 2, 3) for lv in levels):
         _fail(f"--occlusion-level must be 0..3, got {list(levels)}")
-    metrics = evaluate_checkpoint(model, levels, schedule, overrides or [], out)
-    print_metrics_table(metrics, f"{model}: test ({schedule})")
+    try:
+        metrics = evaluate_checkpoint(
+            model, levels, schedule, overrides or [], out, unseen_azimuth=unseen_azimuth
+        )
+    except ValueError as exc:
+        _fail(str(exc))
+        return
+    subset = " unseen azimuths" if unseen_azimuth else ""
+    print_metrics_table(metrics, f"{model}: test{subset} ({schedule})")
+
+
+@app.command()
+def infer(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint (model.pt).")],
+    paths: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Image files or folders (their images, not recursive)."),
+    ] = None,
+    dataset_split: Annotated[
+        str,
+        typer.Option(help="Without PATHS: the checkpoint dataset's split, test (= val) | train."),
+    ] = "test",
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default runs/infer-<time>).")
+    ] = None,
+    overlays: Annotated[
+        bool, typer.Option("--overlays", help="Also write OUT/overlays/*.png per image.")
+    ] = False,
+    schedule: Annotated[str, typer.Option(help="Inference schedule: fast | reference.")] = "fast",
+    category: Annotated[
+        str | None,
+        typer.Option(help="The images' category (no inference); with a split, keep only it."),
+    ] = None,
+    infer_category: Annotated[
+        bool,
+        typer.Option(
+            "--infer-category",
+            help="With a dataset split: infer the category (lowest-loss mesh) instead of using "
+            "the annotation.",
+        ),
+    ] = False,
+    overrides: SetOpt = None,
+) -> None:
+    """Predict poses and write OUT/predictions.csv and OUT/predictions.jsonl.
+
+    One row per image: image, uid, category (given or inferred: the mesh with the lowest loss),
+    azimuth_deg, elevation_deg, theta_deg (DEGREES), distance, score (1 − loss), seconds and
+    error (empty, or the failure message with NaN pose). Without PATHS the checkpoint's
+    dataset split is used with its crop protocol. Raw images have no annotation: each is
+    assumed to hold ONE roughly centred object, cropped with the bbox protocol using the whole
+    image as the box (focal length assumed 3000 px, so the distance is relative). --overlays
+    draws the cuboid at the predicted pose beside the occlusion heat map (NeMo's outlier map).
+
+    Examples:
+        nvsm infer --model runs/sup/model.pt --out preds
+        nvsm infer -m runs/sup/model.pt photos/ extra.jpg --overlays --out preds
+        nvsm infer -m runs/sup/model.pt --dataset-split val --infer-category --schedule reference
+    """
+    from nvsm.config import ConfigError
+    from nvsm.infer.predict_io import run_inference
+
+    folder = _run_dir(out, "infer")
+    try:
+        summary = run_inference(
+            model,
+            [str(p) for p in paths or []],
+            folder,
+            dataset_split=dataset_split,
+            schedule=schedule,
+            category=category,
+            infer_category=infer_category,
+            overlays=overlays,
+            overrides=overrides or [],
+        )
+    except (ValueError, FileNotFoundError, ConfigError) as exc:
+        _fail(str(exc))
+        return
+    console.print(
+        f"{summary['images']} image(s), {summary['failures']} failure(s), category "
+        f"{summary['category']}, protocol {summary['protocol']} → {folder}/predictions.csv, "
+        f"{folder}/predictions.jsonl"
+        + (f", {summary['overlays']} overlay(s) in {folder}/overlays" if overlays else "")
+    )
 
 
 def print_metrics_table(metrics: dict, title: str) -> None:

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from nvsm.cli import app
@@ -78,3 +79,22 @@ def test_train_evaluate_end_to_end(tiny_synthetic, tmp_path):
     assert set(ev["pooled"]) == {"L0", "L2"} and ev["pooled"]["L2"]["n"] == 4
     res = runner.invoke(app, ["evaluate", "-m", str(run / "model.pt"), "-l", "7"])
     assert res.exit_code == 2 and "0..3" in res.output
+
+
+@pytest.mark.slow
+def test_train_resume_continues_step_count(tiny_synthetic, tmp_path):
+    from nvsm.train.model import NeMoModel
+
+    run = tmp_path / "run"
+    base = ["train", "-r", "synthetic-car-7labels", "--out", str(run), "--no-evaluate",
+            "-s", f"data.root={tiny_synthetic}", "-s", "data.crop_scale=0.2",
+            "-s", "data.crop_size=[64, 120]", "-s", "train.batch_size=2",
+            "-s", "labels.annotations=2", "-s", "model.feature_dim=16"]
+    assert runner.invoke(app, [*base, "-s", "train.steps=2"]).exit_code == 0
+    first, meta = NeMoModel.load(run / "model.pt")
+    assert meta["step"] == 2
+    res = runner.invoke(app, [*base, "-s", "train.steps=4", "--resume"])
+    assert res.exit_code == 0, res.output
+    second, meta = NeMoModel.load(run / "model.pt")
+    assert meta["step"] == 4
+    assert not torch.equal(first.banks["car"].memory, second.banks["car"].memory)
