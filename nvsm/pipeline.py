@@ -162,44 +162,71 @@ def evaluate_model(
 def train_and_evaluate(
     config: RunConfig, run_dir: Path, resume: bool = False, evaluate: bool = True
 ) -> dict[str, object] | None:
-    """``nvsm train``: build meshes and crops, train, checkpoint to RUN/model.pt, evaluate."""
+    """``nvsm train``: build meshes and crops, train, checkpoint to RUN/model.pt, evaluate.
+
+    Under ``torchrun`` (see ``nvsm.train.distributed`` for the command) every process trains
+    on its own batches with DDP; only rank 0 writes files (run_info, checkpoints, summary,
+    metrics) and evaluates, and the other ranks return None.
+    """
     from nvsm.io import atomic_write_json, write_run_info
     from nvsm.render import get_rasterizer
+    from nvsm.train import distributed as ddp
     from nvsm.train.model import NeMoModel, build_model
     from nvsm.train.trainer import NeMoTrainer
 
-    torch.manual_seed(config.seed)
-    device = resolve_device(config.device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_run_info(run_dir, config_to_dict(config), config.seed)
-    splits = load_splits(config, (0,) if evaluate else ())
-    labelled = training_records(config, splits)
-    data = cropsets(config, labelled, "cropping train")
-    ckpt = run_dir / "model.pt"
-    done_steps = 0
-    if resume and ckpt.is_file():
-        model, meta = NeMoModel.load(ckpt)
-        done_steps = int(meta.get("step", 0))
-    else:
-        model = build_model(
-            config, category_meshes(splits.root, config.data.categories, config.model.n_vertices)
+    owns_group = ddp.launched_by_torchrun() and not ddp.is_initialized()
+    info = ddp.init_distributed(config.device)  # no-op without torchrun
+    try:
+        torch.manual_seed(config.seed)
+        device = info.device
+        run_dir = ddp.broadcast_object(Path(run_dir))  # e.g. a timestamped default: rank 0's
+        if info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_run_info(run_dir, config_to_dict(config), config.seed)
+        if not info.is_main:
+            ddp.barrier()  # rank 0 first: it may generate the built-in synthetic dataset
+        splits = load_splits(config, (0,) if evaluate else ())
+        if info.is_main:
+            ddp.barrier()
+        labelled = training_records(config, splits)
+        data = cropsets(config, labelled, "cropping train")
+        ckpt = run_dir / "model.pt"
+        done_steps = 0
+        if resume and ckpt.is_file():
+            model, meta = NeMoModel.load(ckpt)
+            done_steps = int(meta.get("step", 0))
+        else:
+            model = build_model(
+                config,
+                category_meshes(splits.root, config.data.categories, config.model.n_vertices),
+            )
+        # The trainer broadcasts rank 0's backbone and banks; the step count follows rank 0.
+        done_steps = ddp.broadcast_object(done_steps)
+        trainer = NeMoTrainer(
+            model,
+            config.train,
+            device,
+            get_rasterizer(config.model.rasterizer, device),
+            seed=config.seed,
         )
-    trainer = NeMoTrainer(
-        model,
-        config.train,
-        device,
-        get_rasterizer(config.model.rasterizer, device),
-        seed=config.seed,
-    )
-    trainer.step = done_steps
-    summary = trainer.fit(data, steps=max(0, config.train.steps - done_steps), checkpoint_path=ckpt)
-    summary["labelled_images"] = len(data)
-    atomic_write_json(run_dir / "train_summary.json", summary)
-    if not evaluate:
-        return None
-    metrics = evaluate_model(model, config, splits.test, config.infer.schedule, device)
-    atomic_write_json(run_dir / "metrics.json", metrics)
-    return metrics
+        trainer.step = done_steps
+        summary = trainer.fit(
+            data, steps=max(0, config.train.steps - done_steps), checkpoint_path=ckpt
+        )
+        ddp.barrier()  # the final checkpoint is written
+        if not info.is_main:
+            return None
+        summary["labelled_images"] = len(data)
+        summary["world_size"] = info.world_size
+        atomic_write_json(run_dir / "train_summary.json", summary)
+        if not evaluate:
+            return None
+        metrics = evaluate_model(model, config, splits.test, config.infer.schedule, device)
+        atomic_write_json(run_dir / "metrics.json", metrics)
+        return metrics
+    finally:
+        if owns_group:
+            ddp.cleanup()
 
 
 def evaluate_checkpoint(
@@ -208,8 +235,14 @@ def evaluate_checkpoint(
     schedule: str,
     overrides: list[str],
     out: Path | None,
+    unseen_azimuth: bool = False,
 ) -> dict[str, object]:
-    """``nvsm evaluate``: a checkpoint on its dataset's test split at the given levels."""
+    """``nvsm evaluate``: a checkpoint on its dataset's test split at the given levels.
+
+    With ``unseen_azimuth`` only the test records strictly inside the unseen azimuth bins
+    (``nvsm.data.splits.unseen_azimuth_split``: 45° bins ``TFFTTFFT``, T = seen) are scored,
+    and the metrics say ``"subset": "unseen-azimuth"`` (else ``"all"``).
+    """
     from nvsm.config import config_from_dict
     from nvsm.io import atomic_write_json
     from nvsm.train.model import NeMoModel
@@ -226,7 +259,19 @@ def evaluate_checkpoint(
     device = resolve_device(config.device)
     model = model.to(device)
     splits = load_splits(config, levels)
-    metrics = evaluate_model(model, config, splits.test, schedule, device)
+    test, subset = splits.test, "all"
+    if unseen_azimuth:
+        from nvsm.data.splits import UNSEEN_AZIMUTH_PATTERN, unseen_azimuth_split
+
+        test = {lv: list(unseen_azimuth_split(recs).unseen) for lv, recs in test.items()}
+        empty = [lv for lv, recs in test.items() if not recs]
+        if empty:
+            raise ValueError(
+                f"no test records in the unseen azimuth bins ({UNSEEN_AZIMUTH_PATTERN}) at "
+                f"occlusion level(s) {empty}"
+            )
+        subset = "unseen-azimuth"
+    metrics = {"subset": subset, **evaluate_model(model, config, test, schedule, device)}
     if out is not None:
         atomic_write_json(Path(out) / "metrics.json", metrics)
     return metrics

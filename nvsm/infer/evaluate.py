@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -16,10 +16,12 @@ from rich.progress import track
 
 from nvsm.infer.solve import (
     SCHEDULES,
+    CategoryModel,
     InferenceSchedule,
+    TemplateBank,
     canonical_feature_camera,
     clutter_model,
-    estimate_poses,
+    estimate_poses_categories,
     render_templates,
 )
 from nvsm.models import normalize_images
@@ -34,12 +36,15 @@ from nvsm.train.model import NeMoModel
 @dataclass
 class Predictions:
     """Per-crop results: poses (N, 4) (NaN rows for failures), loss (N,), seconds (N,),
-    and the error message of each failed crop (None when it succeeded)."""
+    the error message of each failed crop (None when it succeeded), and the category each crop
+    was solved as (the given one, or the inferred one with ``predict(infer_category=True)``;
+    "" when inference failed before a category could be chosen)."""
 
     poses: torch.Tensor
     loss: torch.Tensor
     seconds: torch.Tensor
     errors: list[str | None]
+    categories: list[str] = field(default_factory=list)
 
 
 def resolve_schedule(name: str) -> InferenceSchedule:
@@ -65,8 +70,22 @@ def predict(
     rasterizer: Rasterizer | None = None,
     show_progress: bool = True,
     description: str = "inference",
+    infer_category: bool = False,
 ) -> Predictions:
-    """Estimate the pose of every crop with its category's mesh (category given by the data)."""
+    """Estimate the pose of every crop.
+
+    Args:
+        model: trained model (backbone, meshes, banks).
+        data: N crops (3, H, W) with their cameras; ``data.categories`` names each crop's
+            category unless ``infer_category``.
+        schedule: template grid and refinement schedule.
+        infer_category: solve every crop with every category of the model (all on the same
+            crop and feature map) and keep, per crop, the category whose best hypothesis has the
+            lowest loss; ``data.categories`` is then ignored. Otherwise each crop is solved with
+            its given category's mesh.
+    Returns:
+        ``Predictions`` (poses (N, 4), loss (N,), seconds (N,), errors, categories).
+    """
     device = torch.device(device)
     rasterizer = rasterizer or default_rasterizer(device)
     n = len(data)
@@ -74,45 +93,50 @@ def predict(
     loss = torch.full((n,), float("nan"))
     seconds = torch.zeros(n)
     errors: list[str | None] = [None] * n
-    h, w = data.images.shape[-2] // STRIDE, data.images.shape[-1] // STRIDE
-    k_canon = canonical_feature_camera((h, w), STRIDE, data.normalized_focal)
-    templates = {}
-    for cat in sorted(set(data.categories)):
+    categories = [""] * n if infer_category else list(data.categories)
+    size = (data.images.shape[-2] // STRIDE, data.images.shape[-1] // STRIDE)
+    cache: dict[tuple[str, int, int, float], TemplateBank] = {}
+
+    def candidate(cat: str) -> CategoryModel:
         bank = model.banks[cat]
-        templates[cat] = render_templates(
-            model.meshes[cat],
-            bank.memory.float(),
-            schedule,
-            (h, w),
-            STRIDE,
-            rasterizer,
-            k_feat=k_canon,
+        return CategoryModel(
+            mesh=model.meshes[cat],
+            vertex_features=bank.memory.float(),
+            clutter=clutter_model(bank.clutter_queue().float()),
+            templates=_templates(
+                model, cat, size, data.normalized_focal, schedule, rasterizer, cache
+            ),
         )
-    batches = []
-    for cat in sorted(set(data.categories)):
-        idx = [i for i, c in enumerate(data.categories) if c == cat]
-        batches += [(cat, idx[s : s + batch_size]) for s in range(0, len(idx), batch_size)]
+
+    batches: list[tuple[list[str], list[int]]] = []
+    if infer_category:
+        names = model.categories
+        batches = [(names, list(range(s, min(s + batch_size, n)))) for s in range(0, n, batch_size)]
+    else:
+        for cat in sorted(set(data.categories)):
+            idx = [i for i, c in enumerate(data.categories) if c == cat]
+            batches += [([cat], idx[s : s + batch_size]) for s in range(0, len(idx), batch_size)]
+    candidates = {cat: candidate(cat) for cat in sorted({c for names, _ in batches for c in names})}
     iterator = track(batches, description=description) if show_progress else batches
-    for cat, idx in iterator:
+    for names, idx in iterator:
         start = time.perf_counter()
         try:
             index = torch.tensor(idx)
             fmap = _features(model, data.images[index], device)
             k_feat = torch.as_tensor(feature_intrinsics(data.k[index].numpy(), STRIDE)).float()
-            bank = model.banks[cat]
-            pred = estimate_poses(
+            pred = estimate_poses_categories(
                 fmap,
                 k_feat,
                 data.reference_distance[index].float(),
-                model.meshes[cat],
-                bank.memory.float(),
-                clutter_model(bank.clutter_queue().float()),
-                templates[cat],
+                {cat: candidates[cat] for cat in names},
                 schedule,
                 rasterizer,
             )
             poses[index] = pred.poses.double().cpu()
             loss[index] = pred.loss.float().cpu()
+            if infer_category:
+                for i, name in zip(idx, pred.names(), strict=True):
+                    categories[i] = name
         except Exception as exc:  # counted as failures (180°), never dropped
             for i in idx:
                 errors[i] = f"{type(exc).__name__}: {exc}"
@@ -121,7 +145,34 @@ def predict(
     for i in range(n):
         if errors[i] is None and not bool(torch.isfinite(poses[i]).all()):
             errors[i] = "non-finite prediction"
-    return Predictions(poses=poses, loss=loss, seconds=seconds, errors=errors)
+    return Predictions(
+        poses=poses, loss=loss, seconds=seconds, errors=errors, categories=categories
+    )
+
+
+def _templates(
+    model: NeMoModel,
+    category: str,
+    size: tuple[int, int],
+    normalized_focal: float,
+    schedule: InferenceSchedule,
+    rasterizer: Rasterizer,
+    cache: dict[tuple[str, int, int, float], TemplateBank],
+) -> TemplateBank:
+    """Templates of one category at one feature-map size (h, w), rendered once per
+    (category, size, normalised focal) with the canonical camera of that size."""
+    key = (category, size[0], size[1], float(normalized_focal))
+    if key not in cache:
+        cache[key] = render_templates(
+            model.meshes[category],
+            model.banks[category].memory.float(),
+            schedule,
+            size,
+            STRIDE,
+            rasterizer,
+            k_feat=canonical_feature_camera(size, STRIDE, normalized_focal),
+        )
+    return cache[key]
 
 
 def score(data: CropSet, predictions: Predictions) -> dict[str, object]:

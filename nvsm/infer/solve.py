@@ -301,16 +301,111 @@ def estimate_poses(
     )
 
 
+@dataclass(frozen=True)
+class CategoryModel:
+    """What ``estimate_poses`` needs for one category: its mesh, vertex features (V, D), clutter
+    model (D,) and templates rendered at the feature-map size of the images being solved."""
+
+    mesh: Mesh
+    vertex_features: torch.Tensor
+    clutter: torch.Tensor
+    templates: TemplateBank
+
+
+@dataclass(frozen=True)
+class CategoryPrediction:
+    """Best category per image and its pose.
+
+    Attributes:
+        poses: (B, 4) (a, e, θ, d) under the chosen category's mesh (NaN where every
+            category's loss was non-finite).
+        loss: (B,) loss of the chosen category (NaN where none was finite).
+        category_index: (B,) int64 index into ``categories`` (−1 where none was finite).
+        categories: the candidate names, in the order they were tried.
+        category_loss: (B, C) best-hypothesis loss of every candidate.
+    """
+
+    poses: torch.Tensor
+    loss: torch.Tensor
+    category_index: torch.Tensor
+    categories: tuple[str, ...]
+    category_loss: torch.Tensor
+
+    def names(self) -> list[str]:
+        """Chosen category name per image ("" where none was finite)."""
+        return [self.categories[i] if i >= 0 else "" for i in self.category_index.tolist()]
+
+
+def estimate_poses_categories(
+    feature_maps: torch.Tensor,
+    k_feat: torch.Tensor,
+    init_distance: torch.Tensor,
+    candidates: dict[str, CategoryModel],
+    schedule: InferenceSchedule,
+    rasterizer: Rasterizer | None = None,
+) -> CategoryPrediction:
+    """Solve every image with every candidate category; keep the category of lowest loss.
+
+    Each candidate runs the full ``estimate_poses`` (template search, top-k, refinement) on the
+    same feature maps, so the losses are comparable: all are 1 − the mean clutter-aware
+    foreground evidence over the same map. Ties go to the earlier candidate; non-finite losses
+    never win. One candidate gives plain ``estimate_poses`` with the category known.
+
+    Args:
+        feature_maps: (B, D, h, w) unit-norm features; k_feat: (B, 3, 3) or (3, 3);
+        init_distance: (B,); candidates: category → ``CategoryModel`` (templates of size (h, w)).
+    Returns:
+        ``CategoryPrediction`` with poses (B, 4), loss (B,), category_index (B,),
+        category_loss (B, C).
+    """
+    if not candidates:
+        raise ValueError("estimate_poses_categories: no candidate categories")
+    b = feature_maps.shape[0]
+    names = tuple(candidates)
+    all_poses = torch.full((len(names), b, 4), math.nan, dtype=torch.float64)
+    all_loss = torch.full((b, len(names)), math.inf, dtype=torch.float64)
+    for c, name in enumerate(names):
+        cand = candidates[name]
+        pred = estimate_poses(
+            feature_maps,
+            k_feat,
+            init_distance,
+            cand.mesh,
+            cand.vertex_features,
+            cand.clutter,
+            cand.templates,
+            schedule,
+            rasterizer,
+        )
+        all_poses[c] = pred.poses.detach().double().cpu()
+        all_loss[:, c] = pred.loss.detach().double().cpu()
+    ranked = torch.where(torch.isfinite(all_loss), all_loss, torch.full_like(all_loss, math.inf))
+    best_loss, best = ranked.min(1)  # min returns the first index on ties
+    found = torch.isfinite(best_loss)
+    poses = all_poses[best, torch.arange(b)]
+    poses[~found] = math.nan
+    return CategoryPrediction(
+        poses=poses,
+        loss=torch.where(found, best_loss, torch.full_like(best_loss, math.nan)),
+        category_index=torch.where(found, best, torch.full_like(best, -1)),
+        categories=names,
+        category_loss=all_loss,
+    )
+
+
 __all__ = [
     "FAST_SCHEDULE",
     "REFERENCE_SCHEDULE",
     "SCHEDULES",
+    "CategoryModel",
+    "CategoryPrediction",
     "InferenceSchedule",
     "PosePrediction",
     "TemplateBank",
     "canonical_feature_camera",
     "clutter_model",
     "estimate_poses",
+    "estimate_poses_categories",
     "pose_loss",
     "refine_poses",
     "render_templates",

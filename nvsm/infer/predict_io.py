@@ -1,0 +1,430 @@
+"""Prediction files of ``nvsm infer``: rows, CSV / JSON-lines writers and readers, raw-image crops.
+
+One row per crop, the same keys in both formats (``ROW_FIELDS``):
+
+    image, uid, category, azimuth_deg, elevation_deg, theta_deg, distance, score, seconds, error
+
+* angles in **degrees** (the files' only departure from nvsm's radians, hence the ``_deg``
+  keys), canonicalised through the evaluation rotation: azimuth in [0, 360), elevation in
+  [−90, 90], θ in (−180, 180];
+* ``distance`` in object units (for ``bbox`` crops of raw images: relative to an assumed
+  3000 px focal length, see ``image_cropset``);
+* ``score`` = 1 − loss of the chosen hypothesis (the mean clutter-aware foreground evidence);
+* ``seconds``: inference time per image; ``error``: "" or the failure message, in which case
+  the pose, distance and score are NaN (CSV ``nan``; JSON ``null``, since JSON has no NaN).
+
+The pure part (rows, writers, readers, raw-image crops) is separate from ``run_inference``, the
+orchestration behind the CLI command.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nvsm.infer.evaluate import Predictions
+from nvsm.io import atomic_open, atomic_write_bytes, atomic_write_json
+from nvsm.pose.camera import bbox_crop
+from nvsm.pose.convention import PASCAL3D_VIEWPORT, pose_from_rotation, rotation_matrix
+from nvsm.train.cropset import CropSet
+
+ROW_FIELDS: tuple[str, ...] = (
+    "image",
+    "uid",
+    "category",
+    "azimuth_deg",
+    "elevation_deg",
+    "theta_deg",
+    "distance",
+    "score",
+    "seconds",
+    "error",
+)
+_FLOAT_FIELDS = ("azimuth_deg", "elevation_deg", "theta_deg", "distance", "score", "seconds")
+#: Files ``find_images`` takes from a folder (case-insensitive suffixes).
+IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+#: Focal length (px) assumed for raw images, whose camera is unknown (PASCAL3D+'s viewport).
+ASSUMED_FOCAL_PX = PASCAL3D_VIEWPORT
+
+Row = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def canonical_degrees(pose: torch.Tensor | np.ndarray) -> tuple[float, float, float]:
+    """(azimuth, elevation, θ) of a (4,) or (3,) radian pose, in degrees, canonicalised through
+    its evaluation rotation: azimuth [0, 360), elevation [−90, 90], θ (−180, 180]. NaN in,
+    NaN out."""
+    p = np.asarray(pose.detach().cpu() if isinstance(pose, torch.Tensor) else pose, np.float64)
+    if not np.isfinite(p[:3]).all():
+        return (math.nan, math.nan, math.nan)
+    a, e, t = pose_from_rotation(rotation_matrix(p[0], p[1], p[2]))
+    az = float(np.degrees(a)) % 360.0
+    return (0.0 if az >= 360.0 else az, float(np.degrees(e)), float(np.degrees(t)))
+
+
+def prediction_rows(
+    data: CropSet, predictions: Predictions, images: Sequence[str] | None = None
+) -> list[Row]:
+    """One row per crop (keys ``ROW_FIELDS``).
+
+    Args:
+        data: the N crops that were solved (uids, and the given categories).
+        predictions: their ``Predictions``: poses (N, 4) radians, loss (N,), seconds (N,),
+            errors, and the categories they were solved as (given or inferred).
+        images: N image paths (default: the uids).
+    Returns:
+        N dicts; a failed crop has its message in ``error`` and NaN pose, distance and score.
+    """
+    n = len(data)
+    images = list(images) if images is not None else list(data.uids)
+    if len(images) != n or len(predictions.errors) != n:
+        raise ValueError(f"prediction_rows: {n} crops, {len(images)} images, "
+                         f"{len(predictions.errors)} predictions")
+    cats = predictions.categories or list(data.categories)
+    rows = []
+    for i in range(n):
+        err = predictions.errors[i]
+        pose = predictions.poses[i].double()
+        ok = err is None and bool(torch.isfinite(pose).all())
+        az, el, th = canonical_degrees(pose) if ok else (math.nan,) * 3
+        loss = float(predictions.loss[i])
+        rows.append(
+            {
+                "image": str(images[i]),
+                "uid": data.uids[i],
+                "category": cats[i],
+                "azimuth_deg": az,
+                "elevation_deg": el,
+                "theta_deg": th,
+                "distance": float(pose[3]) if ok else math.nan,
+                "score": 1.0 - loss if ok and math.isfinite(loss) else math.nan,
+                "seconds": float(predictions.seconds[i]),
+                "error": "" if ok else (err or "non-finite prediction"),
+            }
+        )
+    return rows
+
+
+def mark_failed(predictions: Predictions, failed: dict[int, str]) -> Predictions:
+    """A copy of ``predictions`` where the crops ``failed`` (index → message) are failures:
+    NaN pose and loss, the message as error (e.g. images that could not be read)."""
+    if not failed:
+        return predictions
+    poses, loss = predictions.poses.clone(), predictions.loss.clone()
+    errors = list(predictions.errors)
+    for i, message in failed.items():
+        poses[i] = math.nan
+        loss[i] = math.nan
+        errors[i] = message
+    return replace(predictions, poses=poses, loss=loss, errors=errors)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _clean(value: Any) -> Any:
+    """JSON value: non-finite floats become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_predictions_csv(path: str | os.PathLike[str], rows: Iterable[Row]) -> Path:
+    """Write rows as CSV with the ``ROW_FIELDS`` header, atomically; NaN is written ``nan``."""
+    path = Path(path)
+    with atomic_open(path, "w") as fh:
+        writer = csv.DictWriter(fh, fieldnames=ROW_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (repr(row[k]) if isinstance(row[k], float) else row[k])
+                             for k in ROW_FIELDS})
+    return path
+
+
+def write_predictions_jsonl(path: str | os.PathLike[str], rows: Iterable[Row]) -> Path:
+    """Write rows as JSON lines (one object per line, keys ``ROW_FIELDS``), atomically; NaN is
+    written ``null`` (strict JSON)."""
+    path = Path(path)
+    with atomic_open(path, "w") as fh:
+        for row in rows:
+            obj = {k: _clean(row[k]) for k in ROW_FIELDS}
+            fh.write(json.dumps(obj, allow_nan=False) + "\n")
+    return path
+
+
+def _typed(row: dict[str, Any]) -> Row:
+    out: Row = {k: row.get(k, "") for k in ROW_FIELDS}
+    for k in _FLOAT_FIELDS:
+        v = out[k]
+        out[k] = math.nan if v is None or v == "" else float(v)
+    out["error"] = out["error"] or ""
+    return out
+
+
+def read_predictions_csv(path: str | os.PathLike[str]) -> list[Row]:
+    """Rows of a file written by ``write_predictions_csv`` (floats parsed, ``nan`` → NaN)."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        return [_typed(r) for r in csv.DictReader(fh)]
+
+
+def read_predictions_jsonl(path: str | os.PathLike[str]) -> list[Row]:
+    """Rows of a file written by ``write_predictions_jsonl`` (``null`` → NaN)."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [_typed(json.loads(ln)) for ln in lines if ln.strip()]
+
+
+# ----------------------------------------------------------------------------- raw images
+
+
+def find_images(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Image files named by ``paths``: files as given, folders' images (``IMAGE_SUFFIXES``,
+    not recursive, sorted). Raises ``FileNotFoundError`` for a path that does not exist."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.iterdir()
+                          if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"no such image file or folder: {p}")
+    return out
+
+
+def image_cropset(
+    paths: Sequence[str | os.PathLike[str]],
+    size: tuple[int, int],
+    category: str = "",
+    normalized_focal: float = PASCAL3D_VIEWPORT,
+    fill: float = 0.8,
+) -> tuple[CropSet, dict[int, str]]:
+    """``bbox``-protocol crops of raw images, assuming ONE roughly centred object per image.
+
+    There is no annotation, so the object's box is taken to be the whole image, (0, 0,
+    W − 1, H − 1): the image is centred in the crop and its longer (aspect-corrected) side fills
+    ``fill`` of it, exactly as the ``bbox`` protocol treats a box. The camera is unknown too: a
+    focal length of ``ASSUMED_FOCAL_PX`` with the principal point at the image centre, so the
+    estimated distance is relative to that assumption (the rotation is not affected by it).
+
+    Args:
+        paths: N image files.
+        size: crop (H, W), a multiple of the backbone stride.
+        category: the category of every image ("" when it is to be inferred).
+        normalized_focal: the model's normalised focal (``PASCAL3D_VIEWPORT · crop_scale``).
+    Returns:
+        the ``CropSet`` (N crops (3, H, W) uint8, poses NaN: there is no ground truth; uids
+        ``<stem>:0``) and {index: message} for images that could not be read (their crops are
+        black).
+    """
+    from nvsm.data.crops import warp_to_crop
+    from nvsm.data.images import load_image
+
+    images, ks, ref = [], [], []
+    failed: dict[int, str] = {}
+    h, w = size
+    for i, path in enumerate(paths):
+        try:
+            image = load_image(Path(path))
+        except Exception as exc:
+            failed[i] = f"{type(exc).__name__}: {exc}"
+            image = np.zeros((h, w, 3), dtype=np.uint8)
+        ih, iw = image.shape[:2]
+        box = (0.0, 0.0, float(max(iw - 1, 1)), float(max(ih - 1, 1)))
+        cam = bbox_crop(box, ((iw - 1) / 2, (ih - 1) / 2), ASSUMED_FOCAL_PX, (h, w), fill,
+                        normalized_focal)
+        chw = torch.as_tensor(image).permute(2, 0, 1).float() / 255.0
+        crop = warp_to_crop(chw, cam).clamp(0.0, 1.0)
+        images.append((crop * 255).round().to(torch.uint8))
+        ks.append(torch.as_tensor(cam.k))
+        ref.append(cam.reference_distance())
+    n = len(images)
+    data = CropSet(
+        images=torch.stack(images) if n else torch.zeros(0, 3, h, w, dtype=torch.uint8),
+        k=torch.stack(ks).double() if n else torch.zeros(0, 3, 3, dtype=torch.float64),
+        poses=torch.full((n, 4), math.nan, dtype=torch.float64),
+        weights=torch.ones(n),
+        categories=[category] * n,
+        uids=[f"{Path(p).stem}:0" for p in paths],
+        occlusion_levels=torch.zeros(n, dtype=torch.long),
+        reference_distance=torch.tensor(ref, dtype=torch.float64),
+        normalized_focal=normalized_focal,
+    )
+    return data, failed
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+
+@dataclass
+class InferencePart:
+    """Crops solved together (one crop size): the crops, their image paths, images that
+    could not be read (index → message), and whether the category is inferred."""
+
+    data: CropSet
+    images: list[str]
+    failed: dict[int, str]
+    infer_category: bool
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "image"
+
+
+def run_inference(
+    checkpoint: Path,
+    paths: Sequence[str | os.PathLike[str]] = (),
+    out: Path = Path("predictions"),
+    dataset_split: str = "test",
+    schedule: str = "fast",
+    category: str | None = None,
+    infer_category: bool = False,
+    overlays: bool = False,
+    overrides: Sequence[str] = (),
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """``nvsm infer``: predict poses and write OUT/predictions.csv, OUT/predictions.jsonl,
+    OUT/infer_info.json (and OUT/overlays/*.png).
+
+    Args:
+        checkpoint: ``model.pt``.
+        paths: image files / folders; empty: the checkpoint's dataset split instead.
+        dataset_split: ``test`` (= ``val``, the dataset's test list) or ``train``.
+        category: the images' category (skips inference); with a dataset split, keep only it.
+        infer_category: with a dataset split, infer the category instead of using the
+            annotation (images given as ``paths`` are always inferred unless ``category``).
+        overrides: ``key=value`` config overrides (e.g. ``data.root=...``, ``device=cpu``).
+
+    Raw images are cropped at ``data.crop_size`` when the config sets one, else at the default
+    size of ``category`` (or, when inferring, of the model's first category); every category's
+    mesh is then solved on that same crop, with templates rendered for that size.
+    Returns:
+        summary dict (the content of infer_info.json).
+    """
+    from nvsm.config import config_from_dict, config_to_dict, parse_override
+    from nvsm.infer.evaluate import predict, resolve_schedule
+    from nvsm.infer.overlay import render_overlays
+    from nvsm.pipeline import load_splits, resolve_device
+    from nvsm.render import get_rasterizer
+    from nvsm.train.cropset import build_cropset, crop_size_for
+    from nvsm.train.model import NeMoModel
+
+    sched = resolve_schedule(schedule)
+    model, _ = NeMoModel.load(checkpoint)
+    cfg_dict = config_to_dict(model.config)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = cfg_dict
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = value
+    config = config_from_dict(cfg_dict, f"{checkpoint}: config")
+    if category is not None and category not in model.meshes:
+        raise ValueError(f"category {category!r} is not in the model ({model.categories})")
+    split = {"val": "test"}.get(dataset_split, dataset_split)
+    if not paths and split not in ("test", "train"):
+        raise ValueError(f"dataset split must be test, val or train, got {dataset_split!r}")
+    device = resolve_device(config.device)
+    model = model.to(device)
+    rasterizer = get_rasterizer(config.model.rasterizer, device)
+    crop_scale = config.data.crop_scale
+    fixed_size = tuple(config.data.crop_size) if config.data.crop_size else None
+    parts: list[InferencePart] = []
+    if paths:
+        files = find_images(paths)
+        if not files:
+            raise ValueError(f"no images found in {[str(p) for p in paths]}")
+        size = fixed_size or crop_size_for(category or model.categories[0], crop_scale)
+        data, failed = image_cropset(
+            files, size, category or "", PASCAL3D_VIEWPORT * crop_scale  # type: ignore[arg-type]
+        )
+        parts.append(InferencePart(data, [str(f) for f in files], failed, category is None))
+        protocol, source = "bbox", "images"
+    else:
+        splits = load_splits(config, (0,) if split == "test" else ())
+        records = splits.test[0] if split == "test" else splits.train
+        if category is not None:
+            records = [r for r in records if r.category == category]
+        if not records:
+            raise ValueError(f"no records in the {split} split of {config.data.dataset}")
+        for cat in sorted({r.category for r in records}):
+            recs = [r for r in records if r.category == cat]
+            data = build_cropset(
+                recs,
+                config.data.crop_protocol,
+                crop_scale,
+                fixed_size,  # type: ignore[arg-type]
+                f"cropping {cat}",
+                show_progress,
+            )
+            parts.append(InferencePart(data, [str(r.image_path) for r in recs], {},
+                                       infer_category))
+        protocol, source = config.data.crop_protocol, f"{config.data.dataset}:{split}"
+    rows: list[Row] = []
+    n_overlays = 0
+    for part in parts:
+        preds = predict(model, part.data, sched, config.infer.batch_size, device, rasterizer,
+                        show_progress, infer_category=part.infer_category)
+        preds = mark_failed(preds, part.failed)
+        part_rows = prediction_rows(part.data, preds, part.images)
+        if overlays:
+            pictures = render_overlays(model, part.data, preds, device, rasterizer,
+                                       config.infer.batch_size)
+            for j, (row, picture) in enumerate(zip(part_rows, pictures, strict=True)):
+                buf = io.BytesIO()
+                picture.save(buf, format="PNG")
+                name = f"{len(rows) + j:05d}_{_safe_name(row['uid'])}.png"
+                atomic_write_bytes(Path(out) / "overlays" / name, buf.getvalue())
+                n_overlays += 1
+        rows += part_rows
+    write_predictions_csv(Path(out) / "predictions.csv", rows)
+    write_predictions_jsonl(Path(out) / "predictions.jsonl", rows)
+    summary: dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        "source": source,
+        "protocol": protocol,
+        "schedule": schedule,
+        "category": "inferred" if any(p.infer_category for p in parts) else "given",
+        "images": len(rows),
+        "failures": sum(bool(r["error"]) for r in rows),
+        "overlays": n_overlays,
+        "units": {"angles": "degrees", "distance": "object units", "score": "1 - loss"},
+        "files": ["predictions.csv", "predictions.jsonl"],
+    }
+    if paths:
+        summary["assumption"] = (
+            "one roughly centred object per image: the whole image is the object's box (bbox "
+            f"protocol, fill 0.8) and the focal length is {ASSUMED_FOCAL_PX:g} px"
+        )
+    atomic_write_json(Path(out) / "infer_info.json", summary)
+    return summary
+
+
+__all__ = [
+    "ASSUMED_FOCAL_PX",
+    "IMAGE_SUFFIXES",
+    "ROW_FIELDS",
+    "InferencePart",
+    "canonical_degrees",
+    "find_images",
+    "image_cropset",
+    "mark_failed",
+    "prediction_rows",
+    "read_predictions_csv",
+    "read_predictions_jsonl",
+    "run_inference",
+    "write_predictions_csv",
+    "write_predictions_jsonl",
+]

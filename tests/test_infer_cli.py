@@ -1,0 +1,337 @@
+"""``nvsm infer``: prediction files, overlays, occlusion maps, category inference, end to end."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from nvsm.cli import app
+from nvsm.config import RunConfig
+from nvsm.infer.evaluate import Predictions, predict
+from nvsm.infer.overlay import (
+    EDGE_COLOR,
+    draw_overlay,
+    occlusion_map,
+    project_corners,
+    render_overlays,
+)
+from nvsm.infer.predict_io import (
+    ROW_FIELDS,
+    image_cropset,
+    prediction_rows,
+    read_predictions_csv,
+    read_predictions_jsonl,
+    write_predictions_csv,
+    write_predictions_jsonl,
+)
+from nvsm.infer.solve import (
+    CategoryModel,
+    InferenceSchedule,
+    canonical_feature_camera,
+    estimate_poses_categories,
+    pose_loss,
+    render_templates,
+)
+from nvsm.mesh import cuboid_mesh
+from nvsm.models.common import normalize_images
+from nvsm.pose.convention import intrinsics
+from nvsm.render import render_pose
+from nvsm.train.cropset import CropSet
+from nvsm.train.model import NeMoModel
+
+runner = CliRunner()
+
+
+def _cropset(n: int, size=(8, 8), focal=3000.0) -> CropSet:
+    h, w = size
+    k = torch.as_tensor(intrinsics(focal, (w - 1) / 2, (h - 1) / 2)).double()
+    return CropSet(
+        images=torch.zeros(n, 3, h, w, dtype=torch.uint8),
+        k=k.repeat(n, 1, 1),
+        poses=torch.full((n, 4), math.nan, dtype=torch.float64),
+        weights=torch.ones(n),
+        categories=["car"] * n,
+        uids=[f"img{i}:0" for i in range(n)],
+        occlusion_levels=torch.zeros(n, dtype=torch.long),
+        reference_distance=torch.full((n,), 5.0, dtype=torch.float64),
+        normalized_focal=focal,
+    )
+
+
+def test_rows_csv_jsonl_round_trip_in_degrees(tmp_path):
+    data = _cropset(3)
+    poses = torch.tensor(
+        [
+            [math.radians(30), math.radians(10), math.radians(-5), 5.5],
+            [math.radians(370), math.radians(20), math.radians(200), 4.0],  # wraps
+            [math.nan] * 4,
+        ],
+        dtype=torch.float64,
+    )
+    preds = Predictions(
+        poses,
+        torch.tensor([0.25, 0.5, math.nan]),
+        torch.tensor([0.1, 0.2, 0.3]),
+        [None, None, "RuntimeError: boom"],
+        ["car", "bus", ""],
+    )
+    rows = prediction_rows(data, preds, ["a.jpg", "b.jpg", "c.jpg"])
+    assert [r["image"] for r in rows] == ["a.jpg", "b.jpg", "c.jpg"]
+    assert rows[0]["azimuth_deg"] == pytest.approx(30.0)
+    assert rows[0]["elevation_deg"] == pytest.approx(10.0)
+    assert rows[0]["theta_deg"] == pytest.approx(-5.0)
+    assert rows[0]["score"] == pytest.approx(0.75) and rows[0]["distance"] == 5.5
+    assert rows[1]["azimuth_deg"] == pytest.approx(10.0)
+    assert rows[1]["theta_deg"] == pytest.approx(-160.0)
+    assert rows[1]["category"] == "bus" and rows[0]["error"] == ""
+    assert rows[2]["error"] == "RuntimeError: boom"
+    for path, write, read in (
+        (tmp_path / "p.csv", write_predictions_csv, read_predictions_csv),
+        (tmp_path / "p.jsonl", write_predictions_jsonl, read_predictions_jsonl),
+    ):
+        write(path, rows)
+        back = read(path)
+        assert len(back) == 3 and list(back[0]) == list(ROW_FIELDS)
+        for got, want in zip(back, rows, strict=True):
+            for key in ROW_FIELDS:
+                if isinstance(want[key], float) and math.isnan(want[key]):
+                    assert math.isnan(got[key]), (path, key)
+                else:
+                    assert got[key] == want[key], (path, key)
+        assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
+    assert (tmp_path / "p.csv").read_text().splitlines()[0].split(",")[3] == "azimuth_deg"
+    lines = (tmp_path / "p.jsonl").read_text().splitlines()
+    failed = json.loads(lines[2])  # strict JSON: NaN is null
+    assert failed["azimuth_deg"] is None and failed["error"] == "RuntimeError: boom"
+
+
+def test_draw_overlay_colours_projected_corners():
+    mesh = cuboid_mesh([-0.3, -0.6, -0.2], [0.3, 0.6, 0.2], 200)
+    size = (96, 128)
+    k = np.asarray(intrinsics(400.0, 63.5, 47.5))
+    pose = torch.tensor([math.radians(40), math.radians(20), 0.1, 5.0], dtype=torch.float64)
+    crop = torch.zeros(3, *size, dtype=torch.uint8)
+    img = np.asarray(draw_overlay(crop, mesh, pose, k))
+    assert img.shape == (*size, 3)
+    pix, depth = project_corners(mesh, pose, k)
+    assert (depth > 0).all()
+    inside = 0
+    for x, y in pix:
+        xi, yi = round(float(x)), round(float(y))
+        if 0 <= xi < size[1] and 0 <= yi < size[0]:
+            assert tuple(img[yi, xi]) == EDGE_COLOR
+            inside += 1
+    assert inside >= 4
+    # Far from the box (the crop corner) nothing is drawn; a failed pose draws nothing.
+    assert tuple(img[0, 0]) == (0, 0, 0)
+    blank = np.asarray(draw_overlay(crop, mesh, torch.full((4,), math.nan), k))
+    assert not blank.any()
+
+
+def test_occlusion_map_hand_made():
+    # D = 2, a 1 × 3 map. Clutter b = e2.
+    f = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]).T.reshape(2, 1, 3)
+    r = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]).T.reshape(2, 1, 3)
+    mask = torch.tensor([[True, True, False]])
+    b = torch.tensor([0.0, 1.0])
+    m = occlusion_map(f, r, mask, b)
+    # cell 0: obj 1, clu 0 → 1; cell 1: obj 0, clu 1 → 0 (occluded); cell 2: off the mask → 0.
+    assert torch.allclose(m, torch.tensor([[1.0, 0.0, 0.0]]))
+    loss = pose_loss(f[None], r[None], mask[None].float(), b)
+    assert torch.allclose(1 - m.mean(), loss[0])
+    # Mesh explains the cell only partly: ReLU(0.6 − 0.8) = 0; with a mask it is 0.6 − 0.0.
+    m2 = occlusion_map(f, r, torch.ones(1, 3, dtype=torch.bool), torch.tensor([0.0, 0.0]))
+    assert torch.allclose(m2, torch.tensor([[1.0, 0.0, 0.6]]))
+
+
+# ---------------------------------------------------------------------- category inference
+
+MAP = (24, 40)  # feature map (h, w)
+FOCAL = 600.0  # normalised focal of the crops (crop_scale 0.2)
+DIM = 16
+
+
+def _smooth_features(mesh, seed):
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randn(mesh.num_vertices, DIM, generator=g)
+    weights = torch.exp(-(torch.cdist(mesh.vertices, mesh.vertices) ** 2) / 0.1**2)
+    return torch.nn.functional.normalize(weights @ raw, dim=1)
+
+
+def _two_categories():
+    """A long flat box and a tall one, each with its own smooth random vertex features."""
+    meshes = {
+        "car": cuboid_mesh([-0.15, -0.45, -0.1], [0.15, 0.45, 0.1], 300),
+        "bottle": cuboid_mesh([-0.12, -0.12, -0.35], [0.12, 0.12, 0.35], 300),
+    }
+    feats = {cat: _smooth_features(mesh, seed) for seed, (cat, mesh) in enumerate(meshes.items())}
+    g = torch.Generator().manual_seed(3)
+    clutter = torch.nn.functional.normalize(torch.randn(DIM, generator=g), dim=0)
+    return meshes, feats, clutter
+
+
+def _feature_images(meshes, feats, clutter, k, cats, poses):
+    maps = []
+    for cat, p in zip(cats, poses, strict=True):
+        out = render_pose(meshes[cat], feats[cat], *p[:, None], k, MAP)
+        fm = out.features + (~out.mask)[:, None] * clutter[None, :, None, None]
+        maps.append(torch.nn.functional.normalize(fm, dim=1))
+    return torch.cat(maps)
+
+
+SCHEDULE = InferenceSchedule(
+    n_azimuth=8, elevations_deg=(0.0, 30.0), thetas_deg=(0.0,), top_k=1, steps=8
+)
+POSES = torch.tensor(
+    [[math.radians(45), math.radians(30), 0.0, 5.0], [math.radians(135), 0.0, 0.0, 5.0]]
+)
+
+
+def test_category_inference_picks_the_right_mesh():
+    meshes, feats, clutter = _two_categories()
+    k = torch.as_tensor(canonical_feature_camera(MAP, 8, FOCAL), dtype=torch.float32)
+    fm = _feature_images(meshes, feats, clutter, k, ["car", "bottle"], POSES)
+    cands = {
+        cat: CategoryModel(
+            meshes[cat],
+            feats[cat],
+            clutter,
+            render_templates(meshes[cat], feats[cat], SCHEDULE, MAP, 8, k_feat=k),
+        )
+        for cat in ("bottle", "car")
+    }
+    pred = estimate_poses_categories(fm, k, torch.tensor([5.0, 5.0]), cands, SCHEDULE)
+    assert pred.names() == ["car", "bottle"]
+    assert pred.category_loss.shape == (2, 2)
+    # The right mesh explains its image far better than the other one: its foreground
+    # evidence (1 − loss, a mean over the whole map) is several times larger.
+    evidence = 1 - pred.category_loss  # columns: bottle, car
+    assert evidence[0, 1] > 3 * evidence[0, 0] and evidence[1, 0] > 3 * evidence[1, 1]
+    assert torch.allclose(pred.poses[:, :2].float(), POSES[:, :2], atol=math.radians(5))
+
+
+class _LookupBackbone(torch.nn.Module):
+    """Returns stored feature maps, recognising each image by its first pixel (the index)."""
+
+    def __init__(self, maps: torch.Tensor) -> None:
+        super().__init__()
+        self.maps = maps
+        index = torch.arange(len(maps)).float().view(-1, 1, 1, 1).expand(-1, 3, 1, 1)
+        self.keys = normalize_images(index / 255)[:, 0, 0, 0]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        idx = (images[:, 0, 0, 0, None] - self.keys[None]).abs().argmin(1)
+        return self.maps[idx]
+
+
+def test_predict_infers_the_category_with_a_model():
+    meshes, feats, clutter = _two_categories()
+    k = torch.as_tensor(canonical_feature_camera(MAP, 8, FOCAL), dtype=torch.float32)
+    fm = _feature_images(meshes, feats, clutter, k, ["car", "bottle"], POSES)
+    cfg = RunConfig()
+    cfg.model.feature_dim = DIM
+    cfg.train.clutter_size = 4
+    model = NeMoModel(_LookupBackbone(fm), meshes, cfg)
+    for cat, bank in model.banks.items():
+        bank.memory = feats[cat].clone()
+        bank.clutter = clutter[None].repeat(4, 1)
+        bank.clutter_count = torch.tensor(4)
+    data = _cropset(2, (MAP[0] * 8, MAP[1] * 8), FOCAL)
+    data.images[:, :, 0, 0] = torch.arange(2, dtype=torch.uint8)[:, None]
+    data.categories = ["car", "car"]  # wrong for image 1: ignored when inferring
+    preds = predict(model, data, SCHEDULE, show_progress=False, infer_category=True)
+    assert preds.categories == ["car", "bottle"] and preds.errors == [None, None]
+    given = predict(model, data, SCHEDULE, show_progress=False)
+    assert given.categories == ["car", "car"]
+    assert 1 - given.loss[1] < (1 - preds.loss[1]) / 3  # the wrong mesh explains it badly
+    assert given.loss[0] == pytest.approx(preds.loss[0].item())
+    # Overlays: [cuboid | occlusion heat]; the black crops light up where the mesh explains
+    # the features (the heat), and the cuboid is drawn in the left panel.
+    pictures = [np.asarray(p) for p in render_overlays(model, data, preds)]
+    h, w = data.images.shape[-2:]
+    assert len(pictures) == 2 and pictures[0].shape == (h, 2 * w, 3)
+    for pic in pictures:
+        assert (pic[:, :w] == EDGE_COLOR).all(-1).sum() > 20
+        assert pic[:, w:].max() > 100 and pic[:, w:].min() < 20
+
+
+def test_image_cropset_centres_the_whole_image(tmp_path):
+    Image.fromarray(np.full((30, 60, 3), 200, np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    data, failed = image_cropset([tmp_path / "a.png", tmp_path / "broken.jpg"], (32, 48))
+    assert data.images.shape == (2, 3, 32, 48) and list(failed) == [1]
+    assert data.uids == ["a:0", "broken:0"] and data.categories == ["", ""]
+    crop = data.images[0, 0]
+    # The image (aspect 2:1) fills 0.8 of the crop width, centred: 38.4 of 48 columns.
+    cols = (crop > 100).any(0).nonzero().flatten()
+    assert abs((cols.min() + cols.max()).item() / 2 - 23.5) <= 0.5
+    assert 36 <= cols.max() - cols.min() + 1 <= 41
+
+
+def test_infer_and_evaluate_help_have_examples():
+    for cmd in (["infer"], ["evaluate"]):
+        res = runner.invoke(app, [*cmd, "--help"])
+        assert res.exit_code == 0 and "nvsm " in res.output, cmd
+    assert "--unseen-azimuth" in runner.invoke(app, ["evaluate", "--help"]).output
+
+
+@pytest.mark.slow
+def test_infer_end_to_end(tiny_synthetic, tmp_path):
+    run = tmp_path / "run"
+    sets = [
+        "-s", f"data.root={tiny_synthetic}",
+        "-s", "data.crop_scale=0.2",
+        "-s", "data.crop_size=[64, 120]",
+        "-s", "train.steps=3",
+        "-s", "train.batch_size=2",
+        "-s", "labels.annotations=2",
+    ]  # fmt: skip
+    res = runner.invoke(
+        app, ["train", "-r", "synthetic-car-7labels", "--out", str(run), "--no-evaluate", *sets]
+    )
+    assert res.exit_code == 0, res.output
+    ckpt = str(run / "model.pt")
+
+    # Raw images (category inferred) with overlays; an unreadable file is a failure row.
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for src in sorted((tiny_synthetic).rglob("*.JPEG"))[:2]:
+        shutil.copy(src, photos / src.name)
+    (photos / "zz_broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "pred"
+    res = runner.invoke(app, ["infer", "-m", ckpt, str(photos), "--overlays", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = read_predictions_csv(out / "predictions.csv")
+    same = [
+        (a[k] == b[k]) or (isinstance(a[k], float) and math.isnan(a[k]) and math.isnan(b[k]))
+        for a, b in zip(rows, read_predictions_jsonl(out / "predictions.jsonl"), strict=True)
+        for k in ROW_FIELDS
+    ]
+    assert all(same)
+    assert len(rows) == 3 and [r["category"] for r in rows[:2]] == ["car", "car"]
+    assert all(r["error"] == "" and 0 <= r["azimuth_deg"] < 360 for r in rows[:2])
+    assert rows[2]["error"] and math.isnan(rows[2]["azimuth_deg"])
+    pngs = sorted((out / "overlays").glob("*.png"))
+    assert len(pngs) == 3
+    with Image.open(pngs[0]) as im:
+        assert im.size == (2 * 120, 64)
+    info = json.loads((out / "infer_info.json").read_text())
+    assert info["protocol"] == "bbox" and info["category"] == "inferred" and info["failures"] == 1
+
+    # The checkpoint's test split (category given), then the unseen-azimuth evaluation.
+    res = runner.invoke(app, ["infer", "-m", ckpt, "--dataset-split", "val", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = read_predictions_jsonl(out / "predictions.jsonl")
+    assert len(rows) == 4 and all(r["error"] == "" for r in rows)
+    assert json.loads((out / "infer_info.json").read_text())["protocol"] == "gt-normalized"
+    res = runner.invoke(
+        app, ["evaluate", "-m", ckpt, "--unseen-azimuth", "--out", str(tmp_path / "ev")]
+    )
+    assert res.exit_code == 0, res.output
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert ev["subset"] == "unseen-azimuth" and ev["pooled"]["L0"]["n"] == 3
