@@ -5,9 +5,24 @@ project the cuboid at the (augmented) pose into the feature map, sample features
 visible vertices (face-normal visibility, exact for a cuboid; vertices off the map or under a
 synthetic occluder count as invisible), draw clutter from cells outside the rendered cuboid
 silhouette, and minimise the CoKe contrastive loss + background regulariser. The banks are
-updated after the optimiser step from the detached features; with ``torch.distributed``
-initialised the backbone is wrapped in DDP and the bank updates are all-gathered, so every
-rank keeps identical banks.
+updated after the optimiser step from the detached features.
+
+Distributed data parallel (``torch.distributed`` initialised, see ``nvsm.train.distributed``):
+
+* the backbone is wrapped in ``DistributedDataParallel``: its parameters and buffers are
+  broadcast from rank 0 when the trainer is built and the gradients are averaged over the
+  ranks, i.e. the step follows the mean of the per-rank losses (each rank's contrastive loss
+  is itself a mean over its own visible vertices);
+* the banks are broadcast from rank 0 when the trainer is built, and every rank updates them
+  with the all-gathered (rank-ordered) features of all ranks, so they stay identical;
+* ``config.batch_size`` is per rank. The batch indices come from one index stream shared by
+  all ranks (same seed), rank r taking the r-th slice of each draw, so the ranks see disjoint
+  crops whenever the set holds ``world_size × batch_size`` crops (``sample_batch``; smaller
+  few-shot sets are covered by back-to-back shuffles). Augmentation and clutter draws use
+  rank-offset seeds (``rank_seed``), so they differ between ranks too;
+* only rank 0 writes checkpoints.
+
+A single-process run (no process group) draws exactly the same random numbers as before.
 """
 
 from __future__ import annotations
@@ -30,6 +45,7 @@ from nvsm.pose.camera import feature_intrinsics
 from nvsm.pose.convention import camera_centre, opencv_extrinsics, project_opencv
 from nvsm.render import Rasterizer, default_rasterizer, project_vertices
 from nvsm.train.cropset import BatchAugmenter, CropSet
+from nvsm.train.distributed import get_rank, get_world_size, is_initialized
 from nvsm.train.loss import (
     background_regulariser,
     contrastive_loss,
@@ -66,12 +82,37 @@ def project_mesh_vertices(
     return px.float()
 
 
-def _all_gather_cat(x: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_available() and dist.is_initialized()):
+#: Seed offset between ranks for augmentation and clutter draws (rank 0 keeps the base seed).
+RANK_SEED_STRIDE = 1_000_003
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s augmentation / clutter streams (``seed`` itself on rank 0)."""
+    return seed + RANK_SEED_STRIDE * rank
+
+
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate (in rank order) the rows of ``x`` from every rank; ``x`` itself without a
+    process group.
+
+    The ranks may hold different numbers of rows (dim 0, possibly 0) but must agree on the
+    trailing shape and the dtype. Bool tensors travel as uint8 (gloo has no bool all-gather).
+    """
+    if not is_initialized():
         return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+    world = dist.get_world_size()
+    count = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    is_bool = x.dtype == torch.bool
+    payload = x.to(torch.uint8) if is_bool else x
+    padded = payload.new_zeros((max(sizes), *payload.shape[1:]))
+    padded[: x.shape[0]] = payload
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    out = torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
+    return out.bool() if is_bool else out
 
 
 class NeMoTrainer:
@@ -97,11 +138,23 @@ class NeMoTrainer:
         self.config = config
         self.device = torch.device(device)
         self.rasterizer = rasterizer or default_rasterizer(self.device)
-        self.generator = torch.Generator().manual_seed(seed)
-        self.augment = BatchAugmenter(config.augment, seed=seed + 1)
+        self.rank = get_rank()
+        self.world_size = get_world_size()
+        own_seed = rank_seed(seed, self.rank)
+        #: Clutter draws (rank-offset seed).
+        self.generator = torch.Generator().manual_seed(own_seed)
+        #: Batch indices: one stream shared by all ranks (the single-process run keeps drawing
+        #: them from ``generator``, as it always did).
+        self.batch_generator = (
+            torch.Generator().manual_seed(seed) if self.world_size > 1 else self.generator
+        )
+        self.augment = BatchAugmenter(config.augment, seed=own_seed + 1)
         net: torch.nn.Module = self.model.backbone
-        if dist.is_available() and dist.is_initialized():
-            net = torch.nn.parallel.DistributedDataParallel(net)
+        if is_initialized():
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            # DDP broadcasts rank 0's parameters and buffers here.
+            net = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
+            self._broadcast_banks()
         self.net = net
         self.optimizer = torch.optim.AdamW(
             self.model.backbone.param_groups(config.lr_backbone, config.lr_head),
@@ -114,6 +167,12 @@ class NeMoTrainer:
             for cat, mesh in model.meshes.items()
         }
         self.step = 0
+
+    def _broadcast_banks(self) -> None:
+        """Copy rank 0's banks (prototypes, clutter queue, pointers) to every rank."""
+        for cat in sorted(self.model.banks):
+            for buf in self.model.banks[cat].buffers():
+                dist.broadcast(buf, src=0)
 
     def _set_lr(self) -> None:
         f = _lr_factor(self.step, self.config)
@@ -170,10 +229,13 @@ class NeMoTrainer:
             "weights": weights,
         }
 
-    def train_step(self, data: CropSet, index: torch.Tensor) -> StepResult:
-        """One optimisation step on the crops ``index`` of ``data``."""
-        self.model.train()
-        self._set_lr()
+    def batch_loss(
+        self, data: CropSet, index: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, dict[str, torch.Tensor]]]:
+        """This rank's loss on the crops ``index`` of ``data`` (augmented) and, per category in
+        the batch, the detached bank-update tensors (``feats``, ``visible``, ``clutter``,
+        ``valid``, ``weights``). The loss is the crop-count-weighted mean of the per-category
+        losses."""
         images = data.images[index].float() / 255.0
         images, k, poses, occluded = self.augment(
             images, data.k[index].clone(), data.poses[index].clone()
@@ -201,29 +263,74 @@ class NeMoTrainer:
             )
             total = total + loss * (int(sel.sum()) / len(cats))
             updates[cat] = upd
+        return total, updates
+
+    def update_banks(self, updates: dict[str, dict[str, torch.Tensor]]) -> float:
+        """Update the banks from ``batch_loss``'s tensors, all-gathered over the ranks (every
+        rank passes through every category in the same order, with zero rows for categories
+        absent from its batch). Returns the mean number of visible vertices per crop, averaged
+        over the categories present in some rank's batch."""
+        cats = sorted(self.model.banks) if is_initialized() else sorted(updates)
+        n_clutter = self.config.clutter_per_image
+        vis_sum, present = 0.0, 0
+        for cat in cats:
+            bank = self.model.banks[cat]
+            upd = updates.get(cat)
+            if upd is None:  # distributed only: contribute no rows to the gather
+                k, d = bank.num_vertices, bank.feature_dim
+                upd = {
+                    "feats": torch.zeros(0, k, d, device=self.device),
+                    "visible": torch.zeros(0, k, dtype=torch.bool, device=self.device),
+                    "clutter": torch.zeros(0, n_clutter, d, device=self.device),
+                    "valid": torch.zeros(0, n_clutter, dtype=torch.bool, device=self.device),
+                    "weights": torch.zeros(0, device=self.device),
+                }
+            g = {name: all_gather_rows(t) for name, t in upd.items()}
+            if g["feats"].shape[0] == 0:
+                continue
+            bank.update(g["feats"], g["visible"], g["clutter"], g["valid"], g["weights"])
+            vis_sum += float(g["visible"].float().sum(1).mean())
+            present += 1
+        return vis_sum / max(1, present)
+
+    def train_step(self, data: CropSet, index: torch.Tensor) -> StepResult:
+        """One optimisation step on the crops ``index`` of ``data`` (this rank's batch).
+
+        Returns the loss averaged over the ranks and the mean visible-vertex count.
+        """
+        self.model.train()
+        self._set_lr()
+        total, updates = self.batch_loss(data, index)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
-        vis_mean = 0.0
-        for cat, upd in updates.items():
-            bank = self.model.banks[cat]
-            feats = _all_gather_cat(upd["feats"])
-            visible = _all_gather_cat(upd["visible"])
-            w = _all_gather_cat(upd["weights"])
-            bank.update(
-                feats, visible, _all_gather_cat(upd["clutter"]), _all_gather_cat(upd["valid"]), w
-            )
-            vis_mean += float(visible.float().sum(1).mean()) / len(updates)
+        vis_mean = self.update_banks(updates)
+        loss = total.detach().clone()
+        if is_initialized():
+            dist.all_reduce(loss)
+            loss = loss / self.world_size
         self.step += 1
-        return StepResult(loss=float(total.detach()), visible_vertices=vis_mean)
+        return StepResult(loss=float(loss), visible_vertices=vis_mean)
 
     def sample_batch(self, n: int) -> torch.Tensor:
-        """Indices of one batch: a shuffled pass over the data, with replacement when the set
-        is smaller than the batch (few-shot)."""
+        """This rank's batch indices: a shuffled pass over the data, with replacement when the
+        set is smaller than the batch (few-shot).
+
+        With several ranks, one sequence of ``world_size × batch_size`` indices is drawn from
+        a stream shared by all ranks (same seed) and rank r takes the r-th slice. The sequence
+        is one shuffle of the set when ``n >= world_size × batch_size`` (disjoint batches that
+        together are the batch one process with ``world_size × batch_size`` would draw), and
+        back-to-back shuffles otherwise (every crop used before any is repeated).
+        """
         bs = self.config.batch_size
-        if n >= bs:
-            return torch.randperm(n, generator=self.generator)[:bs]
-        return torch.randint(0, n, (bs,), generator=self.generator)
+        if self.world_size == 1:
+            if n >= bs:
+                return torch.randperm(n, generator=self.batch_generator)[:bs]
+            return torch.randint(0, n, (bs,), generator=self.batch_generator)
+        total = bs * self.world_size
+        rounds = -(-total // n)
+        draw = torch.cat([torch.randperm(n, generator=self.batch_generator) for _ in range(rounds)])
+        return draw[self.rank * bs : (self.rank + 1) * bs]
 
     def fit(
         self,
@@ -250,6 +357,7 @@ class NeMoTrainer:
             TimeElapsedColumn(),
             TimeRemainingColumn(),
         )
+        show_progress = show_progress and self.rank == 0
         with Progress(*columns, disable=not show_progress) as progress:
             task = progress.add_task(description, total=steps, loss=float("nan"))
             for i in range(steps):
@@ -268,6 +376,7 @@ class NeMoTrainer:
         }
 
     def save(self, path: Path) -> None:
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        """Checkpoint the model with the step count (rank 0 only; other ranks return)."""
+        if self.rank != 0:
             return
         self.model.save(path, {"step": self.step})

@@ -1,0 +1,170 @@
+"""Multi-process (DDP) training set-up for ``torchrun``.
+
+Launch ``nvsm train`` once per process with ``torchrun``; the command line is otherwise the same
+as for a single process::
+
+    torchrun --standalone --nproc_per_node 2 -m nvsm.cli train -r synthetic-car-supervised \\
+        --out runs/ddp
+
+(``--standalone`` makes torchrun pick a free local port; ``-m nvsm.cli`` runs the CLI module,
+``torchrun --standalone --nproc_per_node 2 "$(which nvsm)" train ...`` works as well.)
+
+``train.batch_size`` is the batch of ONE process: with N processes every optimiser step sees
+N × batch_size crops. Each process draws its own batch (a disjoint slice of one shared
+shuffle whenever the data set is large enough), its own augmentations and clutter samples; the
+gradients are averaged by ``DistributedDataParallel`` and the feature-bank updates are
+all-gathered, so the backbone and the banks stay identical on every process. Only rank 0 writes
+``run_info.json``, checkpoints, ``train_summary.json`` and runs the evaluation.
+
+The process group uses NCCL when the device is a CUDA device and gloo otherwise (CPU training,
+e.g. ``-s device=cpu``, or a machine without CUDA). Without torchrun's environment
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) everything here is
+a no-op and training runs in one process as before.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+#: Environment variables torchrun sets for every process it launches.
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+#: Default time-out of a collective operation (seconds); override with $NVSM_DIST_TIMEOUT.
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the (possibly single-process) job.
+
+    Attributes:
+        rank: global rank (0 in a single-process run).
+        world_size: number of processes (1 in a single-process run).
+        local_rank: rank on this machine (picks the GPU).
+        device: the device this process trains on.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        """True when a process group with more than one process is running."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0, the process that writes files."""
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    """True when torchrun's environment variables are all set."""
+    return all(name in os.environ for name in TORCHRUN_ENV)
+
+
+def is_initialized() -> bool:
+    """True when a ``torch.distributed`` process group is running."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """Global rank, 0 without a process group."""
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes, 1 without a process group."""
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 and in a single-process run."""
+    return get_rank() == 0
+
+
+def _pick_device(preference: str | torch.device, local_rank: int | None) -> torch.device:
+    """The device of this process. ``auto`` means CUDA when available, else CPU. Under torchrun
+    (``local_rank`` given) a CUDA device becomes ``cuda:<local_rank>``; otherwise the
+    preference is used as given (as ``nvsm.pipeline.resolve_device`` does)."""
+    name = str(preference)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and local_rank is not None:
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+        return torch.device(device.type, local_rank % torch.cuda.device_count())
+    return device
+
+
+def init_distributed(
+    device: str | torch.device = "auto",
+    backend: str | None = None,
+    timeout_s: float | None = None,
+) -> DistInfo:
+    """Initialise the process group from torchrun's environment and pick this rank's device.
+
+    Not launched by torchrun: returns rank 0, world size 1 and the preferred device
+    (``auto`` → CUDA if available, else CPU) and initialises nothing. When a process group is
+    already running (e.g. set up by a test harness) it is reused.
+
+    Args:
+        device: preferred device: ``auto``, ``cpu``, ``cuda`` (→ ``cuda:<LOCAL_RANK>``), ...
+        backend: process-group backend; default NCCL for CUDA devices, gloo otherwise.
+        timeout_s: time-out of collective operations (default $NVSM_DIST_TIMEOUT or 30 min).
+
+    Returns:
+        The ``DistInfo`` of this process.
+    """
+    if not (launched_by_torchrun() or is_initialized()):
+        return DistInfo(0, 1, 0, _pick_device(device, None))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = _pick_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not is_initialized():
+        if not dist.is_available():
+            raise RuntimeError("launched by torchrun but torch.distributed is not available")
+        if backend is None:
+            backend = "nccl" if dev.type == "cuda" and dist.is_nccl_available() else "gloo"
+        if timeout_s is None:
+            timeout_s = float(os.environ.get("NVSM_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+        dist.init_process_group(
+            backend=backend,
+            init_method="env://",
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+            timeout=_dt.timedelta(seconds=timeout_s),
+        )
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def broadcast_object(obj: T) -> T:
+    """Rank 0's ``obj`` (picklable) on every rank; ``obj`` itself without a process group."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    """Wait for every process (no-op without a process group)."""
+    if is_initialized():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    """Destroy the process group, if one is running."""
+    if is_initialized():
+        dist.destroy_process_group()
