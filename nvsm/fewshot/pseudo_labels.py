@@ -1,0 +1,471 @@
+"""Pseudo-labels from match scores (NVSM E-step, part 3): best pose, confidence, acceptance.
+
+Given the score of every target image against synthesised views with known poses — a full
+(T, M) matrix, or a matcher's (T, K) top-K with view indices — this module picks each target's
+best view and measures how much to trust it:
+
+* ``margin``: best score − the best score among views whose rotation is at least
+  ``min_separation_deg`` (geodesic, ``nvsm.pose.rotation_error``) away from the best view. A
+  small margin means a distant pose explains the image almost as well. +inf when no distant
+  view has a finite score.
+* ``flip_score``: best score − the best score among views within ``radius_deg`` of the best
+  pose's front/back counterpart (azimuth + 180°); NaN when no such view was scored. Front/back
+  flips are the dominant pseudo-label error (feasibility notes, lesson 3); a large value says the
+  flipped pose is clearly worse.
+
+With a (T, K) top-K input both are computed among the K candidates only: the competitor may be
+missing from the shortlist, so the margin is then an upper bound (exact when the competitor is
+among the candidates).
+
+``AcceptanceRule`` turns these into accept/reject decisions and ``AcceptanceSchedule`` loosens
+the rule from round to round. Angles are radians everywhere (``nvsm.pose`` convention).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from nvsm.pose.convention import rotation_matrix
+from nvsm.pose.metrics import rotation_error
+
+__all__ = [
+    "AcceptanceRule",
+    "AcceptanceSchedule",
+    "BestMatch",
+    "PseudoLabel",
+    "apply_acceptance",
+    "best_pose_and_margin",
+    "flip_score",
+    "make_pseudo_labels",
+]
+
+#: Angular slack (radians) of the ≥ / < separation tests, against arccos round-off.
+_ANGLE_EPS = 1e-6
+_ROWS = 256
+#: PseudoLabel fields stored as (possibly non-finite) floats.
+_LABEL_FLOATS = ("azimuth", "elevation", "theta", "distance", "score", "margin", "flip_score")
+_LABEL_FLOATS += ("weight",)
+
+
+def _json_float(x: float) -> float | str | None:
+    """Strict-JSON-safe float: NaN → None, ±inf → "inf" / "-inf"."""
+    if math.isnan(x):
+        return None
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return float(x)
+
+
+def _from_json_float(x: Any) -> float:
+    return math.nan if x is None else float(x)
+
+
+@dataclass(frozen=True)
+class PseudoLabel:
+    """One target image's pseudo-label of one EM round.
+
+    Attributes:
+        uid: the target image's record uid; category: its category.
+        azimuth, elevation, theta: the matched pose (radians); distance: its camera distance.
+        score: the best match score; margin, flip_score: see the module docstring.
+        source_uid: uid of the anchor whose synthesised view matched ("" when none).
+        shift: (Δa, Δe, Δθ) radians of that view relative to its anchor.
+        accepted: whether the round's acceptance rule kept it; weight: training weight.
+        round: EM round (0-based).
+    """
+
+    uid: str
+    category: str
+    azimuth: float
+    elevation: float
+    theta: float
+    distance: float
+    score: float
+    margin: float
+    flip_score: float
+    source_uid: str
+    shift: tuple[float, float, float]
+    accepted: bool = False
+    weight: float = 0.0
+    round: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Strict-JSON-safe dict (NaN → null, ±inf → "inf"/"-inf", shift → list)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in _LABEL_FLOATS:
+                value = _json_float(float(value))
+            elif f.name == "shift":
+                value = [_json_float(float(v)) for v in value]
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PseudoLabel:
+        """Inverse of ``to_dict`` (unknown keys are rejected)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"PseudoLabel.from_dict: unknown keys {sorted(unknown)}")
+        kw: dict[str, Any] = dict(data)
+        for name in _LABEL_FLOATS:
+            if name in kw:
+                kw[name] = _from_json_float(kw[name])
+        shift = [_from_json_float(v) for v in kw["shift"]]
+        if len(shift) != 3:
+            raise ValueError(f"PseudoLabel.from_dict: shift needs 3 values, got {len(shift)}")
+        kw["shift"] = (shift[0], shift[1], shift[2])
+        kw["uid"], kw["category"], kw["source_uid"] = (
+            str(kw["uid"]),
+            str(kw["category"]),
+            str(kw["source_uid"]),
+        )
+        kw["accepted"] = bool(kw.get("accepted", False))
+        kw["round"] = int(kw.get("round", 0))
+        return cls(**kw)
+
+
+class BestMatch(NamedTuple):
+    """Per-target best match: index (T,) int64 view index (−1 when nothing scored), score (T,)
+    (−inf when none), margin (T,) (NaN when none, +inf when no distant competitor)."""
+
+    index: torch.Tensor
+    score: torch.Tensor
+    margin: torch.Tensor
+
+
+def _view_rotations(view_poses: torch.Tensor) -> torch.Tensor:
+    """(M, ≥3) (a, e, θ, ...) radians → (M, 3, 3) float64 R_eval."""
+    if view_poses.ndim != 2 or view_poses.shape[1] < 3:
+        raise ValueError(f"view_poses must be (M, 3) or (M, 4), got {tuple(view_poses.shape)}")
+    p = view_poses.to(torch.float64)
+    return rotation_matrix(p[:, 0], p[:, 1], p[:, 2])
+
+
+def _check_scores(
+    scores: torch.Tensor, m: int, index: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be 2-D, got {tuple(scores.shape)}")
+    if index is None:
+        if scores.shape[1] != m:
+            raise ValueError(f"scores have {scores.shape[1]} columns but there are {m} views")
+        return scores, None
+    if index.shape != scores.shape:
+        raise ValueError(f"index {tuple(index.shape)} must match scores {tuple(scores.shape)}")
+    idx = index.to(scores.device, torch.int64)
+    return scores.masked_fill(idx < 0, float("-inf")), idx
+
+
+def _candidate_rotations(
+    rot: torch.Tensor, index: torch.Tensor | None, r0: int, r1: int
+) -> torch.Tensor:
+    """(r, K, 3, 3) rotations of the candidates of rows r0:r1 ((1, M, 3, 3) for a full matrix)."""
+    if index is None:
+        return rot[None]
+    return rot[index[r0:r1].clamp(min=0)]
+
+
+def _best_within(
+    scores: torch.Tensor,
+    rot: torch.Tensor,
+    index: torch.Tensor | None,
+    reference: torch.Tensor,
+    radius: float,
+    outside: bool,
+) -> torch.Tensor:
+    """Per row, the best score among candidates whose rotation is ≥ radius (outside=True) or
+    < radius (outside=False) away from the row's reference rotation (T, 3, 3); −inf if none."""
+    t = scores.shape[0]
+    out = torch.full((t,), float("-inf"), dtype=scores.dtype, device=scores.device)
+    for r0 in range(0, t, _ROWS):
+        r1 = min(r0 + _ROWS, t)
+        cand = _candidate_rotations(rot, index, r0, r1)
+        dist = rotation_error(reference[r0:r1, None], cand)  # (r, K)
+        sel = dist >= radius - _ANGLE_EPS if outside else dist < radius - _ANGLE_EPS
+        vals = scores[r0:r1].masked_fill(~sel.to(scores.device), float("-inf"))
+        out[r0:r1] = vals.max(dim=1).values if vals.shape[1] else out[r0:r1]
+    return out
+
+
+def best_pose_and_margin(
+    scores: torch.Tensor,
+    view_poses: torch.Tensor,
+    min_separation_deg: float = 30.0,
+    index: torch.Tensor | None = None,
+) -> BestMatch:
+    """Best view per target and its margin over the best distant view.
+
+    Args:
+        scores: (T, M) scores of every view (−inf = excluded), or (T, K) candidate scores
+            together with ``index``.
+        view_poses: (M, 4) or (M, 3) view poses (a, e, θ[, d]) radians.
+        min_separation_deg: a competitor must be at least this far (geodesic rotation angle).
+        index: optional (T, K) int64 view indices of the candidate scores (−1 = none).
+    Returns:
+        ``BestMatch`` (index (T,) view indices, score (T,), margin (T,)).
+    """
+    rot = _view_rotations(view_poses)
+    scores, idx = _check_scores(scores, rot.shape[0], index)
+    t = scores.shape[0]
+    if scores.shape[1] == 0:
+        neg = torch.full((t,), float("-inf"), dtype=scores.dtype, device=scores.device)
+        return BestMatch(
+            torch.full((t,), -1, dtype=torch.int64), neg, torch.full_like(neg, math.nan)
+        )
+    best_score, pos = scores.max(dim=1)
+    best = pos if idx is None else idx.gather(1, pos[:, None])[:, 0]
+    none = best_score == float("-inf")
+    best = best.masked_fill(none, -1)
+    rot_d = rot.to(scores.device)
+    ref = rot_d[best.clamp(min=0)]
+    competitor = _best_within(
+        scores, rot_d, idx, ref, math.radians(min_separation_deg), outside=True
+    )
+    margin = (best_score - competitor).masked_fill(none, math.nan)
+    margin = torch.where(~none & (competitor == float("-inf")), math.inf, margin)
+    return BestMatch(best, best_score, margin)
+
+
+def flip_score(
+    scores: torch.Tensor,
+    view_poses: torch.Tensor,
+    best: BestMatch,
+    radius_deg: float = 30.0,
+    index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Flip-aware confidence: best score − best score near the best pose's azimuth + 180°.
+
+    Args:
+        scores, view_poses, index: as ``best_pose_and_margin``.
+        best: its result for the same inputs.
+        radius_deg: views within this geodesic angle of the flipped pose (a + π, e, θ) count.
+    Returns:
+        (T,) flip margins; NaN where no view near the flipped pose has a finite score or the
+        target has no match.
+    """
+    rot = _view_rotations(view_poses)
+    scores, idx = _check_scores(scores, rot.shape[0], index)
+    t = scores.shape[0]
+    if scores.shape[1] == 0:
+        return torch.full((t,), math.nan, dtype=scores.dtype, device=scores.device)
+    p = view_poses.to(torch.float64)[best.index.clamp(min=0).to(view_poses.device)]
+    flipped = rotation_matrix(p[:, 0] + math.pi, p[:, 1], p[:, 2]).to(scores.device)
+    near = _best_within(
+        scores, rot.to(scores.device), idx, flipped, math.radians(radius_deg), False
+    )
+    out = best.score.to(scores.device) - near
+    invalid = (near == float("-inf")) | (best.index.to(scores.device) < 0)
+    return out.masked_fill(invalid, math.nan)
+
+
+def make_pseudo_labels(
+    uids: Sequence[str],
+    category: str,
+    best: BestMatch,
+    flip: torch.Tensor,
+    view_poses: torch.Tensor,
+    view_shifts: torch.Tensor,
+    view_source_uids: Sequence[str],
+    round_index: int,
+) -> list[PseudoLabel]:
+    """One (not yet accepted, weight 0) ``PseudoLabel`` per target.
+
+    Args:
+        uids: T target uids; category: their category.
+        best, flip: ``best_pose_and_margin`` and ``flip_score`` results (T,).
+        view_poses: (M, 4) view poses (a, e, θ, d); view_shifts: (M, 3) their shifts.
+        view_source_uids: M anchor uids (``SynthesizedViews.source`` mapped to uids).
+        round_index: the EM round.
+    Returns:
+        T labels; targets without any match get NaN pose and score −inf.
+    """
+    t = len(uids)
+    if best.index.shape != (t,) or flip.shape != (t,):
+        raise ValueError(f"best and flip must have {t} rows")
+    idx = best.index.cpu().numpy()
+    poses = view_poses.detach().to("cpu", torch.float64).numpy()
+    shifts = view_shifts.detach().to("cpu", torch.float64).numpy()
+    score = best.score.detach().to("cpu", torch.float64).numpy()
+    margin = best.margin.detach().to("cpu", torch.float64).numpy()
+    flips = flip.detach().to("cpu", torch.float64).numpy()
+    labels = []
+    nan = math.nan
+    for i in range(t):
+        j = int(idx[i])
+        pose = poses[j] if j >= 0 else (nan, nan, nan, nan)
+        shift = shifts[j] if j >= 0 else (nan, nan, nan)
+        labels.append(
+            PseudoLabel(
+                uid=str(uids[i]),
+                category=category,
+                azimuth=float(pose[0]),
+                elevation=float(pose[1]),
+                theta=float(pose[2]),
+                distance=float(pose[3]),
+                score=float(score[i]),
+                margin=float(margin[i]),
+                flip_score=float(flips[i]),
+                source_uid=str(view_source_uids[j]) if j >= 0 else "",
+                shift=(float(shift[0]), float(shift[1]), float(shift[2])),
+                accepted=False,
+                weight=0.0,
+                round=int(round_index),
+            )
+        )
+    return labels
+
+
+@dataclass(frozen=True)
+class AcceptanceRule:
+    """Which pseudo-labels to keep. Every set criterion must hold (None = not tested).
+
+    Attributes:
+        min_score: score ≥ min_score.
+        min_margin: margin ≥ min_margin (NaN fails, +inf passes).
+        min_flip_margin: flip_score ≥ min_flip_margin; a NaN flip score (no view near the
+            flipped pose) passes unless ``require_flip_evidence``.
+        top_fraction: in (0, 1]: keep the ceil(f·n) highest finite scores of the pool (ties at
+            the threshold kept), n counted per category when ``per_category``; computed over all
+            labels passed to ``accept``, independently of the other criteria.
+        require_flip_evidence: see ``min_flip_margin``.
+        per_category: rank ``top_fraction`` within each category.
+    Non-finite scores (no match) are always rejected.
+    """
+
+    min_score: float | None = None
+    min_margin: float | None = None
+    min_flip_margin: float | None = None
+    top_fraction: float | None = None
+    require_flip_evidence: bool = False
+    per_category: bool = True
+
+    def __post_init__(self) -> None:
+        if self.top_fraction is not None and not 0.0 < self.top_fraction <= 1.0:
+            raise ValueError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
+
+    def accept_arrays(
+        self,
+        score: np.ndarray,
+        margin: np.ndarray,
+        flip: np.ndarray,
+        categories: Sequence[str] | None = None,
+    ) -> np.ndarray:
+        """The rule on arrays (n,) of scores, margins and flip scores; returns (n,) bool."""
+        s = np.asarray(score, np.float64)
+        m = np.asarray(margin, np.float64)
+        f = np.asarray(flip, np.float64)
+        ok = np.isfinite(s)
+        with np.errstate(invalid="ignore"):
+            if self.min_score is not None:
+                ok &= s >= self.min_score
+            if self.min_margin is not None:
+                ok &= m >= self.min_margin
+            if self.min_flip_margin is not None:
+                flip_ok = f >= self.min_flip_margin
+                if not self.require_flip_evidence:
+                    flip_ok |= np.isnan(f)
+                ok &= flip_ok
+        if self.top_fraction is not None:
+            groups = (
+                np.asarray(categories, dtype=object)
+                if self.per_category and categories is not None
+                else np.zeros(len(s), dtype=object)
+            )
+            top = np.zeros(len(s), dtype=bool)
+            for g in dict.fromkeys(groups.tolist()):
+                members = (groups == g) & np.isfinite(s)
+                vals = np.sort(s[members])[::-1]
+                if vals.size == 0:
+                    continue
+                keep = math.ceil(self.top_fraction * vals.size - 1e-9)
+                top |= members & (s >= vals[max(keep, 1) - 1])
+            ok &= top
+        return ok
+
+    def accept(self, labels: Sequence[PseudoLabel]) -> np.ndarray:
+        """(n,) bool decisions for the labels (the pool of one round)."""
+        return self.accept_arrays(
+            np.array([lb.score for lb in labels], np.float64),
+            np.array([lb.margin for lb in labels], np.float64),
+            np.array([lb.flip_score for lb in labels], np.float64),
+            [lb.category for lb in labels],
+        )
+
+
+def apply_acceptance(
+    labels: Sequence[PseudoLabel],
+    rule: AcceptanceRule,
+    weights: np.ndarray | Sequence[float] | None = None,
+) -> list[PseudoLabel]:
+    """Copies of the labels with ``accepted`` set by the rule and ``weight`` = the given
+    per-label weights (default 1) for accepted labels, 0 for rejected ones."""
+    keep = rule.accept(labels)
+    w = np.ones(len(labels)) if weights is None else np.asarray(weights, np.float64)
+    if w.shape != (len(labels),):
+        raise ValueError(f"weights must have {len(labels)} values, got shape {w.shape}")
+    return [
+        dataclasses.replace(lb, accepted=bool(k), weight=float(wi) if k else 0.0)
+        for lb, k, wi in zip(labels, keep, w, strict=True)
+    ]
+
+
+_NUMERIC = ("min_score", "min_margin", "min_flip_margin", "top_fraction")
+
+
+@dataclass(frozen=True)
+class AcceptanceSchedule:
+    """Acceptance rules per EM round; rounds past the last rule keep the last rule.
+
+    Attributes:
+        rules: rule of round 0, 1, ...
+    """
+
+    rules: tuple[AcceptanceRule, ...]
+
+    def __post_init__(self) -> None:
+        if not self.rules:
+            raise ValueError("AcceptanceSchedule needs at least one rule")
+
+    def rule(self, round_index: int) -> AcceptanceRule:
+        """The rule of EM round ``round_index`` (0-based)."""
+        if round_index < 0:
+            raise ValueError(f"round_index must be >= 0, got {round_index}")
+        return self.rules[min(round_index, len(self.rules) - 1)]
+
+    @classmethod
+    def linear(
+        cls, first: AcceptanceRule, last: AcceptanceRule, num_rounds: int
+    ) -> AcceptanceSchedule:
+        """Linear loosening from ``first`` (round 0) to ``last`` (round num_rounds − 1).
+
+        Each numeric criterion is interpolated; it must be set in both rules or in neither,
+        and the boolean options must agree.
+        """
+        if num_rounds < 1:
+            raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
+        if (first.require_flip_evidence, first.per_category) != (
+            last.require_flip_evidence,
+            last.per_category,
+        ):
+            raise ValueError("AcceptanceSchedule.linear: the boolean options must agree")
+        for name in _NUMERIC:
+            if (getattr(first, name) is None) != (getattr(last, name) is None):
+                raise ValueError(f"AcceptanceSchedule.linear: {name} set in only one rule")
+        rules = []
+        for r in range(num_rounds):
+            u = r / (num_rounds - 1) if num_rounds > 1 else 0.0
+            values = {}
+            for name in _NUMERIC:
+                a, b = getattr(first, name), getattr(last, name)
+                values[name] = None if a is None else (1 - u) * a + u * b
+            rules.append(dataclasses.replace(first, **values))
+        return cls(tuple(rules))

@@ -1,0 +1,440 @@
+"""Tests of the NVSM E-step core: view synthesis, matching (torch / FAISS), pseudo-labels."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nvsm.fewshot import (
+    AcceptanceRule,
+    AcceptanceSchedule,
+    BestMatch,
+    FaissMatcher,
+    Matcher,
+    PseudoLabel,
+    TorchMatcher,
+    apply_acceptance,
+    best_pose_and_margin,
+    canonical_pose,
+    encode_targets,
+    encode_views,
+    exclusion_mask,
+    expanding_shift_grid,
+    faiss_available,
+    flip_score,
+    make_pseudo_labels,
+    nvsm_similarity,
+    nvsm_similarity_pairs,
+    sample_anchor_vertex_features,
+    shift_grid,
+    synthesize_views,
+)
+from nvsm.mesh import Mesh, cuboid_mesh
+from nvsm.pose import intrinsics, rotation_matrix
+from nvsm.render import render_pose
+from nvsm.train.loss import sample_vertex_features
+from nvsm.train.trainer import project_mesh_vertices
+
+needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss is not importable")
+
+SIZE = (24, 32)
+K = torch.as_tensor(np.asarray(intrinsics(110.0, (SIZE[1] - 1) / 2, (SIZE[0] - 1) / 2))).float()
+
+
+def _mesh() -> Mesh:
+    return cuboid_mesh((-0.2, -0.5, -0.167), (0.2, 0.5, 0.167), n_vertices=300)
+
+
+def _deg_pose(a: float, e: float, t: float, d: float = 5.0) -> list[float]:
+    return [math.radians(a), math.radians(e), math.radians(t), d]
+
+
+# ------------------------------------------------------------------------------------------
+# Synthesis
+# ------------------------------------------------------------------------------------------
+
+
+def test_shift_grids() -> None:
+    g = shift_grid([-10, 0, 10], [0, 5], [0])
+    assert g.shape == (6, 3) and g.dtype == torch.float64
+    assert torch.allclose(g[1], torch.tensor([-10.0, 5.0, 0.0], dtype=torch.float64).deg2rad())
+    r0 = expanding_shift_grid(0)
+    assert r0.shape == (7 * 3, 3)
+    assert math.isclose(float(r0[:, 0].abs().max()), math.radians(30))
+    r1 = expanding_shift_grid(1)
+    assert r1.shape == (13 * 3, 3)
+    full = expanding_shift_grid(9, elevation_deg=(0,))
+    az = torch.rad2deg(full[:, 0]).round().long().tolist()
+    assert len(az) == 36 and len({a % 360 for a in az}) == 36  # ±180 kept once
+
+
+def test_canonical_pose_folds_elevation_past_the_pole() -> None:
+    a = torch.tensor([0.3, 2.0, 6.0], dtype=torch.float64)
+    e = torch.tensor([math.radians(95), math.radians(-100), 0.2], dtype=torch.float64)
+    t = torch.tensor([0.1, -3.0, 0.4], dtype=torch.float64)
+    ca, ce, ct = canonical_pose(a, e, t)
+    assert bool((ce.abs() <= math.pi / 2 + 1e-12).all())
+    assert bool(((ca >= 0) & (ca < 2 * math.pi)).all())
+    assert torch.allclose(rotation_matrix(ca, ce, ct), rotation_matrix(a, e, t), atol=1e-12)
+
+
+def test_synthesis_at_zero_shift_reproduces_sampled_features() -> None:
+    """Δ = 0: the rendered map, sampled at a seen vertex's projection, gives back its feature.
+
+    The anchor map is linear in pixel position, so vertex features and bilinear samples of the
+    rendered map agree up to the (small) perspective-correct interpolation error.
+    """
+    mesh = _mesh()
+    d = 5
+    g = torch.Generator().manual_seed(0)
+    coef = torch.randn(d, 3, generator=g)
+    ys, xs = torch.meshgrid(
+        torch.arange(SIZE[0], dtype=torch.float32),
+        torch.arange(SIZE[1], dtype=torch.float32),
+        indexing="ij",
+    )
+    fmap = coef[:, 0, None, None] + 0.1 * (
+        coef[:, 1, None, None] * xs + coef[:, 2, None, None] * ys
+    )
+    pose = torch.tensor([_deg_pose(35, 15, 5)])
+    feats, vis = sample_anchor_vertex_features(fmap[None], pose, K, mesh, renormalize=False)
+    assert feats.shape == (1, mesh.num_vertices, d) and vis.shape == (1, mesh.num_vertices)
+    assert 0 < int(vis.sum()) < mesh.num_vertices
+    assert bool((feats[~vis] == 0).all())
+
+    views = synthesize_views(feats, vis, pose, torch.zeros(1, 3), mesh, K, SIZE)
+    assert views.features.shape == (1, d, *SIZE) and views.mask.shape == (1, *SIZE)
+    assert torch.allclose(views.poses, pose)
+
+    vpx = project_mesh_vertices(mesh.vertices, pose.double(), K[None].double())  # (1, V, 2)
+    # Keep seen vertices whose four bilinear neighbour cells are all usable pixels.
+    x0 = torch.floor(vpx[0, :, 0]).long()
+    y0 = torch.floor(vpx[0, :, 1]).long()
+    inside = (x0 >= 0) & (x0 + 1 < SIZE[1]) & (y0 >= 0) & (y0 + 1 < SIZE[0])
+    m = views.mask[0]
+    xc, yc = x0.clamp(0, SIZE[1] - 2), y0.clamp(0, SIZE[0] - 2)
+    ok = m[yc, xc] & m[yc, xc + 1] & m[yc + 1, xc] & m[yc + 1, xc + 1]
+    keep = vis[0] & inside & ok
+    assert int(keep.sum()) >= 20
+    resampled = sample_vertex_features(views.features, vpx, renormalize=False)[0]
+    err = (resampled[keep] - feats[0, keep]).abs().max()
+    assert float(err) < 2e-3 * float(fmap.abs().max())
+
+
+def test_synthesis_equals_direct_rendering_of_the_anchor_bank() -> None:
+    mesh = _mesh()
+    g = torch.Generator().manual_seed(1)
+    fmaps = F.normalize(torch.randn(2, 6, *SIZE, generator=g), dim=1)
+    poses = torch.tensor([_deg_pose(20, 10, 0), _deg_pose(200, 30, -10)])
+    kk = K[None].repeat(2, 1, 1)
+    feats, vis = sample_anchor_vertex_features(fmaps, poses, kk, mesh)
+    shifts = shift_grid([-40, 0, 25, 180], [0, 10], [0, 5])
+    views = synthesize_views(feats, vis, poses, shifts, mesh, kk, SIZE, chunk=5)
+    n_s = shifts.shape[0]
+    assert len(views) == 2 * n_s
+    assert views.source.tolist() == [0] * n_s + [1] * n_s
+    assert torch.equal(views.shift[:n_s], shifts)
+
+    p = views.poses
+    bank = (feats * vis[..., None])[views.source]
+    direct = render_pose(mesh, bank, p[:, 0], p[:, 1], p[:, 2], p[:, 3], K, SIZE)
+    assert torch.equal(views.features, direct.features)
+    assert torch.equal(views.silhouette, direct.mask)
+    face_seen = vis[views.source][:, mesh.faces].all(-1)  # (B, F)
+    ptf = direct.pix_to_face
+    expected = torch.stack(
+        [(ptf[b] >= 0) & face_seen[b][ptf[b].clamp(min=0)] for b in range(len(views))]
+    )
+    assert torch.equal(views.mask, expected)
+    # Holes are explicit: at Δa = 180° the anchor saw only the top (or bottom) face.
+    assert not bool((views.mask & ~views.silhouette).any())
+    zero = (views.shift == 0).all(1)
+    back = (views.shift[:, 0] - math.pi).abs() < 1e-9
+    covered, sil = views.mask.sum((1, 2)), views.silhouette.sum((1, 2))
+    assert bool((covered[zero] == sil[zero]).all())
+    assert bool((covered[back] < sil[back]).all())
+    assert int(covered[back].min()) < 0.25 * int(sil[back].max())
+    # Poses = anchor + shift (azimuth wrapped), same rotations.
+    raw = poses.double()[views.source, :3] + views.shift
+    assert torch.allclose(
+        rotation_matrix(p[:, 0].double(), p[:, 1].double(), p[:, 2].double()),
+        rotation_matrix(raw[:, 0], raw[:, 1], raw[:, 2]),
+        atol=1e-6,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Matching
+# ------------------------------------------------------------------------------------------
+
+
+def _match_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    m, t, d, h, w = 40, 15, 8, 6, 7
+    views = torch.randn(m, d, h, w, generator=g) * 0.7
+    masks = torch.rand(m, h, w, generator=g) < 0.5
+    masks[3] = False  # a view without usable pixels
+    targets = F.normalize(torch.randn(t, d, h, w, generator=g), dim=1)
+    # Make a few targets resemble views so the scores spread out.
+    targets[:5] = F.normalize(targets[:5] + 2 * views[10:15], dim=1)
+    clutter = F.normalize(torch.randn(d, generator=g), dim=0)
+    return views, masks, targets, clutter
+
+
+def test_similarity_matches_its_definition() -> None:
+    views, masks, targets, clutter = _match_data()
+    lin = nvsm_similarity(views, masks, targets)
+    clu = nvsm_similarity(views, masks, targets, clutter)
+    assert lin.shape == clu.shape == (15, 40)
+    vn, tn = F.normalize(views, dim=1), F.normalize(targets, dim=1)
+    for ti in (0, 7):
+        for mi in (0, 11, 39):
+            cos = (vn[mi] * tn[ti]).sum(0)[masks[mi]]
+            bg = torch.einsum("d,dhw->hw", clutter, tn[ti])[masks[mi]]
+            assert math.isclose(float(lin[ti, mi]), float(cos.mean()), abs_tol=1e-5)
+            ref = torch.relu(cos - bg).mean()
+            assert math.isclose(float(clu[ti, mi]), float(ref), abs_tol=1e-5)
+    assert bool((lin[:, 3] == -math.inf).all()) and bool((clu[:, 3] == -math.inf).all())
+    # Size normalisation: the score does not grow with the view's scale or silhouette size.
+    assert torch.allclose(nvsm_similarity(3 * views, masks, targets), lin, atol=1e-5)
+    # The linear encoding is exact; chunking changes nothing.
+    enc_v, support = encode_views(views, masks)
+    linear = encode_targets(targets, support) @ enc_v.T
+    keep = masks.flatten(1).any(1)
+    assert torch.allclose(linear[:, keep], lin[:, keep], atol=1e-5)
+    assert bool((enc_v[~keep] == 0).all())
+    assert torch.allclose(nvsm_similarity(views, masks, targets, clutter, chunk_elements=50), clu)
+    cand = torch.tensor([[0, 3, -1, 11]]).repeat(15, 1)
+    pairs = nvsm_similarity_pairs(views, masks, targets, cand, clutter)
+    assert torch.allclose(pairs[:, [0, 3]], clu[:, [0, 11]], atol=1e-6)
+    assert bool((pairs[:, [1, 2]] == -math.inf).all())
+
+
+def _assert_same_topk(
+    got: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    assert got[0].shape == ref[0].shape and got[1].shape == ref[1].shape
+    assert torch.allclose(got[0].float(), ref[0].float(), atol=1e-4)
+    assert torch.equal(got[1].cpu(), ref[1].cpu())
+
+
+def test_torch_matcher_is_brute_force_topk() -> None:
+    views, masks, targets, clutter = _match_data()
+    s = nvsm_similarity(views, masks, targets, clutter)
+    vals, idx = TorchMatcher(query_batch=4).search(views, masks, targets, 5, clutter=clutter)
+    ref_v, ref_i = s.topk(5, dim=1)
+    assert torch.allclose(vals, ref_v) and torch.equal(idx, ref_i)
+    assert isinstance(TorchMatcher(), Matcher)
+    # k beyond the number of usable views pads with -inf / -1; the empty view is never matched.
+    vals, idx = TorchMatcher().search(views, masks, targets[:2], 45)
+    assert bool((idx[:, 39:] == -1).all()) and bool((vals[:, 39:] == -math.inf).all())
+    assert not bool((idx == 3).any())
+
+
+@needs_faiss
+def test_faiss_matches_brute_force() -> None:
+    views, masks, targets, clutter = _match_data()
+    torch_m = TorchMatcher()
+    flat = FaissMatcher("flat", query_batch=4)
+    assert isinstance(flat, Matcher)
+    # Linear score: exact.
+    _assert_same_topk(
+        flat.search(views, masks, targets, 5), torch_m.search(views, masks, targets, 5)
+    )
+    # Clutter-aware: shortlist then exact re-scoring; exact when the shortlist covers all views.
+    ref = torch_m.search(views, masks, targets, 5, clutter=clutter)
+    full = FaissMatcher("flat", shortlist=40)
+    _assert_same_topk(full.search(views, masks, targets, 5, clutter=clutter), ref)
+    exact_all = nvsm_similarity(views, masks, targets, clutter)
+    results = []
+    for ratio in (1, 32):  # pair-by-pair and full-block re-scoring
+        short = FaissMatcher("flat", shortlist=8, full_rescore_ratio=ratio)
+        short_v, short_i = short.search(views, masks, targets, 5, clutter=clutter)
+        exact = exact_all.gather(1, short_i)
+        assert torch.allclose(short_v, exact, atol=1e-5)  # returned scores are the exact ones
+        results.append((short_v, short_i))
+    _assert_same_topk(results[0], results[1])
+    # IVF visiting every list equals flat.
+    ivf = FaissMatcher("ivf", nlist=6, nprobe=6)
+    _assert_same_topk(ivf.search(views, masks, targets, 5), flat.search(views, masks, targets, 5))
+    # PCA spanning all views is exact for the linear score (re-scored exactly).
+    pca = FaissMatcher("flat", pca_dim=64)
+    _assert_same_topk(
+        pca.search(views, masks, targets, 5), torch_m.search(views, masks, targets, 5)
+    )
+    lossy_v, lossy_i = FaissMatcher("flat", pca_dim=4, shortlist=10).search(
+        views, masks, targets, 3
+    )
+    assert lossy_v.shape == (15, 3)
+    exact_lin = nvsm_similarity(views, masks, targets).gather(1, lossy_i)
+    assert torch.allclose(lossy_v, exact_lin, atol=1e-5)
+    # Build once, stream targets in chunks.
+    built = flat.build(views, masks)
+    streamed = [flat.query(built, targets[i : i + 6], 5) for i in range(0, 15, 6)]
+    _assert_same_topk(
+        (torch.cat([s[0] for s in streamed]), torch.cat([s[1] for s in streamed])),
+        torch_m.search(views, masks, targets, 5),
+    )
+
+
+def _self_match_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views cut out of the targets themselves: view m is target source[m] seen through a mask,
+    so every target matches its own views perfectly (score 1)."""
+    _, _, targets, _ = _match_data(1)
+    g = torch.Generator().manual_seed(2)
+    source = torch.arange(15).repeat_interleave(3)  # 45 views
+    views = targets[source] * 2.0
+    masks = torch.rand(45, 6, 7, generator=g) < 0.6
+    return views, masks, targets, source
+
+
+@pytest.mark.parametrize("kind", ["torch", pytest.param("faiss", marks=needs_faiss)])
+def test_self_matches_are_excluded(kind: str) -> None:
+    views, masks, targets, source = _self_match_data()
+    matcher: Matcher = TorchMatcher() if kind == "torch" else FaissMatcher("flat", query_batch=4)
+    target_ids = torch.arange(15)
+    _, idx = matcher.search(views, masks, targets, 3)
+    assert bool((source[idx[:, 0]] == target_ids).all())  # without exclusion: itself
+    clutter = F.normalize(torch.ones(8), dim=0)
+    for exclude in ((target_ids, source), exclusion_mask(target_ids, source)):
+        for c in (None, clutter):
+            vals, idx = matcher.search(views, masks, targets, 5, clutter=c, exclude=exclude)
+            assert bool((idx >= 0).all())
+            assert not bool((source[idx] == target_ids[:, None]).any())
+            assert bool((vals < 0.999).all())
+    # uid strings work as ids too.
+    uids = [f"img{i}" for i in range(15)]
+    s = nvsm_similarity(views, masks, targets, exclude=(uids, [uids[i] for i in source]))
+    assert bool((s[target_ids[:, None] == source[None]] == -math.inf).all())
+
+
+# ------------------------------------------------------------------------------------------
+# Pseudo-labels
+# ------------------------------------------------------------------------------------------
+
+
+def _ring_poses() -> torch.Tensor:
+    """36 views at azimuth 0°, 10°, ..., 350°, elevation 0, θ 0, distance 5."""
+    az = torch.arange(36, dtype=torch.float64) * math.radians(10)
+    return torch.stack([az, torch.zeros(36), torch.zeros(36), torch.full((36,), 5.0)], 1)
+
+
+def _hand_scores() -> torch.Tensor:
+    s = torch.full((3, 36), 0.1, dtype=torch.float64)
+    s[0, 3] = 0.9  # best: 30°
+    s[0, 4] = 0.85  # 10° away: not a competitor
+    s[0, 0] = 0.8  # exactly 30° away: the distant competitor
+    s[0, 21] = 0.7  # 210° = the flipped pose
+    s[0, 19] = 0.75  # 190°: 20° from the flip (inside the radius)
+    s[1] = -math.inf
+    s[1, 7] = 0.4  # a single scored view
+    s[2] = -math.inf  # nothing scored
+    return s
+
+
+def test_best_pose_margin_and_flip_score() -> None:
+    poses = _ring_poses()
+    scores = _hand_scores()
+    best = best_pose_and_margin(scores, poses, min_separation_deg=30)
+    assert best.index.tolist() == [3, 7, -1]
+    assert best.score[0] == 0.9 and best.score[1] == 0.4 and best.score[2] == -math.inf
+    assert math.isclose(float(best.margin[0]), 0.1, abs_tol=1e-12)
+    assert best.margin[1] == math.inf and math.isnan(float(best.margin[2]))
+    flip = flip_score(scores, poses, best, radius_deg=30)
+    assert math.isclose(float(flip[0]), 0.9 - 0.75, abs_tol=1e-12)
+    assert math.isnan(float(flip[1])) and math.isnan(float(flip[2]))
+    # A wider separation drops the 30° competitor: the flip-side views compete instead.
+    wide = best_pose_and_margin(scores, poses, min_separation_deg=40)
+    assert math.isclose(float(wide.margin[0]), 0.9 - 0.75, abs_tol=1e-12)
+    # Top-K form (candidate indices) gives the same answer when the candidates hold the peaks.
+    vals, idx = scores.topk(6, dim=1)
+    idx = idx.masked_fill(vals == -math.inf, -1)
+    sparse = best_pose_and_margin(vals, poses, 30, index=idx)
+    assert sparse.index.tolist() == best.index.tolist()
+    assert torch.allclose(sparse.margin[:2], best.margin[:2])
+    sflip = flip_score(vals, poses, sparse, 30, index=idx)
+    assert math.isclose(float(sflip[0]), float(flip[0]))
+
+
+def _label(uid: str, cat: str, score: float, margin: float, flip: float) -> PseudoLabel:
+    return PseudoLabel(
+        uid=uid,
+        category=cat,
+        azimuth=0.5,
+        elevation=0.1,
+        theta=0.0,
+        distance=5.0,
+        score=score,
+        margin=margin,
+        flip_score=flip,
+        source_uid="anchor0",
+        shift=(0.1, 0.0, 0.0),
+    )
+
+
+def test_acceptance_rule_and_schedule() -> None:
+    labels = [
+        _label("a", "car", 0.9, 0.20, 0.30),
+        _label("b", "car", 0.8, 0.01, 0.30),  # margin too small
+        _label("c", "car", 0.7, 0.20, -0.05),  # the flip scores as well
+        _label("d", "car", 0.6, 0.20, math.nan),  # no view near the flip
+        _label("e", "car", 0.2, math.inf, 0.30),  # score too low
+        _label("f", "car", -math.inf, math.nan, math.nan),  # no match
+        _label("g", "bus", 0.3, 0.20, 0.30),
+    ]
+    rule = AcceptanceRule(min_score=0.25, min_margin=0.05, min_flip_margin=0.0)
+    assert rule.accept(labels).tolist() == [True, False, False, True, False, False, True]
+    strict = AcceptanceRule(min_flip_margin=0.0, require_flip_evidence=True)
+    assert strict.accept(labels).tolist() == [True, True, False, False, True, False, True]
+    # Top fraction is ranked per category: car keeps ceil(0.4·5) = 2, bus ceil(0.4·1) = 1.
+    top = AcceptanceRule(top_fraction=0.4)
+    assert top.accept(labels).tolist() == [True, True, False, False, False, False, True]
+    pooled = AcceptanceRule(top_fraction=0.4, per_category=False)
+    assert pooled.accept(labels).tolist() == [True, True, True, False, False, False, False]
+    with pytest.raises(ValueError):
+        AcceptanceRule(top_fraction=0.0)
+
+    sched = AcceptanceSchedule.linear(
+        AcceptanceRule(min_margin=0.1, top_fraction=0.3),
+        AcceptanceRule(min_margin=0.0, top_fraction=0.7),
+        num_rounds=3,
+    )
+    assert math.isclose(sched.rule(1).top_fraction or 0, 0.5)
+    assert math.isclose(sched.rule(1).min_margin or 0, 0.05)
+    assert sched.rule(7) == sched.rules[-1] and sched.rule(0).min_score is None
+    with pytest.raises(ValueError):
+        AcceptanceSchedule.linear(AcceptanceRule(min_score=0.1), AcceptanceRule(), 2)
+
+    out = apply_acceptance(labels, rule, weights=np.linspace(0.5, 1.0, len(labels)))
+    assert [lb.accepted for lb in out] == rule.accept(labels).tolist()
+    assert out[0].weight == 0.5 and out[1].weight == 0.0
+
+
+def test_pseudo_label_round_trip_and_construction() -> None:
+    lb = _label("img1", "car", 0.9, 0.2, 0.3)
+    assert PseudoLabel.from_dict(json.loads(json.dumps(lb.to_dict()))) == lb
+    odd = _label("img2", "car", -math.inf, math.inf, math.nan)
+    text = json.dumps(odd.to_dict(), allow_nan=False)  # strict JSON
+    back = PseudoLabel.from_dict(json.loads(text))
+    assert back.score == -math.inf and back.margin == math.inf and math.isnan(back.flip_score)
+    assert back.to_dict() == odd.to_dict()
+    with pytest.raises(ValueError):
+        PseudoLabel.from_dict({**lb.to_dict(), "bogus": 1})
+
+    poses = _ring_poses()
+    scores = _hand_scores()
+    best = best_pose_and_margin(scores, poses)
+    flip = flip_score(scores, poses, best)
+    shifts = torch.zeros(36, 3, dtype=torch.float64)
+    labels = make_pseudo_labels(
+        ["t0", "t1", "t2"], "car", best, flip, poses, shifts, [f"a{i // 6}" for i in range(36)], 2
+    )
+    assert [x.source_uid for x in labels] == ["a0", "a1", ""]
+    assert math.isclose(labels[0].azimuth, math.radians(30)) and labels[0].round == 2
+    assert math.isnan(labels[2].azimuth) and not any(x.accepted for x in labels)
+    assert isinstance(best, BestMatch)
