@@ -232,6 +232,11 @@ def load_config(
             raise ConfigError(f"{path}: expected a mapping at the top level")
         data = loaded
         data.setdefault("name", path.stem)
+    return config_from_dict(apply_overrides(data, overrides), source)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Set each ``KEY.PATH=VALUE`` override in the nested mapping ``data`` (in place)."""
     for text in overrides:
         keys, value = parse_override(text)
         node = data
@@ -240,4 +245,11 @@ def load_config(
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {k} is not a section")
         node[keys[-1]] = value
-    return config_from_dict(data, source)
+    return data
+
+
+def override_config(
+    config: RunConfig, overrides: list[str] | tuple[str, ...], source: str = "config"
+) -> RunConfig:
+    """A copy of ``config`` with ``KEY.PATH=VALUE`` overrides applied and validated."""
+    return config_from_dict(apply_overrides(config_to_dict(config), overrides), source)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from nvsm.config import RunConfig, config_to_dict, parse_override
+from nvsm.config import RunConfig, config_to_dict, override_config
 from nvsm.data.cad import load_cad_models
 from nvsm.data.datasets import load_dataset
 from nvsm.data.record import ObjectRecord
@@ -243,19 +243,11 @@ def evaluate_checkpoint(
     (``nvsm.data.splits.unseen_azimuth_split``: 45° bins ``TFFTTFFT``, T = seen) are scored,
     and the metrics say ``"subset": "unseen-azimuth"`` (else ``"all"``).
     """
-    from nvsm.config import config_from_dict
     from nvsm.io import atomic_write_json
     from nvsm.train.model import NeMoModel
 
     model, _ = NeMoModel.load(checkpoint)
-    data = config_to_dict(model.config)
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = data
-        for k in keys[:-1]:
-            node = node[k]
-        node[keys[-1]] = value
-    config = config_from_dict(data, f"{checkpoint}: config")
+    config = override_config(model.config, overrides, f"{checkpoint}: config")
     device = resolve_device(config.device)
     model = model.to(device)
     splits = load_splits(config, levels)

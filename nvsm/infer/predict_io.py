@@ -91,8 +91,10 @@ def prediction_rows(
     n = len(data)
     images = list(images) if images is not None else list(data.uids)
     if len(images) != n or len(predictions.errors) != n:
-        raise ValueError(f"prediction_rows: {n} crops, {len(images)} images, "
-                         f"{len(predictions.errors)} predictions")
+        raise ValueError(
+            f"prediction_rows: {n} crops, {len(images)} images, "
+            f"{len(predictions.errors)} predictions"
+        )
     cats = predictions.categories or list(data.categories)
     rows = []
     for i in range(n):
@@ -149,8 +151,9 @@ def write_predictions_csv(path: str | os.PathLike[str], rows: Iterable[Row]) -> 
         writer = csv.DictWriter(fh, fieldnames=ROW_FIELDS, lineterminator="\n")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: (repr(row[k]) if isinstance(row[k], float) else row[k])
-                             for k in ROW_FIELDS})
+            writer.writerow(
+                {k: (repr(row[k]) if isinstance(row[k], float) else row[k]) for k in ROW_FIELDS}
+            )
     return path
 
 
@@ -195,8 +198,9 @@ def find_images(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(f for f in p.iterdir()
-                          if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            out += sorted(
+                f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+            )
         elif p.is_file():
             out.append(p)
         else:
@@ -243,8 +247,9 @@ def image_cropset(
             image = np.zeros((h, w, 3), dtype=np.uint8)
         ih, iw = image.shape[:2]
         box = (0.0, 0.0, float(max(iw - 1, 1)), float(max(ih - 1, 1)))
-        cam = bbox_crop(box, ((iw - 1) / 2, (ih - 1) / 2), ASSUMED_FOCAL_PX, (h, w), fill,
-                        normalized_focal)
+        cam = bbox_crop(
+            box, ((iw - 1) / 2, (ih - 1) / 2), ASSUMED_FOCAL_PX, (h, w), fill, normalized_focal
+        )
         chw = torch.as_tensor(image).permute(2, 0, 1).float() / 255.0
         crop = warp_to_crop(chw, cam).clamp(0.0, 1.0)
         images.append((crop * 255).round().to(torch.uint8))
@@ -313,7 +318,7 @@ def run_inference(
     Returns:
         summary dict (the content of infer_info.json).
     """
-    from nvsm.config import config_from_dict, config_to_dict, parse_override
+    from nvsm.config import override_config
     from nvsm.infer.evaluate import predict, resolve_schedule
     from nvsm.infer.overlay import render_overlays
     from nvsm.pipeline import load_splits, resolve_device
@@ -323,14 +328,7 @@ def run_inference(
 
     sched = resolve_schedule(schedule)
     model, _ = NeMoModel.load(checkpoint)
-    cfg_dict = config_to_dict(model.config)
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = cfg_dict
-        for k in keys[:-1]:
-            node = node[k]
-        node[keys[-1]] = value
-    config = config_from_dict(cfg_dict, f"{checkpoint}: config")
+    config = override_config(model.config, overrides, f"{checkpoint}: config")
     if category is not None and category not in model.meshes:
         raise ValueError(f"category {category!r} is not in the model ({model.categories})")
     split = {"val": "test"}.get(dataset_split, dataset_split)
@@ -348,7 +346,10 @@ def run_inference(
             raise ValueError(f"no images found in {[str(p) for p in paths]}")
         size = fixed_size or crop_size_for(category or model.categories[0], crop_scale)
         data, failed = image_cropset(
-            files, size, category or "", PASCAL3D_VIEWPORT * crop_scale  # type: ignore[arg-type]
+            files,
+            size,
+            category or "",
+            PASCAL3D_VIEWPORT * crop_scale,  # type: ignore[arg-type]
         )
         parts.append(InferencePart(data, [str(f) for f in files], failed, category is None))
         protocol, source = "bbox", "images"
@@ -369,19 +370,27 @@ def run_inference(
                 f"cropping {cat}",
                 show_progress,
             )
-            parts.append(InferencePart(data, [str(r.image_path) for r in recs], {},
-                                       infer_category))
+            parts.append(InferencePart(data, [str(r.image_path) for r in recs], {}, infer_category))
         protocol, source = config.data.crop_protocol, f"{config.data.dataset}:{split}"
     rows: list[Row] = []
     n_overlays = 0
     for part in parts:
-        preds = predict(model, part.data, sched, config.infer.batch_size, device, rasterizer,
-                        show_progress, infer_category=part.infer_category)
+        preds = predict(
+            model,
+            part.data,
+            sched,
+            config.infer.batch_size,
+            device,
+            rasterizer,
+            show_progress,
+            infer_category=part.infer_category,
+        )
         preds = mark_failed(preds, part.failed)
         part_rows = prediction_rows(part.data, preds, part.images)
         if overlays:
-            pictures = render_overlays(model, part.data, preds, device, rasterizer,
-                                       config.infer.batch_size)
+            pictures = render_overlays(
+                model, part.data, preds, device, rasterizer, config.infer.batch_size
+            )
             for j, (row, picture) in enumerate(zip(part_rows, pictures, strict=True)):
                 buf = io.BytesIO()
                 picture.save(buf, format="PNG")

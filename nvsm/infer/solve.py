@@ -222,42 +222,29 @@ def refine_poses(
     kk = kk.repeat_interleave(k, dim=0)
     best = params.detach().clone()
     best_loss = torch.full((b * k,), math.inf, dtype=feature_maps.dtype)
+
+    def render_loss(p: torch.Tensor) -> torch.Tensor:
+        out = render_pose(
+            mesh, vertex_features, p[:, 0], p[:, 1], p[:, 2], p[:, 3], kk, (h, w), rasterizer
+        )
+        return pose_loss(fmap, out.features, out.mask, clutter)
+
     if schedule.steps == 0:
         with torch.no_grad():
-            out = render_pose(
-                mesh,
-                vertex_features,
-                params[:, 0],
-                params[:, 1],
-                params[:, 2],
-                params[:, 3],
-                kk,
-                (h, w),
-                rasterizer,
-            )
-            best_loss = pose_loss(fmap, out.features, out.mask, clutter)
+            best_loss = render_loss(params)
         return best.reshape(b, k, 4), best_loss.reshape(b, k)
     opt = torch.optim.Adam([params], lr=schedule.lr, betas=schedule.betas)
     sched = torch.optim.lr_scheduler.StepLR(opt, schedule.lr_decay_every, schedule.lr_decay)
     stale = 0
     for _ in range(schedule.steps):
-        out = render_pose(
-            mesh,
-            vertex_features,
-            params[:, 0],
-            params[:, 1],
-            params[:, 2],
-            params[:, 3],
-            kk,
-            (h, w),
-            rasterizer,
-        )
-        loss = pose_loss(fmap, out.features, out.mask, clutter)
+        loss = render_loss(params)
         with torch.no_grad():
-            improved = loss < best_loss - schedule.tolerance
-            best = torch.where(improved[:, None], params.detach(), best)
-            best_loss = torch.minimum(loss.detach(), best_loss)
-        stale = 0 if bool(improved.any()) else stale + 1
+            # Keep the best pose seen; only improvements above the tolerance reset patience.
+            better = loss < best_loss
+            significant = bool((loss < best_loss - schedule.tolerance).any())
+            best = torch.where(better[:, None], params.detach(), best)
+            best_loss = torch.where(better, loss.detach(), best_loss)
+        stale = 0 if significant else stale + 1
         if schedule.tolerance > 0 and stale >= schedule.patience:
             break
         opt.zero_grad(set_to_none=True)
