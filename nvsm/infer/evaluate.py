@@ -95,7 +95,6 @@ def predict(
     errors: list[str | None] = [None] * n
     categories = [""] * n if infer_category else list(data.categories)
     size = (data.images.shape[-2] // STRIDE, data.images.shape[-1] // STRIDE)
-    cache: dict[tuple[str, int, int, float], TemplateBank] = {}
 
     def candidate(cat: str) -> CategoryModel:
         bank = model.banks[cat]
@@ -103,9 +102,7 @@ def predict(
             mesh=model.meshes[cat],
             vertex_features=bank.memory.float(),
             clutter=clutter_model(bank.clutter_queue().float()),
-            templates=_templates(
-                model, cat, size, data.normalized_focal, schedule, rasterizer, cache
-            ),
+            templates=_templates(model, cat, size, data.normalized_focal, schedule, rasterizer),
         )
 
     batches: list[tuple[list[str], list[int]]] = []
@@ -157,22 +154,28 @@ def _templates(
     normalized_focal: float,
     schedule: InferenceSchedule,
     rasterizer: Rasterizer,
-    cache: dict[tuple[str, int, int, float], TemplateBank],
 ) -> TemplateBank:
-    """Templates of one category at one feature-map size (h, w), rendered once per
-    (category, size, normalised focal) with the canonical camera of that size."""
-    key = (category, size[0], size[1], float(normalized_focal))
-    if key not in cache:
-        cache[key] = render_templates(
+    """Templates of one category at one feature-map size (h, w), rendered once per model and
+    (category, size, normalised focal, schedule) with the canonical camera of that size.
+
+    The cache lives on the model and remembers which bank tensor (and its in-place version
+    counter) it rendered, so templates are re-rendered whenever the bank changed."""
+    memory = model.banks[category].memory
+    key = (category, size[0], size[1], float(normalized_focal), schedule)
+    hit = model.template_cache.get(key)
+    if hit is None or hit[0] is not memory or hit[1] != memory._version:
+        bank = render_templates(
             model.meshes[category],
-            model.banks[category].memory.float(),
+            memory.float(),
             schedule,
             size,
             STRIDE,
             rasterizer,
             k_feat=canonical_feature_camera(size, STRIDE, normalized_focal),
         )
-    return cache[key]
+        hit = (memory, memory._version, bank)
+        model.template_cache[key] = hit
+    return hit[2]
 
 
 def score(data: CropSet, predictions: Predictions) -> dict[str, object]:

@@ -31,6 +31,8 @@ class NeMoModel(nn.Module):
         self.backbone = backbone
         self.meshes = dict(meshes)
         self.config = config
+        #: Inference templates rendered from the banks (``nvsm.infer.evaluate``); not saved.
+        self.template_cache: dict[tuple[object, ...], tuple[torch.Tensor, int, object]] = {}
         t = config.train
         self.banks = nn.ModuleDict(
             {
