@@ -78,7 +78,9 @@ class TrainConfig:
     temperature: float = 0.07
     clutter_weight: float = 5e-3
     regulariser_weight: float = 0.1
-    near_radius: float = 0.1  # object units: vertices this close are not negatives
+    near_mode: str = "3d"  # 3d: object-space radius | 2d: projected radius (the reference's)
+    near_radius: float = 0.1  # 3d: object units; vertices this close are not negatives
+    near_radius_px: float = 6.0  # 2d: feature cells (the reference's 48 crop px at stride 8)
     sample_mode: str = "bilinear"  # bilinear | nearest
     checkpoint_every: int = 200
     amp: bool = True  # mixed precision on CUDA only
@@ -102,6 +104,41 @@ class InferConfig:
 
 
 @dataclass
+class FewShotConfig:
+    """The NVSM EM loop (``nvsm fewshot``, ``nvsm.fewshot.loop``).
+
+    Round 0 trains NeMo on the labelled anchors (``train.steps``); each EM round k = 1..rounds
+    synthesises views of the anchors (labels + the previous round's accepted pseudo-labels) on
+    ``expanding_shift_grid(k − 1)``, matches them to the unlabelled images, refines the
+    matched poses, accepts by a linearly loosened rule and retrains for ``mstep_steps``.
+    """
+
+    rounds: int = 2
+    mstep_steps: int = 300
+    mstep_init: str = "continue"  # continue | restart (from the labelled-only model)
+    occlusion_levels: list[int] = field(default_factory=lambda: [0])
+    unlabelled_limit: int | None = None  # None: every unlabelled training image
+    max_pseudo_anchors: int = 64  # accepted pseudo-labels reused as anchors (most confident)
+    shift_step_deg: float = 10.0
+    shift_base_deg: float = 30.0
+    shift_growth_deg: float = 30.0
+    shift_elevations_deg: list[float] = field(default_factory=lambda: [-10.0, 0.0, 10.0])
+    matcher: str = "torch"  # torch | faiss
+    clutter_aware: bool = True
+    candidates: int = 64  # top-k views kept per image (margin and flip score among them)
+    view_chunk: int = 512  # views synthesised and matched per chunk (memory bound)
+    min_separation_deg: float = 30.0
+    flip_radius_deg: float = 30.0
+    refine_steps: int = 10  # render-and-compare steps on each accepted match (0: none)
+    refine_lr: float = 0.05
+    accept_top_fraction_first: float = 0.3
+    accept_top_fraction_last: float = 0.6
+    accept_min_margin: float | None = None
+    accept_min_flip_margin: float | None = None
+    min_weight: float = 0.1  # floor of a pseudo-label's confidence weight
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs; sub-configs are filled by the commands that use them."""
 
@@ -114,6 +151,7 @@ class RunConfig:
     labels: LabelConfig = field(default_factory=LabelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    fewshot: FewShotConfig = field(default_factory=FewShotConfig)
 
 
 def _check_type(value: Any, tp: Any, where: str) -> Any:

@@ -125,3 +125,15 @@ def test_training_steps_checkpoint_and_reload(tiny_synthetic, tmp_path):
     x = torch.rand(1, 3, *SIZE)
     model.eval(), loaded.eval()
     assert torch.allclose(model.features(x), loaded.features(x), atol=1e-6)
+
+
+def test_near_mode_2d_trains_and_bad_mode_is_rejected(tiny_synthetic):
+    recs = load_dataset("synthetic", tiny_synthetic, split="train").records
+    data = build_cropset(recs, crop_scale=0.2, crop_size=tuple(SIZE), show_progress=False)
+    meshes = category_meshes(tiny_synthetic, ["car"], 200)
+    cfg = _cfg(**{"train.near_mode": "2d", "train.near_radius_px": 2.0})
+    trainer = NeMoTrainer(build_model(cfg, meshes), cfg.train, seed=0)
+    assert np.isfinite(trainer.fit(data, steps=1, show_progress=False)["final_loss"])
+    bad = _cfg(**{"train.near_mode": "sideways"})
+    with pytest.raises(ValueError, match="near_mode"):
+        NeMoTrainer(build_model(bad, meshes), bad.train)

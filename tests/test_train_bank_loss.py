@@ -13,14 +13,12 @@ from nvsm.train import (
     FeatureBank,
     background_regulariser,
     contrastive_loss,
-    downsample_mask,
     enqueue,
     momentum_update,
     near_vertex_mask_2d,
     near_vertex_mask_3d,
     sample_clutter_features,
     sample_vertex_features,
-    vertex_cell_mask,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -197,12 +195,6 @@ def test_masks():
     assert torch.equal(near_vertex_mask_3d(verts, 0.1), expected)
     px = verts[None, :, :2] * 100  # 0, 5, 20 px
     assert torch.equal(near_vertex_mask_2d(px, 10.0), expected[None])
-    m = downsample_mask(
-        torch.zeros(1, 16, 16, dtype=torch.bool).index_fill(1, torch.tensor([9]), True)
-    )
-    assert m.shape == (1, 2, 2) and m[0, 1].all() and not m[0, 0].any()
-    cells = vertex_cell_mask(torch.tensor([[[0.4, 0.6], [2.0, 0.0], [9.0, 9.0]]]), (2, 3))
-    assert torch.equal(cells[0], torch.tensor([[False, False, True], [True, False, False]]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,7 +300,8 @@ def test_gradient_reaches_backbone():
     bank = FeatureBank(k, 128, clutter_size=16)
     bank.enqueue_clutter(F.normalize(torch.randn(16, 128), dim=1))
     f = sample_vertex_features(fmap, px, vis)
-    obj = vertex_cell_mask(px, (8, 12))
+    obj = torch.zeros(2, 8, 12, dtype=torch.bool)
+    obj[:, 2:6, 3:9] = True  # an object box; clutter comes from outside it
     clutter, valid = sample_clutter_features(fmap, obj, 4, torch.Generator().manual_seed(0))
     loss = contrastive_loss(
         f, vis, bank.memory, bank.clutter_queue(), near_vertex_mask_2d(px, 2.0)

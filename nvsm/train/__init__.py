@@ -4,12 +4,10 @@ from nvsm.train.bank import BankSet, FeatureBank, enqueue, momentum_update, rand
 from nvsm.train.loss import (
     background_regulariser,
     contrastive_loss,
-    downsample_mask,
     near_vertex_mask_2d,
     near_vertex_mask_3d,
     sample_clutter_features,
     sample_vertex_features,
-    vertex_cell_mask,
 )
 
 __all__ = [
@@ -17,7 +15,6 @@ __all__ = [
     "FeatureBank",
     "background_regulariser",
     "contrastive_loss",
-    "downsample_mask",
     "enqueue",
     "momentum_update",
     "near_vertex_mask_2d",
@@ -25,5 +22,4 @@ __all__ = [
     "random_unit",
     "sample_clutter_features",
     "sample_vertex_features",
-    "vertex_cell_mask",
 ]

@@ -284,5 +284,14 @@ class BankSet(nn.Module):
     def __iter__(self) -> Iterator[str]:
         return iter(self.banks.keys())
 
+    def items(self) -> Iterator[tuple[str, FeatureBank]]:
+        """(category, bank) pairs in sorted category order."""
+        for cat in self.banks:
+            yield cat, self[cat]
+
+    def values(self) -> Iterator[FeatureBank]:
+        for _, bank in self.items():
+            yield bank
+
     def __len__(self) -> int:
         return len(self.banks)

@@ -94,34 +94,6 @@ def sample_vertex_features(
     return out
 
 
-def downsample_mask(mask: torch.Tensor, stride: int = 8) -> torch.Tensor:
-    """Crop-resolution mask (B, H, W) -> feature-grid mask (B, H/s, W/s): a cell is True when
-    any of its pixels is True (so clutter cells hold no object pixel at all)."""
-    if mask.ndim != 3 or mask.shape[1] % stride or mask.shape[2] % stride:
-        raise ValueError(
-            f"mask must be (B, H, W) with H, W divisible by {stride}, got {tuple(mask.shape)}"
-        )
-    return F.max_pool2d(mask[:, None].float(), stride)[:, 0] > 0
-
-
-def vertex_cell_mask(vertex_px: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, h, w) bool: cells that contain a projected vertex (the reference's clutter exclusion).
-
-    Args:
-        vertex_px: (B, K, 2) feature-map pixel coordinates; vertices outside the map are ignored.
-        size: (h, w) of the feature map.
-    """
-    h, w = size
-    b, _k = vertex_px.shape[:2]
-    ix = torch.floor(vertex_px[..., 0] + 0.5).long()
-    iy = torch.floor(vertex_px[..., 1] + 0.5).long()
-    inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
-    flat = torch.where(inside, iy * w + ix, torch.full_like(ix, h * w))  # h*w = dump slot
-    out = torch.zeros(b, h * w + 1, dtype=torch.bool, device=vertex_px.device)
-    out = out.scatter(1, flat, torch.ones_like(flat, dtype=torch.bool))
-    return out[:, : h * w].reshape(b, h, w)
-
-
 def sample_clutter_features(
     feature_map: torch.Tensor,
     object_mask: torch.Tensor,
@@ -137,8 +109,7 @@ def sample_clutter_features(
 
     Args:
         feature_map: (B, D, h, w).
-        object_mask: (B, h, w) bool, True on object cells (e.g. ``downsample_mask`` of a
-            rendered silhouette or box, optionally OR ``vertex_cell_mask``).
+        object_mask: (B, h, w) bool, True on object cells (e.g. the rendered silhouette).
         n_per_image: n.
         generator: optional torch.Generator for reproducible draws.
 

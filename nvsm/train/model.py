@@ -12,7 +12,7 @@ from torch import nn
 from nvsm.config import RunConfig, config_from_dict, config_to_dict
 from nvsm.mesh import Mesh
 from nvsm.models import FeatureBackbone, build_backbone, load_checkpoint, save_checkpoint
-from nvsm.train.bank import FeatureBank
+from nvsm.train.bank import BankSet
 
 
 class NeMoModel(nn.Module):
@@ -34,17 +34,12 @@ class NeMoModel(nn.Module):
         #: Inference templates rendered from the banks (``nvsm.infer.evaluate``); not saved.
         self.template_cache: dict[tuple[object, ...], tuple[torch.Tensor, int, object]] = {}
         t = config.train
-        self.banks = nn.ModuleDict(
-            {
-                cat: FeatureBank(
-                    mesh.num_vertices,
-                    config.model.feature_dim,
-                    clutter_size=t.clutter_size,
-                    momentum=t.bank_momentum,
-                    seed=config.seed + i,
-                )
-                for i, (cat, mesh) in enumerate(sorted(self.meshes.items()))
-            }
+        self.banks = BankSet(
+            {cat: mesh.num_vertices for cat, mesh in self.meshes.items()},
+            config.model.feature_dim,
+            clutter_size=t.clutter_size,
+            momentum=t.bank_momentum,
+            seed=config.seed,
         )
 
     @property

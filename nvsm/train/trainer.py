@@ -49,6 +49,7 @@ from nvsm.train.distributed import get_rank, get_world_size, is_initialized
 from nvsm.train.loss import (
     background_regulariser,
     contrastive_loss,
+    near_vertex_mask_2d,
     near_vertex_mask_3d,
     sample_clutter_features,
     sample_vertex_features,
@@ -162,6 +163,9 @@ class NeMoTrainer:
         )
         for group in self.optimizer.param_groups:
             group["base_lr"] = group["lr"]
+        if config.near_mode not in ("3d", "2d"):
+            raise ValueError(f"train.near_mode must be '3d' or '2d', got {config.near_mode!r}")
+        # 3D neighbours are fixed per mesh; 2D ones depend on the pose (computed per batch).
         self.near = {
             cat: near_vertex_mask_3d(mesh.vertices, config.near_radius).to(self.device)
             for cat, mesh in model.meshes.items()
@@ -216,7 +220,9 @@ class NeMoTrainer:
             visible,
             bank.memory,
             bank.clutter_queue(),
-            self.near[category],
+            self.near[category]
+            if cfg.near_mode == "3d"
+            else near_vertex_mask_2d(vpx, cfg.near_radius_px),
             cfg.temperature,
             cfg.clutter_weight,
             weights,
