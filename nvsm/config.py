@@ -131,8 +131,9 @@ class FewShotConfig:
     flip_radius_deg: float = 30.0
     refine_steps: int = 10  # render-and-compare steps on each accepted match (0: none)
     refine_lr: float = 0.05
-    accept_top_fraction_first: float = 0.3
-    accept_top_fraction_last: float = 0.6
+    accept_top_fraction_first: float = 0.3  # EM round 1 accepts this top fraction of the pool,
+    accept_top_fraction_step: float = 0.2  # + this per later round,
+    accept_top_fraction_max: float = 0.6  # up to this (independent of ``rounds``: resumable)
     accept_min_margin: float | None = None
     accept_min_flip_margin: float | None = None
     min_weight: float = 0.1  # floor of a pseudo-label's confidence weight

@@ -4,8 +4,18 @@
 * ``matching``: the size-normalised (optionally clutter-aware) NVSM score; brute-force torch and
   FAISS matchers behind the ``Matcher`` protocol; self-match exclusion.
 * ``pseudo_labels``: best pose, distant-pose margin, front/back flip score, acceptance rules.
+* ``loop``: the EM loop (round 0 NeMo, E-step, M-step, round folders, resume).
 """
 
+from nvsm.fewshot.loop import (
+    FewShotData,
+    FewShotResult,
+    acceptance_schedule,
+    e_step,
+    prepare_fewshot_data,
+    pseudo_label_diagnostics,
+    run_fewshot,
+)
 from nvsm.fewshot.matching import (
     Exclude,
     FaissMatcher,
@@ -49,14 +59,18 @@ __all__ = [
     "Exclude",
     "FaissMatcher",
     "FaissViewIndex",
+    "FewShotData",
+    "FewShotResult",
     "Matcher",
     "PreparedViews",
     "PseudoLabel",
     "SynthesizedViews",
     "TorchMatcher",
+    "acceptance_schedule",
     "apply_acceptance",
     "best_pose_and_margin",
     "canonical_pose",
+    "e_step",
     "encode_targets",
     "encode_views",
     "exclusion_mask",
@@ -67,7 +81,10 @@ __all__ = [
     "make_pseudo_labels",
     "nvsm_similarity",
     "nvsm_similarity_pairs",
+    "prepare_fewshot_data",
     "prepare_views",
+    "pseudo_label_diagnostics",
+    "run_fewshot",
     "sample_anchor_vertex_features",
     "shift_grid",
     "shifted_poses",

@@ -1,0 +1,237 @@
+"""The NVSM EM loop (``nvsm.fewshot.loop``) and the ``nvsm fewshot`` command."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from nvsm.cli import app
+from nvsm.config import load_config
+from nvsm.fewshot.loop import (
+    CSV_FIELDS,
+    acceptance_schedule,
+    confidence_weights,
+    hide_poses,
+    prepare_fewshot_data,
+    pseudo_label_diagnostics,
+    pseudo_labels_csv,
+    read_pseudo_labels,
+    run_fewshot,
+)
+from nvsm.fewshot.pseudo_labels import PseudoLabel
+
+runner = CliRunner()
+
+
+def _tiny_overrides(root: Path, rounds: int) -> list[str]:
+    return [
+        f"data.root={root}",
+        "data.crop_scale=0.2",
+        "data.crop_size=[64, 120]",
+        "train.steps=3",
+        "train.batch_size=4",
+        "labels.annotations=3",
+        "model.feature_dim=32",
+        "device=cpu",
+        f"fewshot.rounds={rounds}",
+        "fewshot.mstep_steps=2",
+        "fewshot.refine_steps=2",
+        "fewshot.accept_top_fraction_first=0.5",
+        "fewshot.accept_top_fraction_step=0.5",
+        "fewshot.accept_top_fraction_max=1.0",
+    ]
+
+
+def _label(uid: str, score: float, accepted: bool = True, cat: str = "car") -> PseudoLabel:
+    return PseudoLabel(
+        uid=uid,
+        category=cat,
+        azimuth=0.1,
+        elevation=0.2,
+        theta=0.0,
+        distance=5.0,
+        score=score,
+        margin=math.inf,
+        flip_score=math.nan,
+        source_uid="a",
+        shift=(0.0, 0.0, 0.0),
+        accepted=accepted,
+        weight=0.0,
+        round=1,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Fast unit tests of the glue
+# --------------------------------------------------------------------------------------------
+
+
+def test_confidence_weights_and_schedule():
+    labels = [_label("a", 0.4), _label("b", 0.2), _label("c", 0.01), _label("d", 0.9, False)]
+    w = confidence_weights(labels, min_weight=0.1)
+    np.testing.assert_allclose(w, [1.0, 0.5, 0.1, 0.0])
+    load = load_config("synthetic-car-7shot")
+    sched = acceptance_schedule(load.fewshot)
+    fs = load.fewshot
+    assert sched.rule(0).top_fraction == pytest.approx(fs.accept_top_fraction_first)
+    second = fs.accept_top_fraction_first + fs.accept_top_fraction_step
+    assert sched.rule(1).top_fraction == pytest.approx(min(second, fs.accept_top_fraction_max))
+    assert sched.rule(50).top_fraction == pytest.approx(fs.accept_top_fraction_max)
+
+
+def test_diagnostics_and_csv_agree_with_jsonl():
+    labels = [_label("a", 0.4), _label("b", 0.2, accepted=False)]
+    gt = torch.tensor([[0.1, 0.2, 0.0, 5.0], [0.1 + math.pi, 0.2, 0.0, 5.0]], dtype=torch.float64)
+    matched = torch.tensor([[0.1, 0.2, 0.0, 5.0], [0.1, 0.2, 0.0, 5.0]], dtype=torch.float64)
+    d = pseudo_label_diagnostics(labels, matched, gt)
+    assert d["pool"] == 2 and d["accepted"] == 1 and d["coverage"] == 0.5
+    assert d["refined"]["acc_pi_6"] == 1.0 and d["refined"]["flip_share"] == 0.0
+    assert d["all_matched"]["flip_share"] == 0.5
+    rows = list(csv.DictReader(pseudo_labels_csv(labels).splitlines()))
+    assert tuple(rows[0]) == CSV_FIELDS
+    for row, lb in zip(rows, labels, strict=True):
+        assert row["uid"] == lb.uid and bool(int(row["accepted"])) == lb.accepted
+        assert float(row["margin"]) == math.inf and math.isnan(float(row["flip_score"]))
+
+
+def test_hide_poses():
+    from nvsm.train.cropset import CropSet
+
+    data = CropSet(
+        images=torch.zeros(2, 3, 8, 8, dtype=torch.uint8),
+        k=torch.eye(3, dtype=torch.float64).expand(2, 3, 3).clone(),
+        poses=torch.ones(2, 4, dtype=torch.float64),
+        weights=torch.ones(2),
+        categories=["car", "car"],
+        uids=["a", "b"],
+        occlusion_levels=torch.zeros(2, dtype=torch.long),
+        reference_distance=torch.full((2,), 5.0, dtype=torch.float64),
+    )
+    hidden, gt = hide_poses(data)
+    assert torch.isnan(hidden.poses).all() and (hidden.weights == 0).all()
+    assert torch.equal(gt, data.poses)
+
+
+# --------------------------------------------------------------------------------------------
+# End to end (tiny)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_csv_jsonl(folder: Path) -> list[PseudoLabel]:
+    labels = read_pseudo_labels(folder / "pseudo_labels.jsonl")
+    rows = list(csv.DictReader((folder / "pseudo_labels.csv").read_text().splitlines()))
+    assert len(rows) == len(labels) > 0
+    for row, lb in zip(rows, labels, strict=True):
+        assert row["uid"] == lb.uid and row["source_uid"] == lb.source_uid
+        assert bool(int(row["accepted"])) == lb.accepted and int(row["round"]) == lb.round
+        for name in ("azimuth", "elevation", "theta", "distance", "score", "margin", "weight"):
+            a, b = float(row[name]), float(getattr(lb, name))
+            assert a == b or (math.isnan(a) and math.isnan(b)), name
+    return labels
+
+
+@pytest.mark.slow
+def test_fewshot_cli_end_to_end(tiny_synthetic, tmp_path):
+    run = tmp_path / "run"
+    sets = [x for o in _tiny_overrides(tiny_synthetic, 2) for x in ("-s", o)]
+    res = runner.invoke(app, ["fewshot", "--annotations", "3", "--out", str(run), *sets])
+    assert res.exit_code == 0, res.output
+    assert "nemo" in res.output and "nvsm" in res.output
+    assert (run / "run_info.json").is_file()
+    for k in range(3):
+        folder = run / f"round_{k}"
+        for name in ("metrics.json", "model.pt", "config.json"):
+            assert (folder / name).is_file(), (k, name)
+        if k > 0:
+            labels = _check_csv_jsonl(folder)
+            assert all(lb.round == k for lb in labels) and any(lb.accepted for lb in labels)
+            m = json.loads((folder / "metrics.json").read_text())
+            diag = m["pseudo_labels"]
+            assert diag["pool"] == 3 and diag["accepted"] == sum(lb.accepted for lb in labels)
+            assert {"acc_pi_6", "median_error_deg", "flip_share"} <= set(diag["refined"])
+    metrics = json.loads((run / "metrics.json").read_text())
+    for row in ("nemo", "nvsm"):
+        assert set(metrics[row]) == {"L0"}
+        assert set(metrics[row]["L0"]) == {
+            "acc_pi_6",
+            "acc_pi_18",
+            "median_error_deg",
+            "n",
+            "failures",
+        }
+        assert metrics[row]["L0"]["n"] == 4
+    assert metrics["anchor_seed"] == 0 and len(metrics["rounds"]) == 3
+    assert metrics["anchor_azimuth_coverage"]["car"]["n_bins"] == 8
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tiny_synthetic):
+    return prepare_fewshot_data(
+        load_config("synthetic-car-7shot", _tiny_overrides(tiny_synthetic, 1))
+    )
+
+
+def _bank_state(model) -> dict[str, torch.Tensor]:
+    state = {f"bank.{k}": v for k, v in model.banks.state_dict().items()}
+    state.update({f"backbone.{k}": v for k, v in model.backbone.state_dict().items()})
+    return state
+
+
+@pytest.mark.slow
+def test_resume_equals_uninterrupted_run(tiny_synthetic, tiny_data, tmp_path):
+    cfg1 = load_config("synthetic-car-7shot", _tiny_overrides(tiny_synthetic, 1))
+    cfg2 = load_config("synthetic-car-7shot", _tiny_overrides(tiny_synthetic, 2))
+    full = run_fewshot(cfg2, tmp_path / "full", data=tiny_data, show_progress=False)
+    part = tmp_path / "part"
+    run_fewshot(cfg1, part, data=tiny_data, show_progress=False)
+    stamp = {
+        name: (part / "round_1" / name).stat().st_mtime_ns
+        for name in ("metrics.json", "model.pt", "pseudo_labels.jsonl")
+    }
+    assert not (part / "round_2").exists()
+    resumed = run_fewshot(cfg2, part, resume=True, data=tiny_data, show_progress=False)
+    for name, ns in stamp.items():
+        assert (part / "round_1" / name).stat().st_mtime_ns == ns, name
+    assert (part / "round_2" / "metrics.json").is_file()
+    for k in (1, 2):
+        a = read_pseudo_labels(tmp_path / "full" / f"round_{k}" / "pseudo_labels.jsonl")
+        b = read_pseudo_labels(part / f"round_{k}" / "pseudo_labels.jsonl")
+        assert [x.to_dict() for x in a] == [x.to_dict() for x in b], k
+    sa, sb = _bank_state(full.model), _bank_state(resumed.model)
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+    assert full.metrics["nvsm"] == resumed.metrics["nvsm"]
+    cfg_other = load_config(
+        "synthetic-car-7shot", [*_tiny_overrides(tiny_synthetic, 3), "fewshot.mstep_steps=5"]
+    )
+    with pytest.raises(ValueError, match=r"fewshot\.mstep_steps"):
+        run_fewshot(cfg_other, part, resume=True, data=tiny_data, show_progress=False)
+
+
+@pytest.mark.slow
+def test_unlabelled_ground_truth_not_used_for_decisions(tiny_synthetic, tiny_data, tmp_path):
+    from dataclasses import replace
+
+    cfg = load_config("synthetic-car-7shot", _tiny_overrides(tiny_synthetic, 1))
+    ref = run_fewshot(cfg, tmp_path / "ref", data=tiny_data, show_progress=False)
+    g = torch.Generator().manual_seed(123)
+    scrambled = tiny_data.unlabelled.poses.clone()
+    scrambled[:, :3] = torch.rand(scrambled[:, :3].shape, generator=g, dtype=torch.float64) * 6
+    data = replace(tiny_data, unlabelled=tiny_data.unlabelled.with_poses(scrambled, torch.ones(3)))
+    other = run_fewshot(cfg, tmp_path / "scrambled", data=data, show_progress=False)
+    assert [x.to_dict() for x in ref.labels] == [x.to_dict() for x in other.labels]
+    for key, value in _bank_state(ref.model).items():
+        assert torch.equal(value, _bank_state(other.model)[key]), key
+
+
+def test_fewshot_help_has_examples():
+    res = runner.invoke(app, ["fewshot", "--help"])
+    assert res.exit_code == 0 and "nvsm fewshot --annotations 7" in res.output
+    res = runner.invoke(app, ["recipes", "show", "synthetic-car-7shot"])
+    assert res.exit_code == 0 and "mstep_steps: 300" in res.output
