@@ -4,6 +4,7 @@ train, evaluate. Each function is a thin composition of the library's pure parts
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,13 +35,32 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def ensure_synthetic(size: str, seed: int = 0, show_progress: bool = True) -> Path:
-    """Root of the built-in synthetic dataset of this size, generated on first use."""
-    from nvsm.data.synth import generate_synthetic_dataset
+def ensure_synthetic(size: str, seed: int = 0) -> Path:
+    """Root of the built-in synthetic dataset of this size, generated on first use.
+
+    The dataset is generated into a hidden sibling folder and renamed into place when complete,
+    so an interrupted generation never leaves a half-written dataset behind (a later call
+    starts again; a stale ``.<name>.partial-<pid>`` folder of a killed run may be deleted).
+    """
+    from nvsm.data.synth import MANIFEST_NAME, generate_synthetic_dataset
 
     root = data_home() / f"synthetic-{size}-seed{seed}"
-    if not (root / "synthetic_manifest.json").is_file():
-        generate_synthetic_dataset(root, size=size, seed=seed, workers=2, overwrite=root.exists())
+    if (root / MANIFEST_NAME).is_file():
+        return root
+    if root.exists():
+        raise FileExistsError(
+            f"{root} exists but holds no {MANIFEST_NAME} (not a complete nvsm synthetic "
+            "dataset); remove it or set $NVSM_DATA to another folder"
+        )
+    partial = root.with_name(f".{root.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    generate_synthetic_dataset(partial, size=size, seed=seed, workers=2)
+    try:
+        partial.rename(root)
+    except OSError:
+        if not (root / MANIFEST_NAME).is_file():  # not a concurrent run that finished first
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
     return root
 
 
