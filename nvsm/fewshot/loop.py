@@ -322,14 +322,7 @@ def e_step(
     ``pool.poses`` is never read. Returns the labels (accepted ones with refined poses and
     confidence weights) and the raw matched poses (N, 4) before refinement (diagnostics).
     """
-    shifts = expanding_shift_grid(
-        round_index - 1,
-        fs.shift_step_deg,
-        fs.shift_base_deg,
-        fs.shift_growth_deg,
-        tuple(fs.shift_elevations_deg),
-        (0.0,),
-    )
+    shifts = round_shifts(fs, round_index)
     size = (pool_feats.shape[-2], pool_feats.shape[-1])
     view_k = canonical_feature_camera(size, STRIDE, pool.normalized_focal)
     labels: list[PseudoLabel | None] = [None] * len(pool)
@@ -621,9 +614,9 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     return sorted(k for k in set(a) | set(b) if k not in RESUMABLE_KEYS and a.get(k) != b.get(k))
 
 
-def _num_views(fs: FewShotConfig, round_index: int, anchors: CropSet) -> int:
-    """Synthesised views of EM round ``round_index`` (anchors × shifts)."""
-    shifts = expanding_shift_grid(
+def round_shifts(fs: FewShotConfig, round_index: int) -> torch.Tensor:
+    """(S, 3) pose shifts of EM round ``round_index`` (≥ 1): the configured expanding grid."""
+    return expanding_shift_grid(
         round_index - 1,
         fs.shift_step_deg,
         fs.shift_base_deg,
@@ -631,6 +624,11 @@ def _num_views(fs: FewShotConfig, round_index: int, anchors: CropSet) -> int:
         tuple(fs.shift_elevations_deg),
         (0.0,),
     )
+
+
+def _num_views(fs: FewShotConfig, round_index: int, anchors: CropSet) -> int:
+    """Synthesised views of EM round ``round_index`` (anchors × shifts)."""
+    shifts = round_shifts(fs, round_index)
     return len(anchors) * int(shifts.shape[0])
 
 
