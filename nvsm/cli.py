@@ -12,6 +12,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from nvsm.cli_pseudo_labels import app as pseudo_labels_app
 from nvsm.config import RunConfig, config_to_dict
 from nvsm.data.cli import app as data_app
 
@@ -23,6 +24,7 @@ app = typer.Typer(
 app.add_typer(data_app, name="data")
 recipes_app = typer.Typer(help="List and show the named recipes in recipes/.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
+app.add_typer(pseudo_labels_app, name="pseudo-labels")
 console = Console()
 
 RecipeOpt = Annotated[str | None, typer.Option("--recipe", "-r", help="Recipe name or YAML path.")]
@@ -81,12 +83,17 @@ def recipes_list() -> None:
     Example:
         nvsm recipes list
     """
-    from nvsm.config import list_recipes
+    from nvsm.config import ConfigError, list_recipes
 
+    try:
+        recipes = list_recipes()
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
     table = Table(title="recipes")
     table.add_column("name")
     table.add_column("description")
-    for name, text in list_recipes().items():
+    for name, text in recipes.items():
         table.add_row(name, text)
     console.print(table)
 
@@ -257,6 +264,9 @@ def infer(
     )
 
 
+FEWSHOT_DATASETS = ("synthetic", "pascal3d", "kitti")
+
+
 @app.command()
 def fewshot(
     annotations: Annotated[
@@ -265,32 +275,73 @@ def fewshot(
     rounds: Annotated[
         int | None, typer.Option(help="EM rounds after round 0 (default: the recipe's).")
     ] = None,
-    recipe: RecipeOpt = "synthetic-car-7shot",
+    anchors: Annotated[
+        str | None,
+        typer.Option(help="Anchor choice: stratified (pose-stratified) | random."),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of the anchor draw and of training.")
+    ] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            help="synthetic | pascal3d | kitti: picks the recipe <dataset>-car-7shot "
+            "unless --recipe is given."
+        ),
+    ] = None,
+    root: Annotated[Path | None, typer.Option(help="Dataset root on disk (real datasets).")] = None,
+    recipe: RecipeOpt = None,
+    with_oracle: Annotated[
+        bool,
+        typer.Option("--with-oracle", help="Also train on every training label (oracle row)."),
+    ] = False,
+    baselines: Annotated[
+        bool,
+        typer.Option(help="Run the nemo_same_steps and self_training rows (same budget)."),
+    ] = True,
     out: Annotated[
         Path | None, typer.Option(help="Run folder (default runs/fewshot-<time>).")
     ] = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Skip the rounds already complete in --out.")
+        bool, typer.Option("--resume", help="Skip the stages already complete in --out.")
     ] = False,
     overrides: SetOpt = None,
 ) -> None:
     """Few-shot NVSM: NeMo on N labels (round 0), then EM rounds of view synthesis, matching,
-    pseudo-labels and retraining; prints nemo (round 0) vs nvsm (last round) per occlusion level.
+    pseudo-labels and retraining; prints one table of nemo, nemo_same_steps, self_training,
+    nvsm (each round) and oracle per occlusion level.
 
-    Writes RUN/round_<k>/ (model.pt, config.json, metrics.json, pseudo_labels.csv/.jsonl) and
-    RUN/metrics.json. The unlabelled images' poses are used only for pseudo-label diagnostics.
+    Writes RUN/round_<k>/ (model.pt, config.json, metrics.json, pseudo_labels.csv/.jsonl),
+    RUN/nemo_same_steps/, RUN/self_training/round_<k>/, RUN/oracle/ and RUN/metrics.json.
+    The unlabelled images' poses are used only for pseudo-label diagnostics.
 
     Examples:
-        nvsm fewshot --annotations 7 --out runs/nvsm7
+        nvsm fewshot --annotations 7
+        nvsm fewshot --annotations 7 --anchors random --seed 1 --out runs/nvsm7-r1
         nvsm fewshot --annotations 7 --rounds 3 --out runs/nvsm7 --resume
-        nvsm fewshot -r synthetic-car-7shot -s fewshot.mstep_init=restart -s fewshot.matcher=faiss
+        nvsm fewshot --annotations 20 --with-oracle
+        nvsm fewshot --dataset pascal3d --root /data/PASCAL3D+_release1.1
+        nvsm fewshot --dataset kitti --root /data/kitti/object
+        nvsm fewshot -r synthetic-car-7shot -s fewshot.matcher=faiss -s fewshot.rounds=3
     """
     from nvsm.fewshot.loop import run_fewshot
     from nvsm.io import write_run_info
 
+    if dataset is not None and dataset not in FEWSHOT_DATASETS:
+        _fail(f"--dataset must be one of {', '.join(FEWSHOT_DATASETS)}, got {dataset!r}")
+    if anchors is not None and anchors not in ("stratified", "random"):
+        _fail(f"--anchors must be stratified or random, got {anchors!r}")
+    if dataset not in (None, "synthetic") and root is None and recipe is None:
+        _fail(f"--dataset {dataset} needs --root PATH (the dataset on disk)")
+    name = recipe or f"{dataset or 'synthetic'}-car-7shot"
     extra = [f"labels.annotations={annotations}"] if annotations is not None else []
     extra += [f"fewshot.rounds={rounds}"] if rounds is not None else []
-    cfg = _config(recipe, [*(overrides or []), *extra])
+    extra += [f"labels.anchors={anchors}"] if anchors is not None else []
+    extra += [f"seed={seed}"] if seed is not None else []
+    extra += [f"data.root={root}"] if root is not None else []
+    extra += ["fewshot.oracle=true"] if with_oracle else []
+    extra += [] if baselines else ["fewshot.baselines=false"]
+    cfg = _config(name, [*(overrides or []), *extra])
     if cfg.labels.annotations is None or cfg.labels.annotations < 1:
         _fail("the few-shot loop needs --annotations N (N >= 1)")
     if cfg.fewshot.rounds < 1:
@@ -300,28 +351,41 @@ def fewshot(
     write_run_info(folder, config_to_dict(cfg), cfg.seed)
     try:
         result = run_fewshot(cfg, folder, resume=resume, log=console.print)
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
         return
-    print_fewshot_table(result.metrics, f"{cfg.name}: {cfg.labels.annotations} labels → {folder}")
+    title = f"{cfg.name}: {cfg.labels.annotations} labels ({cfg.labels.anchors}, seed {cfg.seed})"
+    print_fewshot_table(result.metrics, f"{title} → {folder}")
 
 
 def print_fewshot_table(metrics: dict, title: str) -> None:
-    """Rich table of nemo (round 0) vs nvsm (last round) per occlusion level."""
+    """Rich table of every row of a few-shot run (``nvsm.fewshot.loop.ROWS``; nvsm and
+    self_training per EM round) per occlusion level."""
+    from nvsm.fewshot.loop import ROWS
+
     table = Table(title=title)
     for col in ("method", "level", "n", "Acc@π/6", "Acc@π/18", "MedErr°", "failures"):
         table.add_column(col)
-    for method in ("nemo", "nvsm"):
-        for lv, m in metrics[method].items():
-            table.add_row(
-                method,
-                lv,
-                str(m["n"]),
-                f"{100 * m['acc_pi_6']:.1f}",
-                f"{100 * m['acc_pi_18']:.1f}",
-                f"{m['median_error_deg']:.1f}",
-                str(m["failures"]),
-            )
+    rounds = {
+        "nvsm": metrics.get("rounds", [])[1:],
+        "self_training": metrics.get("self_training_rounds", []),
+    }
+    for method in ROWS:
+        if method not in metrics:
+            continue
+        per_round = rounds.get(method) or [{"round": None, "test": metrics[method]}]
+        for r in per_round:
+            label = method if r["round"] is None else f"{method} r{r['round']}"
+            for lv, m in r["test"].items():
+                table.add_row(
+                    label,
+                    lv,
+                    str(m["n"]),
+                    f"{100 * m['acc_pi_6']:.1f}",
+                    f"{100 * m['acc_pi_18']:.1f}",
+                    f"{m['median_error_deg']:.1f}",
+                    str(m["failures"]),
+                )
     console.print(table)
 
 

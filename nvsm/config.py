@@ -33,6 +33,7 @@ class DataConfig:
 
     dataset: str = "synthetic"  # synthetic | pascal3d | occluded_pascal3d | kitti | objectnet3d
     root: str | None = None  # None: the built-in synthetic dataset (generated on demand)
+    cad_root: str | None = None  # CAD/<category> for the cuboids; None: root (KITTI: PASCAL3D+)
     categories: list[str] = field(default_factory=lambda: ["car"])
     crop_protocol: str = "gt-normalized"  # gt-normalized | bbox
     crop_size: list[int] | None = None  # (H, W); None: the per-category default
@@ -128,7 +129,6 @@ class FewShotConfig:
     candidates: int = 64  # top-k views kept per image (margin and flip score among them)
     view_chunk: int = 512  # views synthesised and matched per chunk (memory bound)
     min_separation_deg: float = 30.0
-    flip_radius_deg: float = 30.0
     refine_steps: int = 10  # render-and-compare steps on each accepted match (0: none)
     refine_lr: float = 0.05
     accept_top_fraction_first: float = 0.3  # EM round 1 accepts this top fraction of the pool,
@@ -136,7 +136,11 @@ class FewShotConfig:
     accept_top_fraction_max: float = 0.6  # up to this (independent of ``rounds``: resumable)
     accept_min_margin: float | None = None
     accept_min_flip_margin: float | None = None
+    accept_rank_with_flip: bool = True  # rank the top fraction by score and flip margin
     min_weight: float = 0.1  # floor of a pseudo-label's confidence weight
+    mirror_anchors: bool = True  # add every anchor's mirror image (mirrored pose) to the views
+    baselines: bool = True  # also run nemo_same_steps and self_training (same budget)
+    oracle: bool = False  # also train on every training image's ground truth (--with-oracle)
 
 
 @dataclass
@@ -225,9 +229,20 @@ def list_recipes(recipe_dir: Path = RECIPE_DIR) -> dict[str, str]:
     """Named recipes and their one-line descriptions."""
     out = {}
     for path in sorted(recipe_dir.glob("*.yaml")):
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _read_recipe(path)
         out[path.stem] = str(data.get("description", "")).strip()
     return out
+
+
+def _read_recipe(path: Path) -> dict[str, Any]:
+    """A recipe file's top-level mapping (ConfigError naming the file otherwise)."""
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return loaded
 
 
 def recipe_path(name: str | os.PathLike[str], recipe_dir: Path = RECIPE_DIR) -> Path:
@@ -263,13 +278,7 @@ def load_config(
     if recipe is not None:
         path = recipe_path(recipe, recipe_dir)
         source = str(path)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        data = loaded
+        data = _read_recipe(path)
         data.setdefault("name", path.stem)
     return config_from_dict(apply_overrides(data, overrides), source)
 

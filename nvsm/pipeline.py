@@ -73,11 +73,16 @@ def dataset_root(config: RunConfig) -> Path:
     return ensure_synthetic(config.data.synth_size, seed=0)
 
 
-def category_meshes(root: Path, categories: list[str], n_vertices: int) -> dict[str, Mesh]:
-    """One cuboid per category from its CAD models (99 % coverage of the pooled vertices)."""
+def category_meshes(config: RunConfig, root: Path) -> dict[str, Mesh]:
+    """One cuboid per category from its CAD models (99 % coverage of the pooled vertices), read
+    from ``data.cad_root`` or else the dataset ``root`` (KITTI has no CAD models: point
+    ``data.cad_root`` at a PASCAL3D+ release)."""
+    cad_root = Path(config.data.cad_root) if config.data.cad_root else root
     return {
-        cat: single_cuboid([m.vertices for m in load_cad_models(root, cat)], 0.99, n_vertices)
-        for cat in categories
+        cat: single_cuboid(
+            [m.vertices for m in load_cad_models(cad_root, cat)], 0.99, config.model.n_vertices
+        )
+        for cat in config.data.categories
     }
 
 
@@ -91,14 +96,24 @@ class DatasetSplits:
 
 
 def load_splits(config: RunConfig, occlusion_levels: tuple[int, ...] = (0,)) -> DatasetSplits:
-    """Train and test records of the configured dataset; levels 1–3 come from its Occluded
-    PASCAL3D+ folder (``<root>/OccludedPASCAL3D`` for the synthetic set)."""
+    """Train and test records of the configured dataset (``train_test_records``).
+
+    PASCAL3D+-layout sets: level 0 is the val list, levels 1–3 come from its Occluded PASCAL3D+
+    folder (``<root>/OccludedPASCAL3D`` for the synthetic set). KITTI: the test fold, its levels
+    being KITTI's own occlusion flags 0–2."""
+    from nvsm.data.datasets import train_test_records
+
     root = dataset_root(config)
     name, cats = config.data.dataset, config.data.categories
-    train = load_dataset(name, root, split="train", categories=cats).records
+    train_read, test_read = train_test_records(name, root, cats)
+    train = train_read.records
     test: dict[int, list[ObjectRecord]] = {}
+    if name == "kitti":
+        for lv in occlusion_levels:
+            test[lv] = [r for r in test_read.records if r.occlusion_level == lv]
+        return DatasetSplits(root, train, test)
     if 0 in occlusion_levels:
-        test[0] = load_dataset(name, root, split="val", categories=cats).records
+        test[0] = test_read.records
     occluded = tuple(lv for lv in occlusion_levels if lv > 0)
     if occluded:
         occ_root = root / "OccludedPASCAL3D" if name == "synthetic" else root
@@ -218,7 +233,7 @@ def train_and_evaluate(
         else:
             model = build_model(
                 config,
-                category_meshes(splits.root, config.data.categories, config.model.n_vertices),
+                category_meshes(config, splits.root),
             )
         # The trainer broadcasts rank 0's backbone and banks; the step count follows rank 0.
         done_steps = ddp.broadcast_object(done_steps)

@@ -39,3 +39,28 @@ def test_bad_recipes_name_file_and_key(tmp_path):
         load_config("nope", recipe_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"expected KEY\.PATH=VALUE"):
         load_config(None, ["seed"])
+
+
+def test_every_shipped_recipe_loads():
+    names = list_recipes()
+    for name in (
+        "synthetic-car-7shot",
+        "synthetic-car-20shot",
+        "synthetic-car-50shot",
+        "pascal3d-car-7shot",
+        "pascal3d-car-20shot",
+        "pascal3d-car-50shot",
+        "kitti-car-7shot",
+    ):
+        assert name in names
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.name == name
+    assert load_config("kitti-car-7shot").fewshot.occlusion_levels == [0, 1, 2]
+    assert load_config("synthetic-car-20shot").labels.annotations == 20
+
+
+def test_unreadable_recipe_is_named_in_the_listing(tmp_path):
+    (tmp_path / "broken.yaml").write_text("description: a: b\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML"):
+        list_recipes(tmp_path)

@@ -26,7 +26,6 @@ from nvsm.fewshot import (
     exclusion_mask,
     expanding_shift_grid,
     faiss_available,
-    flip_score,
     make_pseudo_labels,
     nvsm_similarity,
     nvsm_similarity_pairs,
@@ -337,7 +336,7 @@ def _hand_scores() -> torch.Tensor:
     return s
 
 
-def test_best_pose_margin_and_flip_score() -> None:
+def test_best_pose_and_margin() -> None:
     poses = _ring_poses()
     scores = _hand_scores()
     best = best_pose_and_margin(scores, poses, min_separation_deg=30)
@@ -345,9 +344,6 @@ def test_best_pose_margin_and_flip_score() -> None:
     assert best.score[0] == 0.9 and best.score[1] == 0.4 and best.score[2] == -math.inf
     assert math.isclose(float(best.margin[0]), 0.1, abs_tol=1e-12)
     assert best.margin[1] == math.inf and math.isnan(float(best.margin[2]))
-    flip = flip_score(scores, poses, best, radius_deg=30)
-    assert math.isclose(float(flip[0]), 0.9 - 0.75, abs_tol=1e-12)
-    assert math.isnan(float(flip[1])) and math.isnan(float(flip[2]))
     # A wider separation drops the 30° competitor: the flip-side views compete instead.
     wide = best_pose_and_margin(scores, poses, min_separation_deg=40)
     assert math.isclose(float(wide.margin[0]), 0.9 - 0.75, abs_tol=1e-12)
@@ -357,8 +353,6 @@ def test_best_pose_margin_and_flip_score() -> None:
     sparse = best_pose_and_margin(vals, poses, 30, index=idx)
     assert sparse.index.tolist() == best.index.tolist()
     assert torch.allclose(sparse.margin[:2], best.margin[:2])
-    sflip = flip_score(vals, poses, sparse, 30, index=idx)
-    assert math.isclose(float(sflip[0]), float(flip[0]))
 
 
 def _label(uid: str, cat: str, score: float, margin: float, flip: float) -> PseudoLabel:
@@ -398,6 +392,12 @@ def test_acceptance_rule_and_schedule() -> None:
     assert pooled.accept(labels).tolist() == [True, True, True, False, False, False, False]
     with pytest.raises(ValueError):
         AcceptanceRule(top_fraction=0.0)
+    # Ranked by score and flip margin together: car ranks (score, flip) a (5, 4), b (4, 4),
+    # c (3, 2), d (2, 1: NaN last), e (1, 4: tied) → sums a 9, b 8, c 5, e 5, d 3 (ties kept).
+    both = AcceptanceRule(top_fraction=0.4, rank_with_flip=True)
+    assert both.accept(labels).tolist() == [True, True, False, False, False, False, True]
+    both_more = AcceptanceRule(top_fraction=0.6, rank_with_flip=True)
+    assert both_more.accept(labels).tolist() == [True, True, True, False, True, False, True]
 
     sched = AcceptanceSchedule.linear(
         AcceptanceRule(min_margin=0.1, top_fraction=0.3),
@@ -429,7 +429,7 @@ def test_pseudo_label_round_trip_and_construction() -> None:
     poses = _ring_poses()
     scores = _hand_scores()
     best = best_pose_and_margin(scores, poses)
-    flip = flip_score(scores, poses, best)
+    flip = torch.tensor([0.2, math.nan, math.nan], dtype=torch.float64)
     shifts = torch.zeros(36, 3, dtype=torch.float64)
     labels = make_pseudo_labels(
         ["t0", "t1", "t2"], "car", best, flip, poses, shifts, [f"a{i // 6}" for i in range(36)], 2

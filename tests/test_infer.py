@@ -8,6 +8,7 @@ from nvsm.infer import (
     InferenceSchedule,
     canonical_feature_camera,
     estimate_poses,
+    flip_margin,
     pose_loss,
     render_templates,
     score_templates,
@@ -76,3 +77,28 @@ def test_template_search_and_refinement_recover_known_pose():
     assert ((pred.poses[:, 3] - gt[:, 3]).abs() <= (init - gt[:, 3]).abs() + 0.05).all()
     assert (pred.poses[1, 3] - init[1]) > 0.02
     assert (pred.loss <= pred.hypothesis_loss.min(1).values + 1e-6).all()
+
+
+def test_flip_margin_is_the_loss_difference_to_the_half_turn():
+    mesh, feats, clutter, k = _scene()
+    gt = torch.tensor([[1.0, 0.3, 0.1, 5.0], [4.0, 0.1, -0.05, 5.3], [2.0, 0.2, 0.0, 5.0]])
+    fm = _image(mesh, feats, clutter, k, gt)
+    margin = flip_margin(fm, gt, mesh, feats, clutter, k, batch_size=2)
+    turned = gt.clone()
+    turned[:, 0] += math.pi
+    for pose, sign in ((gt, 1.0), (turned, -1.0)):
+        out = render_pose(mesh, feats, *pose.T, k, SIZE)
+        loss = pose_loss(fm, out.features, out.mask, clutter)
+        half = render_pose(mesh, feats, pose[:, 0] + math.pi, *pose[:, 1:].T, k, SIZE)
+        # The half-turned cuboid covers the same pixels: only the features differ.
+        assert torch.equal(half.mask, out.mask)
+        expected = pose_loss(fm, half.features, half.mask, clutter) - loss
+        got = flip_margin(fm, pose, mesh, feats, clutter, k)
+        assert torch.allclose(got, expected, atol=1e-5)
+        assert torch.allclose(got, sign * margin, atol=1e-5)
+    # At the true pose the flipped pose is clearly worse; a non-finite pose gives NaN.
+    assert (margin > 0.05).all(), margin
+    bad = gt.clone()
+    bad[1, 0] = math.nan
+    out = flip_margin(fm, bad, mesh, feats, clutter, k)
+    assert math.isnan(float(out[1])) and torch.allclose(out[[0, 2]], margin[[0, 2]], atol=1e-5)

@@ -12,6 +12,7 @@ from nvsm.fewshot.loop import (
     FewShotResult,
     acceptance_schedule,
     e_step,
+    flip_margins,
     prepare_fewshot_data,
     pseudo_label_diagnostics,
     run_fewshot,
@@ -38,7 +39,6 @@ from nvsm.fewshot.pseudo_labels import (
     PseudoLabel,
     apply_acceptance,
     best_pose_and_margin,
-    flip_score,
     make_pseudo_labels,
 )
 from nvsm.fewshot.synthesis import (
@@ -76,7 +76,7 @@ __all__ = [
     "exclusion_mask",
     "expanding_shift_grid",
     "faiss_available",
-    "flip_score",
+    "flip_margins",
     "iter_synthesized_views",
     "make_pseudo_labels",
     "nvsm_similarity",

@@ -33,8 +33,9 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,6 @@ from nvsm.fewshot.pseudo_labels import (
     AcceptanceSchedule,
     PseudoLabel,
     best_pose_and_margin,
-    flip_score,
     make_pseudo_labels,
 )
 from nvsm.fewshot.synthesis import (
@@ -62,7 +62,9 @@ from nvsm.infer.solve import (
     InferenceSchedule,
     canonical_feature_camera,
     clutter_model,
+    flip_margin,
     refine_poses,
+    score_templates,
 )
 from nvsm.io import atomic_write_json, atomic_write_text
 from nvsm.mesh import Mesh
@@ -78,21 +80,29 @@ from nvsm.train.trainer import NeMoTrainer
 
 __all__ = [
     "CSV_FIELDS",
+    "ROWS",
     "FewShotData",
     "FewShotResult",
+    "StageTimer",
+    "accept_and_weight",
     "acceptance_schedule",
     "confidence_weights",
     "config_differences",
     "e_step",
     "extract_features",
+    "flip_margins",
     "hide_poses",
     "make_matcher",
     "prepare_fewshot_data",
     "pseudo_label_diagnostics",
     "pseudo_labels_csv",
+    "pseudo_labels_jsonl",
     "read_pseudo_labels",
+    "round_shifts",
     "run_fewshot",
+    "self_training_labels",
     "summary_levels",
+    "total_steps",
 ]
 
 #: Columns of ``pseudo_labels.csv`` (angles in radians, as in ``PseudoLabel``).
@@ -168,7 +178,7 @@ def prepare_fewshot_data(config: RunConfig) -> FewShotData:
         [cropsets(config, recs, f"cropping test L{lv}") for lv, recs in sorted(splits.test.items())]
     )
     return FewShotData(
-        meshes=category_meshes(splits.root, config.data.categories, config.model.n_vertices),
+        meshes=category_meshes(config, splits.root),
         labelled=cropsets(config, labelled, "cropping labelled"),
         unlabelled=cropsets(config, pool, "cropping unlabelled"),
         test=test,
@@ -203,6 +213,7 @@ def acceptance_schedule(fs: FewShotConfig) -> AcceptanceSchedule:
         min_margin=fs.accept_min_margin,
         min_flip_margin=fs.accept_min_flip_margin,
         top_fraction=min(fs.accept_top_fraction_first, fs.accept_top_fraction_max),
+        rank_with_flip=fs.accept_rank_with_flip,
     )
     rules = [first]
     while rules[-1].top_fraction is not None and rules[-1].top_fraction < (
@@ -258,6 +269,7 @@ def _match_category(
     matcher: Matcher,
     fs: FewShotConfig,
     rasterizer: Rasterizer,
+    timer: StageTimer,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """Top candidates of every target over all synthesised views (chunked).
 
@@ -275,19 +287,25 @@ def _match_category(
     best_i: torch.Tensor | None = None
     poses, shift, source = [], [], []
     offset = 0
-    for views in iter_synthesized_views(
+    synthesized = iter_synthesized_views(
         feats, visible, view_anchor_poses, shifts, mesh, view_k, size, rasterizer, fs.view_chunk
-    ):
+    )
+    while True:
+        with timer("synthesis"):
+            views = next(synthesized, None)
+        if views is None:
+            break
         src_uids = [anchors.uids[i] for i in views.source.tolist()]
         k = min(fs.candidates, len(views))
-        s, i = matcher.search(
-            views.features.float(),
-            views.mask,
-            targets,
-            k,
-            clutter=clutter,
-            exclude=(np.asarray(target_uids), np.asarray(src_uids)),
-        )
+        with timer("matching"):
+            s, i = matcher.search(
+                views.features.float(),
+                views.mask,
+                targets,
+                k,
+                clutter=clutter,
+                exclude=(np.asarray(target_uids), np.asarray(src_uids)),
+            )
         i = torch.where(i >= 0, i + offset, i)
         if best_s is None or best_i is None:
             best_s, best_i = s, i
@@ -304,6 +322,43 @@ def _match_category(
     return best_s, best_i, torch.cat(poses), torch.cat(shift), source
 
 
+def flip_margins(
+    model: NeMoModel,
+    crops: CropSet,
+    feats: torch.Tensor,
+    poses: torch.Tensor,
+    device: torch.device,
+    rasterizer: Rasterizer,
+) -> torch.Tensor:
+    """(N,) ``flip_margin`` of one category's crops at the given (N, 4) poses (their rotation;
+    the distance is the crop's reference distance) under the current model's mesh features."""
+    cat = crops.categories[0]
+    bank = model.banks[cat]
+    at = poses.to(torch.float64).clone()
+    at[:, 3] = crops.reference_distance
+    k_feat = torch.as_tensor(feature_intrinsics(crops.k.numpy(), STRIDE)).float()
+    return flip_margin(
+        feats.to(device),
+        at.float().to(device),
+        model.meshes[cat].to(device),
+        bank.memory.detach().float().to(device),
+        clutter_model(bank.clutter_queue().detach().float()).to(device),
+        k_feat.to(device),
+        rasterizer,
+    )
+
+
+def accept_and_weight(
+    labels: Sequence[PseudoLabel], rule: AcceptanceRule, fs: FewShotConfig
+) -> list[PseudoLabel]:
+    """The labels with ``accepted`` set by the rule and ``confidence_weights`` as weights (one
+    path for NVSM and self-training, so both use the same acceptance and weighting)."""
+    keep = rule.accept(labels)
+    out = [dataclasses.replace(lb, accepted=bool(k)) for lb, k in zip(labels, keep, strict=True)]
+    weights = confidence_weights(out, fs.min_weight)
+    return [dataclasses.replace(lb, weight=float(w)) for lb, w in zip(out, weights, strict=True)]
+
+
 def e_step(
     model: NeMoModel,
     round_index: int,
@@ -316,12 +371,15 @@ def e_step(
     rule: AcceptanceRule,
     device: torch.device,
     rasterizer: Rasterizer,
+    timer: StageTimer | None = None,
 ) -> tuple[list[PseudoLabel], torch.Tensor]:
     """Pseudo-labels of every pool image for EM round ``round_index`` (≥ 1).
 
     ``pool.poses`` is never read. Returns the labels (accepted ones with refined poses and
     confidence weights) and the raw matched poses (N, 4) before refinement (diagnostics).
+    ``timer`` accumulates the ``synthesis``, ``matching`` and ``refinement`` seconds.
     """
+    timer = timer or StageTimer()
     shifts = round_shifts(fs, round_index)
     size = (pool_feats.shape[-2], pool_feats.shape[-1])
     view_k = canonical_feature_camera(size, STRIDE, pool.normalized_focal)
@@ -348,22 +406,105 @@ def e_step(
                 matcher,
                 fs,
                 rasterizer,
+                timer,
             )
-            best = best_pose_and_margin(scores, vposes, fs.min_separation_deg, index=index)
-            flip = flip_score(scores, vposes, best, fs.flip_radius_deg, index=index)
+            with timer("matching"):
+                best = best_pose_and_margin(scores, vposes, fs.min_separation_deg, index=index)
+        best_poses = vposes[best.index.clamp(min=0)].clone()
+        best_poses[best.index < 0] = math.nan
+        with timer("flip check"):
+            flip = flip_margins(
+                model, pool.subset(t_idx), pool_feats[t_idx], best_poses, device, rasterizer
+            )
         made = make_pseudo_labels(uids, cat, best, flip, vposes, vshift, vsource, round_index)
         for i, lb in zip(t_idx, made, strict=True):
             labels[i] = lb
-    out = [lb for lb in labels if lb is not None]
+    out = accept_and_weight([lb for lb in labels if lb is not None], rule, fs)
     matched = torch.tensor(
         [[lb.azimuth, lb.elevation, lb.theta, lb.distance] for lb in out], dtype=torch.float64
     )
-    keep = rule.accept(out)
-    out = [dataclasses.replace(lb, accepted=bool(k)) for lb, k in zip(out, keep, strict=True)]
-    weights = confidence_weights(out, fs.min_weight)
-    out = [dataclasses.replace(lb, weight=float(w)) for lb, w in zip(out, weights, strict=True)]
-    refined = _refine(model, pool, pool_feats, out, fs, device, rasterizer)
+    with timer("refinement"):
+        refined = _refine(model, pool, pool_feats, out, fs, device, rasterizer)
     return refined, matched
+
+
+@torch.no_grad()
+def self_training_labels(
+    model: NeMoModel,
+    pool: CropSet,
+    config: RunConfig,
+    round_index: int,
+    device: torch.device,
+    rasterizer: Rasterizer,
+    timer: StageTimer | None = None,
+    show_progress: bool = False,
+) -> list[PseudoLabel]:
+    """Plain self-training pseudo-labels: NeMo's own render-and-compare prediction
+    (``config.infer.schedule``) of every pool image (not yet accepted).
+
+    score = 1 − the prediction's loss (the clutter-aware NeMo score). The margin comes from the
+    template scores NeMo's search starts from, by the function the NVSM E-step uses on its
+    synthesised views (``best_pose_and_margin``), and the flip score is the same
+    ``flip_margins`` as NVSM's, so an acceptance rule means the same thing for both.
+    ``pool.poses`` is never read."""
+    from nvsm.infer.evaluate import category_templates, predict, resolve_schedule
+
+    timer = timer or StageTimer()
+    fs = config.fewshot
+    schedule = resolve_schedule(config.infer.schedule)
+    with timer("inference"):
+        preds = predict(
+            model,
+            pool,
+            schedule,
+            config.infer.batch_size,
+            device,
+            rasterizer,
+            show_progress=show_progress,
+            description=f"self-training round {round_index}: predicting",
+        )
+    with timer("features"):
+        feats = extract_features(model, pool, device, config.infer.batch_size)
+    labels: list[PseudoLabel | None] = [None] * len(pool)
+    size = (feats.shape[-2], feats.shape[-1])
+    with timer("matching"):
+        for cat in sorted(set(pool.categories)):
+            idx = [i for i, c in enumerate(pool.categories) if c == cat]
+            bank = model.banks[cat]
+            tb = category_templates(model, cat, size, pool.normalized_focal, schedule, rasterizer)
+            clutter = clutter_model(bank.clutter_queue().float())
+            scores = torch.cat(
+                [
+                    1 - score_templates(feats[c].to(device), tb.features, tb.masks, clutter)
+                    for c in torch.tensor(idx).split(config.infer.batch_size)
+                ]
+            ).cpu()
+            tposes = torch.cat(
+                [tb.poses.cpu().double(), torch.full((len(tb.poses), 1), NORMALIZED_DISTANCE)], 1
+            )
+            best = best_pose_and_margin(scores, tposes, fs.min_separation_deg)
+            flip = flip_margins(
+                model, pool.subset(idx), feats[idx], preds.poses[idx], device, rasterizer
+            )
+            for j, i in enumerate(idx):
+                p = preds.poses[i]
+                ok = preds.errors[i] is None and bool(torch.isfinite(p).all())
+                a, e, t = canonical_pose(p[0:1], p[1:2], p[2:3])
+                labels[i] = PseudoLabel(
+                    uid=pool.uids[i],
+                    category=cat,
+                    azimuth=float(a[0]),
+                    elevation=float(e[0]),
+                    theta=float(t[0]),
+                    distance=float(p[3]),
+                    score=1.0 - float(preds.loss[i]) if ok else -math.inf,
+                    margin=float(best.margin[j]),
+                    flip_score=float(flip[j]),
+                    source_uid="",
+                    shift=(0.0, 0.0, 0.0),
+                    round=round_index,
+                )
+    return [lb for lb in labels if lb is not None]
 
 
 def _refine(
@@ -489,21 +630,34 @@ def pseudo_labels_csv(labels: Sequence[PseudoLabel]) -> str:
     return buf.getvalue()
 
 
+def pseudo_labels_jsonl(labels: Sequence[PseudoLabel]) -> str:
+    """JSON-lines text of the labels (``PseudoLabel.to_dict``, keys sorted)."""
+    return "".join(json.dumps(lb.to_dict(), sort_keys=True) + "\n" for lb in labels)
+
+
 def read_pseudo_labels(path: Path) -> list[PseudoLabel]:
-    """Labels from a ``pseudo_labels.jsonl``."""
-    return [
-        PseudoLabel.from_dict(json.loads(line))
-        for line in path.read_text().splitlines()
-        if line.strip()
-    ]
+    """Labels from a ``pseudo_labels.jsonl``.
+
+    Raises:
+        ValueError: naming the file and line that is not a ``PseudoLabel.to_dict`` object.
+    """
+    out = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(PseudoLabel.from_dict(json.loads(line)))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(
+                f"{path} line {number}: expected one pseudo-label JSON object per line "
+                f"(PseudoLabel.to_dict), got an error: {exc}"
+            ) from exc
+    return out
 
 
 def _write_labels(folder: Path, labels: Sequence[PseudoLabel]) -> None:
     atomic_write_text(folder / "pseudo_labels.csv", pseudo_labels_csv(labels))
-    atomic_write_text(
-        folder / "pseudo_labels.jsonl",
-        "".join(json.dumps(lb.to_dict(), sort_keys=True) + "\n" for lb in labels),
-    )
+    atomic_write_text(folder / "pseudo_labels.jsonl", pseudo_labels_jsonl(labels))
 
 
 def summary_levels(test_metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -516,85 +670,36 @@ def summary_levels(test_metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
 # --------------------------------------------------------------------------------------------
 
 
+class StageTimer:
+    """Wall-clock seconds per named stage, accumulated over ``with timer("stage"):`` blocks."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
 @dataclass
 class FewShotResult:
-    """The run's top-level metrics and the final model and accepted pseudo-labels."""
+    """The run's top-level metrics and the final NVSM model and pseudo-labels."""
 
     metrics: dict[str, Any]
     model: NeMoModel
     labels: list[PseudoLabel]
 
 
-def _evaluate(
-    model: NeMoModel,
-    config: RunConfig,
-    test: CropSet,
-    device: torch.device,
-    rasterizer: Rasterizer,
-    show_progress: bool,
-) -> dict[str, Any]:
-    from nvsm.infer.evaluate import predict, resolve_schedule, score
-
-    preds = predict(
-        model,
-        test,
-        resolve_schedule(config.infer.schedule),
-        config.infer.batch_size,
-        device,
-        rasterizer,
-        show_progress=show_progress,
-        description="evaluating",
-    )
-    return {
-        "protocol": config.data.crop_protocol,
-        "schedule": config.infer.schedule,
-        "dataset": config.data.dataset,
-        **score(test, preds),
-    }
-
-
-def _train(
-    model: NeMoModel,
-    config: RunConfig,
-    data: CropSet,
-    steps: int,
-    seed: int,
-    device: torch.device,
-    rasterizer: Rasterizer,
-    show_progress: bool,
-    description: str,
-) -> dict[str, float]:
-    torch.manual_seed(seed)
-    cfg = dataclasses.replace(config.train, steps=steps)
-    trainer = NeMoTrainer(model, cfg, device, rasterizer, seed=seed)
-    return trainer.fit(data, steps=steps, description=description, show_progress=show_progress)
-
-
-def _anchors(labelled: CropSet, pool: CropSet, labels: Sequence[PseudoLabel], cap: int) -> CropSet:
-    """Labelled crops + the ``cap`` most confident accepted pseudo-labelled crops (at their
-    pseudo-poses; stable order on ties)."""
-    acc = [i for i, lb in enumerate(labels) if lb.accepted]
-    acc = sorted(acc, key=lambda i: -labels[i].weight)[: max(0, cap)]
-    acc.sort()
-    if not acc:
-        return labelled
-    return CropSet.concat([labelled, _pseudo_set(pool, labels, acc)])
-
-
-def _pseudo_set(pool: CropSet, labels: Sequence[PseudoLabel], idx: list[int]) -> CropSet:
-    poses = torch.tensor(
-        [
-            [labels[i].azimuth, labels[i].elevation, labels[i].theta, labels[i].distance]
-            for i in idx
-        ],
-        dtype=torch.float64,
-    )
-    weights = torch.tensor([labels[i].weight for i in idx], dtype=torch.float32)
-    return pool.subset(idx).with_poses(poses, weights)
-
-
-#: Config keys that may change between an interrupted run and its resumption.
-RESUMABLE_KEYS = frozenset({"device", "fewshot.rounds", "name", "description"})
+#: Config keys that may change between an interrupted run and its resumption: they do not
+#: change any round's result (``fewshot.rounds`` only adds rounds, the baselines are separate
+#: folders).
+RESUMABLE_KEYS = frozenset(
+    {"device", "fewshot.rounds", "fewshot.baselines", "fewshot.oracle", "name", "description"}
+)
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -626,15 +731,245 @@ def round_shifts(fs: FewShotConfig, round_index: int) -> torch.Tensor:
     )
 
 
-def _num_views(fs: FewShotConfig, round_index: int, anchors: CropSet) -> int:
-    """Synthesised views of EM round ``round_index`` (anchors × shifts)."""
-    shifts = round_shifts(fs, round_index)
-    return len(anchors) * int(shifts.shape[0])
+def total_steps(config: RunConfig) -> int:
+    """Training steps of a whole NVSM run: round 0 plus every M-step. The ``nemo_same_steps``,
+    ``self_training`` and ``oracle`` rows are given the same budget."""
+    return config.train.steps + config.fewshot.rounds * config.fewshot.mstep_steps
 
 
-def _round_complete(run_dir: Path, k: int) -> bool:
-    folder = run_dir / f"round_{k}"
-    return (folder / "metrics.json").is_file() and (folder / "model.pt").is_file()
+@dataclass
+class _Run:
+    """What every stage of a run shares (the shell around the pure E-step functions)."""
+
+    config: RunConfig
+    run_dir: Path
+    resume: bool
+    data: FewShotData
+    pool: CropSet  # the unlabelled crops with their poses hidden
+    hidden_gt: torch.Tensor
+    matcher: Matcher
+    schedule: AcceptanceSchedule
+    device: torch.device
+    rasterizer: Rasterizer
+    show_progress: bool
+    say: Callable[[str], None]
+    config_json: dict[str, Any] = field(default_factory=dict)
+
+    def complete(self, folder: Path) -> dict[str, Any] | None:
+        """The saved metrics of a complete stage folder when resuming (None: compute it)."""
+        if not (self.resume and (folder / "metrics.json").is_file()):
+            return None
+        if not (folder / "model.pt").is_file():
+            return None
+        diff = config_differences(
+            json.loads((folder / "config.json").read_text()), self.config_json
+        )
+        if diff:
+            raise ValueError(
+                f"cannot resume {self.run_dir}: {folder}/config.json differs from this run's "
+                f"config in {diff}"
+            )
+        self.say(f"{folder.relative_to(self.run_dir)}: complete, loaded")
+        return json.loads((folder / "metrics.json").read_text())
+
+    def load(self, folder: Path) -> NeMoModel:
+        model, _ = NeMoModel.load(folder / "model.pt")
+        return model.to(self.device)
+
+    def train(
+        self, model: NeMoModel, data: CropSet, steps: int, seed: int, description: str
+    ) -> dict[str, Any]:
+        torch.manual_seed(seed)
+        cfg = dataclasses.replace(self.config.train, steps=steps)
+        trainer = NeMoTrainer(model, cfg, self.device, self.rasterizer, seed=seed)
+        return trainer.fit(
+            data, steps=steps, description=description, show_progress=self.show_progress
+        )
+
+    def evaluate(self, model: NeMoModel) -> dict[str, Any]:
+        from nvsm.infer.evaluate import predict, resolve_schedule, score
+
+        config = self.config
+        preds = predict(
+            model,
+            self.data.test,
+            resolve_schedule(config.infer.schedule),
+            config.infer.batch_size,
+            self.device,
+            self.rasterizer,
+            show_progress=self.show_progress,
+            description="evaluating",
+        )
+        return {
+            "protocol": config.data.crop_protocol,
+            "schedule": config.infer.schedule,
+            "dataset": config.data.dataset,
+            **score(self.data.test, preds),
+        }
+
+    def finish(
+        self, folder: Path, model: NeMoModel, info: dict[str, Any], timer: StageTimer
+    ) -> dict[str, Any]:
+        """Evaluate, then write model, config and (last, the completion marker) metrics."""
+        with timer("inference"):
+            info["test"] = self.evaluate(model)
+        info["stage_seconds"] = dict(timer.seconds)
+        model.save(folder / "model.pt", {"stage": str(folder.relative_to(self.run_dir))})
+        atomic_write_json(folder / "config.json", self.config_json)
+        atomic_write_json(folder / "metrics.json", info)
+        return json.loads(json.dumps(info, default=str))
+
+
+def _pseudo_set(pool: CropSet, labels: Sequence[PseudoLabel], idx: list[int]) -> CropSet:
+    poses = torch.tensor(
+        [
+            [labels[i].azimuth, labels[i].elevation, labels[i].theta, labels[i].distance]
+            for i in idx
+        ],
+        dtype=torch.float64,
+    )
+    weights = torch.tensor([labels[i].weight for i in idx], dtype=torch.float32)
+    return pool.subset(idx).with_poses(poses, weights)
+
+
+def _anchors(run: _Run, labels: Sequence[PseudoLabel]) -> CropSet:
+    """Labelled crops + the ``max_pseudo_anchors`` most confident accepted pseudo-labelled
+    crops (at their pseudo-poses; stable order on ties), and their mirrors when
+    ``fewshot.mirror_anchors``."""
+    fs = run.config.fewshot
+    acc = [i for i, lb in enumerate(labels) if lb.accepted]
+    acc = sorted(acc, key=lambda i: -labels[i].weight)[: max(0, fs.max_pseudo_anchors)]
+    acc.sort()
+    anchors = run.data.labelled
+    if acc:
+        anchors = CropSet.concat([anchors, _pseudo_set(run.pool, labels, acc)])
+    return CropSet.concat([anchors, anchors.mirrored()]) if fs.mirror_anchors else anchors
+
+
+#: (model, EM round k ≥ 1, previous round's labels, timer) → (labels, raw poses (N, 4)).
+Labeller = Callable[
+    [NeMoModel, int, list[PseudoLabel], StageTimer], tuple[list[PseudoLabel], torch.Tensor]
+]
+
+
+def _nvsm_labeller(run: _Run) -> Labeller:
+    def label(
+        model: NeMoModel, k: int, previous: list[PseudoLabel], timer: StageTimer
+    ) -> tuple[list[PseudoLabel], torch.Tensor]:
+        anchors = _anchors(run, previous)
+        run.say(f"round {k}: E-step, {len(anchors)} anchors, {len(run.pool)} unlabelled")
+        batch = run.config.infer.batch_size
+        with timer("features"):
+            anchor_feats = extract_features(model, anchors, run.device, batch)
+            pool_feats = extract_features(model, run.pool, run.device, batch)
+        return e_step(
+            model,
+            k,
+            anchors,
+            anchor_feats,
+            run.pool,
+            pool_feats,
+            run.config.fewshot,
+            run.matcher,
+            run.schedule.rule(k - 1),
+            run.device,
+            run.rasterizer,
+            timer,
+        )
+
+    return label
+
+
+def _self_training_labeller(run: _Run) -> Labeller:
+    def label(
+        model: NeMoModel, k: int, previous: list[PseudoLabel], timer: StageTimer
+    ) -> tuple[list[PseudoLabel], torch.Tensor]:
+        run.say(f"self-training round {k}: NeMo predictions on {len(run.pool)} unlabelled")
+        labels = self_training_labels(
+            model,
+            run.pool,
+            run.config,
+            k,
+            run.device,
+            run.rasterizer,
+            timer,
+            show_progress=run.show_progress,
+        )
+        matched = torch.tensor(
+            [[lb.azimuth, lb.elevation, lb.theta, lb.distance] for lb in labels],
+            dtype=torch.float64,
+        )
+        return accept_and_weight(labels, run.schedule.rule(k - 1), run.config.fewshot), matched
+
+    return label
+
+
+def _em_rounds(run: _Run, root: Path, labeller: Labeller, name: str) -> list[dict[str, Any]]:
+    """EM rounds 1..``fewshot.rounds`` from ``RUN/round_0``, writing ``root/round_<k>``.
+
+    Every round starts from its predecessor's checkpoint on disk and seeds its own generators,
+    so a resumed run equals an uninterrupted one."""
+    fs = run.config.fewshot
+    out: list[dict[str, Any]] = []
+    labels: list[PseudoLabel] = []
+    previous = run.run_dir / "round_0"
+    for k in range(1, fs.rounds + 1):
+        folder = root / f"round_{k}"
+        saved = run.complete(folder)
+        if saved is not None:
+            out.append(saved)
+            labels = read_pseudo_labels(folder / "pseudo_labels.jsonl")
+            previous = folder
+            continue
+        timer = StageTimer()
+        model = run.load(previous)
+        seed = run.config.seed + ROUND_SEED_STRIDE * k
+        info: dict[str, Any] = {"round": k, "method": name}
+        labels, matched = labeller(model, k, labels, timer)
+        info["pseudo_labels"] = pseudo_label_diagnostics(labels, matched, run.hidden_gt)
+        acc = [i for i, lb in enumerate(labels) if lb.accepted]
+        data = run.data.labelled
+        if acc:
+            data = CropSet.concat([data, _pseudo_set(run.pool, labels, acc)])
+        if fs.mstep_init == "restart":
+            model = run.load(run.run_dir / "round_0")
+        run.say(f"{name} round {k}: M-step on {len(run.data.labelled)} labels + {len(acc)} PLs")
+        with timer("training"):
+            info["train"] = run.train(model, data, fs.mstep_steps, seed, f"{name} round {k}")
+        info["train"].update(
+            labelled_images=len(run.data.labelled), pseudo_labelled_images=len(acc)
+        )
+        _write_labels(folder, labels)
+        out.append(run.finish(folder, model, info, timer))
+        previous = folder
+    return out
+
+
+def _single_stage(
+    run: _Run,
+    folder: Path,
+    name: str,
+    start: Path | None,
+    data: CropSet,
+    steps: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Train (from ``start``'s checkpoint, or a fresh model) on ``data`` for ``steps`` steps,
+    evaluate and write ``folder``; or load it when resuming."""
+    saved = run.complete(folder)
+    if saved is not None:
+        return saved
+    timer = StageTimer()
+    if start is None:
+        torch.manual_seed(run.config.seed)
+        model = build_model(run.config, run.data.meshes).to(run.device)
+    else:
+        model = run.load(start)
+    run.say(f"{name}: {steps} steps on {len(data)} images")
+    with timer("training"):
+        info: dict[str, Any] = {"method": name, "train": run.train(model, data, steps, seed, name)}
+    info["train"]["labelled_images"] = len(data)
+    return run.finish(folder, model, info, timer)
 
 
 def run_fewshot(
@@ -647,137 +982,109 @@ def run_fewshot(
     show_progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> FewShotResult:
-    """Run (or resume) the few-shot loop; writes the round folders and RUN/metrics.json.
+    """Run (or resume) the few-shot loop and its baselines; writes RUN/metrics.json.
+
+    Folders: ``round_0`` (``nemo``: the labels alone, ``train.steps``), ``round_<k>`` (``nvsm``
+    EM rounds), and with ``fewshot.baselines``: ``nemo_same_steps`` (round 0 continued on the
+    labels alone up to ``total_steps``), ``self_training/round_<k>`` (NeMo's own predictions as
+    pseudo-labels, same acceptance rule and budget); with ``fewshot.oracle``: ``oracle`` (every
+    training image with its ground truth, ``total_steps`` from scratch).
 
     Args:
         config: resolved configuration (``config.fewshot`` for the loop).
         run_dir: the run folder.
-        resume: reuse complete rounds (``round_k/metrics.json`` present).
+        resume: reuse complete stages (``metrics.json`` present).
         data: the split (default ``prepare_fewshot_data(config)``).
         matcher: the matcher (default from ``fewshot.matcher``).
         schedule: acceptance rules per EM round (index k − 1; default ``acceptance_schedule``).
         log: optional progress messages.
     """
-    say = log or (lambda _msg: None)
     fs = config.fewshot
     if fs.mstep_init not in ("continue", "restart"):
         raise ValueError(f"fewshot.mstep_init must be continue | restart, got {fs.mstep_init!r}")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = data or prepare_fewshot_data(config)
-    matcher = matcher or make_matcher(fs.matcher)
-    schedule = schedule or acceptance_schedule(fs)
     from nvsm.pipeline import resolve_device
 
     device = resolve_device(config.device)
-    rasterizer = get_rasterizer(config.model.rasterizer, device)
     pool, hidden_gt = hide_poses(data.unlabelled)
-    config_json = config_to_dict(config)
-
-    round_metrics: list[dict[str, Any]] = []
-    labels: list[PseudoLabel] = []
-    model: NeMoModel | None = None
-    for k in range(fs.rounds + 1):
-        folder = run_dir / f"round_{k}"
-        if resume and _round_complete(run_dir, k):
-            diff = config_differences(json.loads((folder / "config.json").read_text()), config_json)
-            if diff:
-                raise ValueError(
-                    f"cannot resume {run_dir}: {folder}/config.json differs from this run's "
-                    f"config in {diff}"
-                )
-            say(f"round {k}: complete, loaded from {folder}")
-            round_metrics.append(json.loads((folder / "metrics.json").read_text()))
-            labels = read_pseudo_labels(folder / "pseudo_labels.jsonl") if k > 0 else []
-            model = None  # loaded lazily from the last complete round
-            continue
-        if model is None:
-            if k == 0:
-                torch.manual_seed(config.seed)
-                model = build_model(config, data.meshes)
-            else:
-                model, _ = NeMoModel.load(run_dir / f"round_{k - 1}" / "model.pt")
-        model = model.to(device)
-        seed = config.seed + ROUND_SEED_STRIDE * k
-        info: dict[str, Any] = {"round": k}
-        if k == 0:
-            say(f"round 0: NeMo on {len(data.labelled)} labelled images")
-            info["train"] = _train(
-                model,
-                config,
-                data.labelled,
-                config.train.steps,
-                seed,
-                device,
-                rasterizer,
-                show_progress,
-                "round 0 (labels)",
-            )
-        else:
-            anchors = _anchors(data.labelled, pool, labels, fs.max_pseudo_anchors)
-            say(f"round {k}: E-step, {len(anchors)} anchors, {len(pool)} unlabelled")
-            started = time.perf_counter()
-            anchor_feats = extract_features(model, anchors, device, config.infer.batch_size)
-            pool_feats = extract_features(model, pool, device, config.infer.batch_size)
-            labels, matched = e_step(
-                model,
-                k,
-                anchors,
-                anchor_feats,
-                pool,
-                pool_feats,
-                fs,
-                matcher,
-                schedule.rule(k - 1),
-                device,
-                rasterizer,
-            )
-            del anchor_feats, pool_feats
-            info["e_step"] = {
-                "seconds": time.perf_counter() - started,
-                "anchors": len(anchors),
-                "views": _num_views(fs, k, anchors),
-            }
-            info["pseudo_labels"] = pseudo_label_diagnostics(labels, matched, hidden_gt)
-            acc = [i for i, lb in enumerate(labels) if lb.accepted]
-            train_set = (
-                CropSet.concat([data.labelled, _pseudo_set(pool, labels, acc)])
-                if acc
-                else data.labelled
-            )
-            if fs.mstep_init == "restart":
-                model, _ = NeMoModel.load(run_dir / "round_0" / "model.pt")
-                model = model.to(device)
-            say(f"round {k}: M-step on {len(data.labelled)} labels + {len(acc)} pseudo-labels")
-            info["train"] = _train(
-                model,
-                config,
-                train_set,
-                fs.mstep_steps,
-                seed,
-                device,
-                rasterizer,
-                show_progress,
-                f"round {k} (M-step)",
-            )
-            info["train"]["pseudo_labelled_images"] = len(acc)
-            _write_labels(folder, labels)
-        info["train"]["labelled_images"] = len(data.labelled)
-        info["test"] = _evaluate(model, config, data.test, device, rasterizer, show_progress)
-        model.save(folder / "model.pt", {"round": k})
-        atomic_write_json(folder / "config.json", config_json)
-        atomic_write_json(folder / "metrics.json", info)
-        round_metrics.append(json.loads(json.dumps(info, default=str)))
-        # Every round continues from its checkpoint on disk: resumed == uninterrupted.
-        model = None
-    final, _ = NeMoModel.load(run_dir / f"round_{fs.rounds}" / "model.pt")
-    metrics = _top_level(config, data, round_metrics)
+    run = _Run(
+        config=config,
+        run_dir=run_dir,
+        resume=resume,
+        data=data,
+        pool=pool,
+        hidden_gt=hidden_gt,
+        matcher=matcher or make_matcher(fs.matcher),
+        schedule=schedule or acceptance_schedule(fs),
+        device=device,
+        rasterizer=get_rasterizer(config.model.rasterizer, device),
+        show_progress=show_progress,
+        say=log or (lambda _msg: None),
+        config_json=config_to_dict(config),
+    )
+    stride = ROUND_SEED_STRIDE
+    nemo = _single_stage(
+        run, run_dir / "round_0", "nemo", None, data.labelled, config.train.steps, config.seed
+    )
+    nemo["round"] = 0
+    rounds = [nemo, *_em_rounds(run, run_dir, _nvsm_labeller(run), "nvsm")]
+    rows: dict[str, Any] = {"nemo": nemo, "nvsm": rounds[-1]}
+    extra: dict[str, Any] = {}
+    if fs.baselines:
+        rows["nemo_same_steps"] = _single_stage(
+            run,
+            run_dir / "nemo_same_steps",
+            "nemo_same_steps",
+            run_dir / "round_0",
+            data.labelled,
+            fs.rounds * fs.mstep_steps,
+            config.seed + stride * (fs.rounds + 1),
+        )
+        st = _em_rounds(
+            run, run_dir / "self_training", _self_training_labeller(run), "self_training"
+        )
+        rows["self_training"] = st[-1]
+        extra["self_training_rounds"] = [_round_summary(r) for r in st]
+    if fs.oracle:
+        truth = data.unlabelled.with_poses(data.unlabelled.poses, torch.ones(len(data.unlabelled)))
+        rows["oracle"] = _single_stage(
+            run,
+            run_dir / "oracle",
+            "oracle",
+            None,
+            CropSet.concat([data.labelled, truth]),
+            total_steps(config),
+            config.seed + stride * (fs.rounds + 2),
+        )
+    final = run.load(run_dir / f"round_{fs.rounds}")
+    labels = read_pseudo_labels(run_dir / f"round_{fs.rounds}" / "pseudo_labels.jsonl")
+    metrics = _top_level(config, data, rows, rounds, extra)
     atomic_write_json(run_dir / "metrics.json", metrics)
     return FewShotResult(metrics=metrics, model=final, labels=labels)
 
 
+#: Rows of the top-level metrics and the printed table, in order.
+ROWS = ("nemo", "nemo_same_steps", "self_training", "nvsm", "oracle")
+
+
+def _round_summary(r: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "round": r["round"],
+        "test": summary_levels(r["test"]),
+        "train": r.get("train", {}),
+        "stage_seconds": r.get("stage_seconds", {}),
+        **({"pseudo_labels": r["pseudo_labels"]} if "pseudo_labels" in r else {}),
+    }
+
+
 def _top_level(
-    config: RunConfig, data: FewShotData, rounds: list[dict[str, Any]]
+    config: RunConfig,
+    data: FewShotData,
+    rows: dict[str, dict[str, Any]],
+    rounds: list[dict[str, Any]],
+    extra: dict[str, Any],
 ) -> dict[str, Any]:
     coverage = {
         cat: dataclasses.asdict(
@@ -792,21 +1099,13 @@ def _top_level(
         for cat in sorted(set(data.labelled.categories))
     }
     return {
-        "nemo": summary_levels(rounds[0]["test"]),
-        "nvsm": summary_levels(rounds[-1]["test"]),
+        **{name: summary_levels(rows[name]["test"]) for name in ROWS if name in rows},
+        "total_steps": total_steps(config),
         "anchor_seed": config.seed,
         "anchor_strategy": config.labels.anchors,
         "annotations": config.labels.annotations,
         "anchor_uids": list(data.labelled.uids),
         "anchor_azimuth_coverage": coverage,
-        "rounds": [
-            {
-                "round": r["round"],
-                "test": summary_levels(r["test"]),
-                **({"e_step": r["e_step"]} if "e_step" in r else {}),
-                "train": r.get("train", {}),
-                **({"pseudo_labels": r["pseudo_labels"]} if "pseudo_labels" in r else {}),
-            }
-            for r in rounds
-        ],
+        "rounds": [_round_summary(r) for r in rounds],
+        **extra,
     }

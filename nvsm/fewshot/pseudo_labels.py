@@ -8,13 +8,13 @@ best view and measures how much to trust it:
   ``min_separation_deg`` (geodesic, ``nvsm.pose.rotation_error``) away from the best view. A
   small margin means a distant pose explains the image almost as well. +inf when no distant
   view has a finite score.
-* ``flip_score``: best score − the best score among views within ``radius_deg`` of the best
-  pose's front/back counterpart (azimuth + 180°); NaN when no such view was scored. Front/back
-  flips are the dominant pseudo-label error (feasibility notes, lesson 3); a large value says the
-  flipped pose is clearly worse.
+* ``flip_score`` (computed by the caller, ``nvsm.infer.solve.flip_margin``): how much worse the
+  current model explains the image at the pose's front/back counterpart (azimuth + 180°).
+  Front/back flips are the dominant pseudo-label error (feasibility notes, lesson 3) and are
+  scored as confidently as correct poses; a large value says the flipped pose is clearly worse.
 
-With a (T, K) top-K input both are computed among the K candidates only: the competitor may be
-missing from the shortlist, so the margin is then an upper bound (exact when the competitor is
+With a (T, K) top-K input the margin is computed among the K candidates only: the competitor
+may be missing from the shortlist, so it is then an upper bound (exact when the competitor is
 among the candidates).
 
 ``AcceptanceRule`` turns these into accept/reject decisions and ``AcceptanceSchedule`` loosens
@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from scipy.stats import rankdata
 
 from nvsm.pose.convention import rotation_matrix
 from nvsm.pose.metrics import rotation_error
@@ -42,7 +43,6 @@ __all__ = [
     "PseudoLabel",
     "apply_acceptance",
     "best_pose_and_margin",
-    "flip_score",
     "make_pseudo_labels",
 ]
 
@@ -235,38 +235,6 @@ def best_pose_and_margin(
     return BestMatch(best, best_score, margin)
 
 
-def flip_score(
-    scores: torch.Tensor,
-    view_poses: torch.Tensor,
-    best: BestMatch,
-    radius_deg: float = 30.0,
-    index: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Flip-aware confidence: best score − best score near the best pose's azimuth + 180°.
-
-    Args:
-        scores, view_poses, index: as ``best_pose_and_margin``.
-        best: its result for the same inputs.
-        radius_deg: views within this geodesic angle of the flipped pose (a + π, e, θ) count.
-    Returns:
-        (T,) flip margins; NaN where no view near the flipped pose has a finite score or the
-        target has no match.
-    """
-    rot = _view_rotations(view_poses)
-    scores, idx = _check_scores(scores, rot.shape[0], index)
-    t = scores.shape[0]
-    if scores.shape[1] == 0:
-        return torch.full((t,), math.nan, dtype=scores.dtype, device=scores.device)
-    p = view_poses.to(torch.float64)[best.index.clamp(min=0).to(view_poses.device)]
-    flipped = rotation_matrix(p[:, 0] + math.pi, p[:, 1], p[:, 2]).to(scores.device)
-    near = _best_within(
-        scores, rot.to(scores.device), idx, flipped, math.radians(radius_deg), False
-    )
-    out = best.score.to(scores.device) - near
-    invalid = (near == float("-inf")) | (best.index.to(scores.device) < 0)
-    return out.masked_fill(invalid, math.nan)
-
-
 def make_pseudo_labels(
     uids: Sequence[str],
     category: str,
@@ -281,7 +249,7 @@ def make_pseudo_labels(
 
     Args:
         uids: T target uids; category: their category.
-        best, flip: ``best_pose_and_margin`` and ``flip_score`` results (T,).
+        best: ``best_pose_and_margin`` result; flip: (T,) flip margins of the best poses.
         view_poses: (M, 4) view poses (a, e, θ, d); view_shifts: (M, 3) their shifts.
         view_source_uids: M anchor uids (``SynthesizedViews.source`` mapped to uids).
         round_index: the EM round.
@@ -338,6 +306,9 @@ class AcceptanceRule:
             labels passed to ``accept``, independently of the other criteria.
         require_flip_evidence: see ``min_flip_margin``.
         per_category: rank ``top_fraction`` within each category.
+        rank_with_flip: rank ``top_fraction`` by the mean of the score's and the flip score's
+            percentile ranks (a NaN flip score ranks last) instead of by the score alone, so a
+            label must be both well matched and clearly not back to front.
     Non-finite scores (no match) are always rejected.
     """
 
@@ -347,6 +318,7 @@ class AcceptanceRule:
     top_fraction: float | None = None
     require_flip_evidence: bool = False
     per_category: bool = True
+    rank_with_flip: bool = False
 
     def __post_init__(self) -> None:
         if self.top_fraction is not None and not 0.0 < self.top_fraction <= 1.0:
@@ -383,11 +355,15 @@ class AcceptanceRule:
             top = np.zeros(len(s), dtype=bool)
             for g in dict.fromkeys(groups.tolist()):
                 members = (groups == g) & np.isfinite(s)
-                vals = np.sort(s[members])[::-1]
-                if vals.size == 0:
+                if not members.any():
                     continue
+                key = s
+                if self.rank_with_flip:
+                    key = np.full(len(s), -np.inf)
+                    key[members] = _percentile_rank(s[members]) + _percentile_rank(f[members])
+                vals = np.sort(key[members])[::-1]
                 keep = math.ceil(self.top_fraction * vals.size - 1e-9)
-                top |= members & (s >= vals[max(keep, 1) - 1])
+                top |= members & (key >= vals[max(keep, 1) - 1])
             ok &= top
         return ok
 
@@ -399,6 +375,11 @@ class AcceptanceRule:
             np.array([lb.flip_score for lb in labels], np.float64),
             [lb.category for lb in labels],
         )
+
+
+def _percentile_rank(x: np.ndarray) -> np.ndarray:
+    """(n,) average ranks of x scaled to (0, 1]; NaN ranks below everything."""
+    return rankdata(np.nan_to_num(x, nan=-np.inf)) / len(x)
 
 
 def apply_acceptance(

@@ -102,7 +102,9 @@ def predict(
             mesh=model.meshes[cat],
             vertex_features=bank.memory.float(),
             clutter=clutter_model(bank.clutter_queue().float()),
-            templates=_templates(model, cat, size, data.normalized_focal, schedule, rasterizer),
+            templates=category_templates(
+                model, cat, size, data.normalized_focal, schedule, rasterizer
+            ),
         )
 
     batches: list[tuple[list[str], list[int]]] = []
@@ -147,7 +149,7 @@ def predict(
     )
 
 
-def _templates(
+def category_templates(
     model: NeMoModel,
     category: str,
     size: tuple[int, int],

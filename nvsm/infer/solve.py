@@ -196,6 +196,51 @@ def render_templates(
     return TemplateBank(poses, torch.cat(feats), torch.cat(masks))
 
 
+@torch.no_grad()
+def flip_margin(
+    feature_maps: torch.Tensor,
+    poses: torch.Tensor,
+    mesh: Mesh,
+    vertex_features: torch.Tensor,
+    clutter: torch.Tensor,
+    k_feat: torch.Tensor,
+    rasterizer: Rasterizer | None = None,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Front/back flip margin: ``pose_loss`` at (a + π, e, θ, d) − ``pose_loss`` at (a, e, θ, d).
+
+    A cuboid maps onto itself under a half turn about its vertical axis, so the two poses cover
+    exactly the same pixels: the margin measures only how much better the vertex features
+    explain the image the given way round than back to front (feasibility notes: ~180° flips
+    are the dominant few-shot error, and match scores alone do not expose them).
+
+    Args:
+        feature_maps: (N, D, h, w) unit features; poses: (N, 4) (a, e, θ, d);
+        vertex_features: (V, D); clutter: (D,); k_feat: (N, 3, 3) or (3, 3).
+    Returns:
+        (N,) margins (positive: the given orientation is the better one); NaN for non-finite
+        poses.
+    """
+    n, _, h, w = feature_maps.shape
+    kk = k_feat.to(feature_maps.dtype)
+    kk = kk.expand(n, 3, 3) if kk.ndim == 2 else kk
+    p = poses.to(feature_maps.dtype)
+    ok = torch.isfinite(p).all(1)
+    # Non-finite rows are rendered at a harmless pose and reported as NaN.
+    p = torch.where(ok[:, None], p, p.new_tensor([0.0, 0.0, 0.0, NORMALIZED_DISTANCE]))
+    out = torch.empty(n, dtype=feature_maps.dtype)
+    for start in range(0, n, batch_size):
+        sl = slice(start, start + batch_size)
+        q = p[sl].repeat(2, 1)
+        q[: q.shape[0] // 2, 0] += math.pi
+        r = render_pose(mesh, vertex_features, q[:, 0], q[:, 1], q[:, 2], q[:, 3],
+                        kk[sl].repeat(2, 1, 1), (h, w), rasterizer)  # fmt: skip
+        loss = pose_loss(feature_maps[sl].repeat(2, 1, 1, 1), r.features, r.mask, clutter)
+        flipped, given = loss.chunk(2)
+        out[sl] = (flipped - given).cpu()
+    return out.masked_fill(~ok.cpu(), math.nan)
+
+
 def refine_poses(
     feature_maps: torch.Tensor,
     init: torch.Tensor,
@@ -395,6 +440,7 @@ __all__ = [
     "clutter_model",
     "estimate_poses",
     "estimate_poses_categories",
+    "flip_margin",
     "pose_loss",
     "refine_poses",
     "render_templates",

@@ -79,6 +79,13 @@ class CropSet:
         """The same crops with other poses (pseudo-labels) and weights."""
         return replace(self, poses=poses.to(torch.float64), weights=weights.float())
 
+    def mirrored(self) -> CropSet:
+        """The horizontally flipped crops with exact cameras and mirrored poses (``flip_batch``);
+        uids are kept, so a mirror is still excluded from matching its own source image."""
+        flip = torch.ones(len(self), dtype=torch.bool)
+        images, k, poses = flip_batch(self.images, self.k, self.poses, flip)
+        return replace(self, images=images, k=k, poses=poses)
+
     @staticmethod
     def concat(sets: Sequence[CropSet]) -> CropSet:
         if not sets:

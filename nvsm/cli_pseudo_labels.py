@@ -1,0 +1,125 @@
+"""``nvsm pseudo-labels``: export and inspect the pseudo-labels of a few-shot run folder
+(mounted by ``nvsm/cli.py``; the work is done by ``nvsm.fewshot.report``)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+app = typer.Typer(
+    help="Export a few-shot run's pseudo-labels (CSV / JSON lines) or inspect them in an "
+    "offline HTML report.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+#: Messages go to stderr so that ``export`` without --out writes only the labels to stdout.
+console = Console(stderr=True)
+
+RunArg = Annotated[
+    Path, typer.Argument(help="Run folder written by 'nvsm fewshot --out RUN'.", show_default=False)
+]
+
+
+class ExportFormat(StrEnum):
+    """Formats of ``nvsm pseudo-labels export``."""
+
+    csv = "csv"
+    jsonl = "jsonl"
+
+
+def _fail(message: str) -> NoReturn:
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    run: RunArg,
+    fmt: Annotated[
+        ExportFormat,
+        typer.Option("--format", "-f", help="csv (the columns of pseudo_labels.csv) or jsonl."),
+    ],
+    round_index: Annotated[
+        int | None,
+        typer.Option(
+            "--round", "-k", min=0, help="EM round (default: the last one with pseudo-labels)."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output file (default: stdout).")
+    ] = None,
+    accepted_only: Annotated[
+        bool, typer.Option("--accepted-only", help="Only the labels the round accepted.")
+    ] = False,
+) -> None:
+    """Write one round's pseudo-labels as CSV or JSON lines (angles in radians).
+
+    The labels are read from RUN/round_<k>/pseudo_labels.jsonl; the CSV has the columns of
+    RUN/round_<k>/pseudo_labels.csv. --out is written atomically.
+
+    Examples:
+        nvsm pseudo-labels export runs/nvsm7 --format csv --out labels.csv
+        nvsm pseudo-labels export runs/nvsm7 --round 1 --format jsonl --accepted-only
+    """
+    from nvsm.fewshot.report import RunFolderError, export_labels
+    from nvsm.io import atomic_write_text
+
+    try:
+        k, n, text = export_labels(run, round_index, fmt.value, accepted_only)
+    except RunFolderError as exc:
+        _fail(str(exc))
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    try:
+        atomic_write_text(out, text)
+    except OSError as exc:
+        _fail(f"cannot write {out}: {exc.strerror or exc}")
+    which = "accepted pseudo-labels" if accepted_only else "pseudo-labels"
+    console.print(f"round {k}: {n} {which} → {escape(str(out))}", soft_wrap=True)
+
+
+@app.command()
+def inspect(
+    run: RunArg,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="HTML file (default RUN/pseudo_labels_report.html)."),
+    ] = None,
+    per_round: Annotated[
+        int, typer.Option("--per-round", "-n", min=1, help="Thumbnails per round's contact sheet.")
+    ] = 48,
+) -> None:
+    """Write a single offline HTML report of a run's pseudo-labels (images inlined).
+
+    Per round: a contact sheet of unlabelled crops (up to --per-round, by score, rejected ones
+    in red) with the cuboid drawn at the pseudo-labelled pose, captioned with the score and the
+    pose error; score histograms of accepted vs rejected labels; azimuth/elevation coverage.
+    Once: accepted pseudo-label and test accuracy per round (from the rounds' metrics.json).
+    The crops and their ground truth are rebuilt from the run's config.json (diagnostics only);
+    if the data set cannot be loaded the report has no contact sheets and says why.
+
+    Examples:
+        nvsm pseudo-labels inspect runs/nvsm7
+        nvsm pseudo-labels inspect runs/nvsm7 --per-round 24 --out nvsm7-labels.html
+    """
+    from nvsm.fewshot.report import REPORT_NAME, RunFolderError, write_report
+
+    try:
+        summary = write_report(run, out, per_round)
+    except RunFolderError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot write {out or run / REPORT_NAME}: {exc.strerror or exc}")
+    if summary.note:
+        console.print(f"[yellow]warning:[/yellow] {escape(summary.note)}", soft_wrap=True)
+    console.print(
+        f"rounds {', '.join(map(str, summary.rounds))}: {summary.size / 1e6:.2f} MB → "
+        f"{escape(str(summary.path))}",
+        soft_wrap=True,
+    )
