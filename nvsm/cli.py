@@ -291,6 +291,12 @@ def fewshot(
     ] = None,
     root: Annotated[Path | None, typer.Option(help="Dataset root on disk (real datasets).")] = None,
     recipe: RecipeOpt = None,
+    tiny: Annotated[
+        bool,
+        typer.Option(
+            "--tiny", help="Smoke test: the tiny built-in set and recipe synthetic-car-tiny."
+        ),
+    ] = False,
     with_oracle: Annotated[
         bool,
         typer.Option("--with-oracle", help="Also train on every training label (oracle row)."),
@@ -320,6 +326,7 @@ def fewshot(
         nvsm fewshot --annotations 7 --anchors random --seed 1 --out runs/nvsm7-r1
         nvsm fewshot --annotations 7 --rounds 3 --out runs/nvsm7 --resume
         nvsm fewshot --annotations 20 --with-oracle
+        nvsm fewshot --tiny --with-oracle --out /tmp/smoke
         nvsm fewshot --dataset pascal3d --root /data/PASCAL3D+_release1.1
         nvsm fewshot --dataset kitti --root /data/kitti/object
         nvsm fewshot -r synthetic-car-7shot -s fewshot.matcher=faiss -s fewshot.rounds=3
@@ -333,7 +340,9 @@ def fewshot(
         _fail(f"--anchors must be stratified or random, got {anchors!r}")
     if dataset not in (None, "synthetic") and root is None and recipe is None:
         _fail(f"--dataset {dataset} needs --root PATH (the dataset on disk)")
-    name = recipe or f"{dataset or 'synthetic'}-car-7shot"
+    if tiny and (recipe is not None or dataset not in (None, "synthetic")):
+        _fail("--tiny picks its own recipe and dataset (synthetic-car-tiny)")
+    name = "synthetic-car-tiny" if tiny else recipe or f"{dataset or 'synthetic'}-car-7shot"
     extra = [f"labels.annotations={annotations}"] if annotations is not None else []
     extra += [f"fewshot.rounds={rounds}"] if rounds is not None else []
     extra += [f"labels.anchors={anchors}"] if anchors is not None else []

@@ -136,26 +136,31 @@ def _check_csv_jsonl(folder: Path) -> list[PseudoLabel]:
 
 
 @pytest.mark.slow
-def test_fewshot_cli_end_to_end(tiny_synthetic, tmp_path):
+def test_fewshot_cli_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("NVSM_DATA", str(tmp_path / "data"))  # --tiny generates its data here
     run = tmp_path / "run"
-    sets = [x for o in _tiny_overrides(tiny_synthetic, 2) for x in ("-s", o)]
-    res = runner.invoke(app, ["fewshot", "--annotations", "3", "--out", str(run), *sets])
+    res = runner.invoke(app, ["fewshot", "--tiny", "--with-oracle", "--out", str(run)])
     assert res.exit_code == 0, res.output
-    assert "nemo" in res.output and "nvsm" in res.output
+    for row in ("nemo", "nemo_same_steps", "self_training r1", "nvsm r2", "oracle"):
+        assert row in res.output, row
     assert (run / "run_info.json").is_file()
-    for k in range(3):
-        folder = run / f"round_{k}"
+    stages = [run / f"round_{k}" for k in range(3)]
+    stages += [run / "self_training" / f"round_{k}" for k in (1, 2)]
+    stages += [run / "nemo_same_steps", run / "oracle"]
+    for folder in stages:
         for name in ("metrics.json", "model.pt", "config.json"):
-            assert (folder / name).is_file(), (k, name)
-        if k > 0:
+            assert (folder / name).is_file(), (folder, name)
+        if folder.name.startswith("round_") and folder.name != "round_0":
+            k = int(folder.name.split("_")[1])
             labels = _check_csv_jsonl(folder)
             assert all(lb.round == k for lb in labels) and any(lb.accepted for lb in labels)
             m = json.loads((folder / "metrics.json").read_text())
             diag = m["pseudo_labels"]
             assert diag["pool"] == 3 and diag["accepted"] == sum(lb.accepted for lb in labels)
             assert {"acc_pi_6", "median_error_deg", "flip_share"} <= set(diag["refined"])
+            assert {"features", "matching", "training", "inference"} <= set(m["stage_seconds"])
     metrics = json.loads((run / "metrics.json").read_text())
-    for row in ("nemo", "nvsm"):
+    for row in ("nemo", "nemo_same_steps", "self_training", "nvsm", "oracle"):
         assert set(metrics[row]) == {"L0"}
         assert set(metrics[row]["L0"]) == {
             "acc_pi_6",
@@ -165,8 +170,16 @@ def test_fewshot_cli_end_to_end(tiny_synthetic, tmp_path):
             "failures",
         }
         assert metrics[row]["L0"]["n"] == 4
+        assert 0.0 <= metrics[row]["L0"]["acc_pi_6"] <= 1.0
     assert metrics["anchor_seed"] == 0 and len(metrics["rounds"]) == 3
+    assert len(metrics["self_training_rounds"]) == 2
     assert metrics["anchor_azimuth_coverage"]["car"]["n_bins"] == 8
+    # Same budget: round 0 + 2 M-steps of the recipe (3 + 2·2 steps).
+    assert metrics["total_steps"] == 7
+    oracle = json.loads((run / "oracle" / "metrics.json").read_text())
+    assert oracle["train"]["steps"] == 7 and oracle["train"]["labelled_images"] == 6
+    same = json.loads((run / "nemo_same_steps" / "metrics.json").read_text())
+    assert same["train"]["steps"] == 4 and same["train"]["labelled_images"] == 3
 
 
 @pytest.fixture(scope="module")

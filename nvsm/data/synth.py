@@ -109,7 +109,7 @@ SYNSETS: dict[str, str] = {"car": "n02958343", "aeroplane": "n02691156", "chair"
 OCCLUSION_LEVELS: dict[int, tuple[float, float]] = {1: (0.2, 0.4), 2: (0.4, 0.6), 3: (0.6, 0.8)}
 #: Named sizes: category → (train images, val images).
 SIZE_PRESETS: dict[str, dict[str, tuple[int, int]]] = {
-    "tiny": {"car": (3, 2), "aeroplane": (2, 1), "chair": (2, 1)},
+    "tiny": {"car": (6, 4), "aeroplane": (2, 1), "chair": (2, 1)},
     "default": {"car": (400, 150), "aeroplane": (150, 60), "chair": (150, 60)},
 }
 SPLITS: tuple[str, ...] = ("train", "val")

@@ -428,7 +428,6 @@ def e_step(
     return refined, matched
 
 
-@torch.no_grad()
 def self_training_labels(
     model: NeMoModel,
     pool: CropSet,
@@ -467,7 +466,7 @@ def self_training_labels(
         feats = extract_features(model, pool, device, config.infer.batch_size)
     labels: list[PseudoLabel | None] = [None] * len(pool)
     size = (feats.shape[-2], feats.shape[-1])
-    with timer("matching"):
+    with timer("matching"), torch.no_grad():
         for cat in sorted(set(pool.categories)):
             idx = [i for i, c in enumerate(pool.categories) if c == cat]
             bank = model.banks[cat]
