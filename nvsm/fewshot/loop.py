@@ -925,8 +925,15 @@ def _em_rounds(run: _Run, root: Path, labeller: Labeller, name: str) -> list[dic
         seed = run.config.seed + ROUND_SEED_STRIDE * k
         info: dict[str, Any] = {"round": k, "method": name}
         labels, matched = labeller(model, k, labels, timer)
-        info["pseudo_labels"] = pseudo_label_diagnostics(labels, matched, run.hidden_gt)
+        info["pseudo_labels"] = diag = pseudo_label_diagnostics(labels, matched, run.hidden_gt)
         acc = [i for i, lb in enumerate(labels) if lb.accepted]
+        if diag["accepted"] and math.isfinite(diag["refined"]["acc_pi_6"]):
+            r = diag["refined"]
+            run.say(
+                f"{name} round {k}: accepted {len(acc)}/{len(labels)} pseudo-labels; vs the "
+                f"hidden ground truth (diagnostics only): Acc@π/6 {100 * r['acc_pi_6']:.1f}, "
+                f"Acc@π/18 {100 * r['acc_pi_18']:.1f}, flips {100 * r['flip_share']:.1f} %"
+            )
         data = run.data.labelled
         if acc:
             data = CropSet.concat([data, _pseudo_set(run.pool, labels, acc)])
