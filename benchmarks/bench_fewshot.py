@@ -18,7 +18,9 @@ Two parts (both when neither flag is given):
                     self-matches excluded by uid), per target at the measured view count M; the
                     maps of ``--images`` crops are tiled to the full pool size, so view
                     preparation is amortised as in the real call.
-    * pseudo-labels ``best_pose_and_margin`` + ``flip_score`` + acceptance + weights, per target.
+    * pseudo-labels ``best_pose_and_margin`` + ``accept_and_weight``, per target.
+    * flip check    ``flip_margins`` (NeMo loss at the matched pose and at its half turn), per
+                    image.
     * refine        ``_refine`` (render-and-compare, ``fewshot.refine_steps``) of matched poses,
                     per image.
     * templates     ``render_templates`` of the inference schedule, once per evaluation.
@@ -97,14 +99,15 @@ from rich.table import Table
 from nvsm.config import RunConfig, load_config, override_config
 from nvsm.fewshot.loop import (
     _refine,
+    accept_and_weight,
     acceptance_schedule,
-    confidence_weights,
     extract_features,
+    flip_margins,
     prepare_fewshot_data,
     round_shifts,
 )
 from nvsm.fewshot.matching import FaissMatcher, Matcher, TorchMatcher, faiss_available
-from nvsm.fewshot.pseudo_labels import best_pose_and_margin, flip_score, make_pseudo_labels
+from nvsm.fewshot.pseudo_labels import best_pose_and_margin, make_pseudo_labels
 from nvsm.fewshot.synthesis import (
     SynthesizedViews,
     iter_synthesized_views,
@@ -237,8 +240,8 @@ def run_sizes(config: RunConfig, labelled: int, pool: int, test: int) -> RunSize
     anchors, views, accepted = [0], [0], [0]
     for k in range(1, fs.rounds + 1):
         n_anchors = labelled + min(fs.max_pseudo_anchors, accepted[k - 1])
-        anchors.append(n_anchors)
-        views.append(n_anchors * int(round_shifts(fs, k).shape[0]))
+        anchors.append(n_anchors * (2 if fs.mirror_anchors else 1))
+        views.append(anchors[-1] * int(round_shifts(fs, k).shape[0]))
         frac = schedule.rule(k - 1).top_fraction
         accepted.append(pool if frac is None else min(pool, math.ceil(frac * pool - 1e-9)))
     return RunSizes(labelled, pool, test, train, anchors, views, accepted)
@@ -302,6 +305,8 @@ def bench_stages(args: argparse.Namespace) -> dict[str, Any]:
     anchors = labelled
     if pseudo_anchors > 0:
         anchors = CropSet.concat([labelled, pool_all.subset(torch.arange(pseudo_anchors))])
+    if fs.mirror_anchors:
+        anchors = CropSet.concat([anchors, anchors.mirrored()])
     stages: list[Stage] = []
     reps = args.repeats
 
@@ -384,27 +389,31 @@ def bench_stages(args: argparse.Namespace) -> dict[str, Any]:
     assert result is not None
     scores, index = result
 
-    # Pseudo-labels from the top-k (best pose, margin, flip score, acceptance, weights).
+    # Pseudo-labels from the top-k (best pose, margin, acceptance, weights); the flip margins
+    # they are ranked with are rendered, so they are timed per image below.
     vposes = views.poses.double().cpu()
     vshift = views.shift.cpu()
     rule = acceptance_schedule(fs).rule(measured_round - 1)
+    no_flip = torch.full((len(uids),), math.nan, dtype=torch.float64)
 
     def pseudo_labels() -> list[Any]:
         best = best_pose_and_margin(scores, vposes, fs.min_separation_deg, index=index)
-        flip = flip_score(scores, vposes, best, fs.flip_radius_deg, index=index)
         made = make_pseudo_labels(
-            list(uids), category, best, flip, vposes, vshift, src_uids, measured_round
+            list(uids), category, best, no_flip, vposes, vshift, src_uids, measured_round
         )
-        keep = rule.accept(made)
-        made = [dataclasses.replace(lb, accepted=bool(k)) for lb, k in zip(made, keep, strict=True)]
-        weights = confidence_weights(made, fs.min_weight)
-        return [
-            dataclasses.replace(lb, weight=float(w)) for lb, w in zip(made, weights, strict=True)
-        ]
+        return accept_and_weight(made, rule, fs)
 
     stages.append(
         Stage("pseudo-labels", "target", n_pool, _timed_runs(pseudo_labels, device, reps))
     )
+    best = best_pose_and_margin(scores[:n_img], vposes, fs.min_separation_deg, index=index[:n_img])
+    matched = vposes[best.index.clamp(min=0)]
+    runs = _timed_runs(
+        lambda: flip_margins(model, pool, pool_feats[:n_img], matched, device, rasterizer),
+        device,
+        reps,
+    )
+    stages.append(Stage("flip check", "image", n_img, runs))
 
     # Refinement of the (all accepted) matched poses of the timed images.
     labels = [dataclasses.replace(lb, accepted=True, weight=1.0) for lb in pseudo_labels()[:n_img]]
@@ -500,7 +509,7 @@ def _project(stages: Sequence[Stage], sizes: RunSizes, measured_views: int) -> N
             s.per_round = [float(sizes.views[k]) for k in rounds]
         elif s.name.startswith("match"):
             s.per_round = [sizes.pool * sizes.views[k] / measured_views for k in rounds]
-        elif s.name == "pseudo-labels":
+        elif s.name in ("pseudo-labels", "flip check"):
             s.per_round = [sizes.pool if k else 0 for k in rounds]
         elif s.name == "refine":
             s.per_round = [float(sizes.accepted[k]) for k in rounds]
