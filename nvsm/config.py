@@ -128,6 +128,7 @@ class FewShotConfig:
     clutter_aware: bool = True
     candidates: int = 64  # top-k views kept per image (margin and flip score among them)
     view_chunk: int = 512  # views synthesised and matched per chunk (memory bound)
+    target_chunk: int = 1024  # unlabelled feature maps read and matched per chunk
     min_separation_deg: float = 30.0
     refine_steps: int = 10  # render-and-compare steps on each accepted match (0: none)
     refine_lr: float = 0.05

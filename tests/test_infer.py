@@ -102,3 +102,11 @@ def test_flip_margin_is_the_loss_difference_to_the_half_turn():
     bad[1, 0] = math.nan
     out = flip_margin(fm, bad, mesh, feats, clutter, k)
     assert math.isnan(float(out[1])) and torch.allclose(out[[0, 2]], margin[[0, 2]], atol=1e-5)
+
+
+def test_clutter_model_of_an_empty_queue_is_zero_not_nan():
+    from nvsm.infer import clutter_model
+
+    assert torch.equal(clutter_model(torch.empty(0, 8)), torch.zeros(8))
+    q = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
+    assert torch.allclose(clutter_model(q).norm(), torch.tensor(1.0))

@@ -231,15 +231,33 @@ def acceptance_schedule(fs: FewShotConfig) -> AcceptanceSchedule:
 
 @torch.no_grad()
 def extract_features(
-    model: NeMoModel, data: CropSet, device: torch.device, batch_size: int = 16
+    model: NeMoModel,
+    data: CropSet,
+    device: torch.device,
+    batch_size: int = 16,
+    path: Path | None = None,
 ) -> torch.Tensor:
-    """(N, D, h, w) float32 unit feature maps of every crop, on the CPU."""
+    """(N, D, h, w) float32 unit feature maps of every crop, on the CPU.
+
+    With ``path`` the maps are written batch by batch into a memory-mapped ``.npy`` file there
+    and the returned tensor views it, so a large unlabelled pool's maps never need to fit in
+    RAM (the E-step reads them a chunk at a time); the caller deletes the file."""
     model.eval()
-    out = []
+    out: torch.Tensor | None = None
     for start in range(0, len(data), batch_size):
         images = data.images[start : start + batch_size].float().to(device) / 255.0
-        out.append(model.features(normalize_images(images)).float().cpu())
-    return torch.cat(out)
+        maps = model.features(normalize_images(images)).float().cpu()
+        if out is None:
+            shape = (len(data), *maps.shape[1:])
+            if path is None:
+                out = torch.empty(shape)
+            else:
+                array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+                out = torch.from_numpy(array)
+        out[start : start + len(maps)] = maps
+    if out is None:
+        raise ValueError("extract_features: no crops")
+    return out
 
 
 def confidence_weights(labels: Sequence[PseudoLabel], min_weight: float) -> np.ndarray:
@@ -260,7 +278,8 @@ def confidence_weights(labels: Sequence[PseudoLabel], min_weight: float) -> np.n
 def _match_category(
     anchors: CropSet,
     anchor_feats: torch.Tensor,
-    targets: torch.Tensor,
+    pool_feats: torch.Tensor,
+    target_index: list[int],
     target_uids: list[str],
     mesh: Mesh,
     clutter: torch.Tensor | None,
@@ -271,7 +290,11 @@ def _match_category(
     rasterizer: Rasterizer,
     timer: StageTimer,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-    """Top candidates of every target over all synthesised views (chunked).
+    """Top candidates of the targets ``pool_feats[target_index]`` over all synthesised views.
+
+    Views are synthesised ``fs.view_chunk`` at a time and every chunk is matched against the
+    targets ``fs.target_chunk`` at a time, so neither the views nor the pool's feature maps
+    (possibly a memory-mapped file, ``extract_features(path=...)``) are ever all in memory.
 
     Returns scores (T, K), view index (T, K), view poses (M, 4), view shifts (M, 3) and the
     anchor uid of every view."""
@@ -282,9 +305,10 @@ def _match_category(
     )
     view_anchor_poses = anchors.poses.clone().to(device)
     view_anchor_poses[:, 3] = NORMALIZED_DISTANCE  # the canonical camera of the views
-    size = (targets.shape[-2], targets.shape[-1])
-    best_s: torch.Tensor | None = None
-    best_i: torch.Tensor | None = None
+    size = (pool_feats.shape[-2], pool_feats.shape[-1])
+    t = len(target_index)
+    best_s = torch.full((t, 0), -math.inf)
+    best_i = torch.full((t, 0), -1, dtype=torch.int64)
     poses, shift, source = [], [], []
     offset = 0
     synthesized = iter_synthesized_views(
@@ -295,30 +319,31 @@ def _match_category(
             views = next(synthesized, None)
         if views is None:
             break
-        src_uids = [anchors.uids[i] for i in views.source.tolist()]
+        src_uids = np.asarray([anchors.uids[i] for i in views.source.tolist()])
         k = min(fs.candidates, len(views))
-        with timer("matching"):
-            s, i = matcher.search(
-                views.features.float(),
-                views.mask,
-                targets,
-                k,
-                clutter=clutter,
-                exclude=(np.asarray(target_uids), np.asarray(src_uids)),
-            )
-        i = torch.where(i >= 0, i + offset, i)
-        if best_s is None or best_i is None:
-            best_s, best_i = s, i
-        else:
-            cat_s, cat_i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
-            keep = min(fs.candidates, cat_s.shape[1])
-            best_s, pos = cat_s.topk(keep, dim=1)
-            best_i = cat_i.gather(1, pos)
+        parts_s, parts_i = [], []
+        for start in range(0, t, fs.target_chunk):
+            rows = slice(start, start + fs.target_chunk)
+            with timer("matching"):
+                targets = pool_feats[torch.tensor(target_index[rows])].to(device)
+                s, i = matcher.search(
+                    views.features.float(),
+                    views.mask,
+                    targets,
+                    k,
+                    clutter=clutter,
+                    exclude=(np.asarray(target_uids[rows]), src_uids),
+                )
+            parts_s.append(s.float().cpu())
+            parts_i.append(torch.where(i >= 0, i + offset, i).cpu())
+        cat_s = torch.cat([best_s, torch.cat(parts_s)], 1)
+        cat_i = torch.cat([best_i, torch.cat(parts_i)], 1)
+        best_s, pos = cat_s.topk(min(fs.candidates, cat_s.shape[1]), dim=1)
+        best_i = cat_i.gather(1, pos)
         poses.append(views.poses.double().cpu())
         shift.append(views.shift.cpu())
-        source += src_uids
+        source += src_uids.tolist()
         offset += len(views)
-    assert best_s is not None and best_i is not None
     return best_s, best_i, torch.cat(poses), torch.cat(shift), source
 
 
@@ -326,26 +351,39 @@ def flip_margins(
     model: NeMoModel,
     crops: CropSet,
     feats: torch.Tensor,
+    index: Sequence[int],
     poses: torch.Tensor,
     device: torch.device,
     rasterizer: Rasterizer,
+    batch_size: int = 64,
 ) -> torch.Tensor:
-    """(N,) ``flip_margin`` of one category's crops at the given (N, 4) poses (their rotation;
-    the distance is the crop's reference distance) under the current model's mesh features."""
-    cat = crops.categories[0]
+    """(n,) ``flip_margin`` of the crops ``index`` (one category) with feature maps
+    ``feats[index]`` (read a batch at a time: ``feats`` may be memory-mapped) at the given
+    (n, 4) poses (their rotation; the distance is the crop's reference distance) under the
+    current model's mesh features."""
+    cat = crops.categories[index[0]]
     bank = model.banks[cat]
-    at = poses.to(torch.float64).clone()
-    at[:, 3] = crops.reference_distance
-    k_feat = torch.as_tensor(feature_intrinsics(crops.k.numpy(), STRIDE)).float()
-    return flip_margin(
-        feats.to(device),
-        at.float().to(device),
-        model.meshes[cat].to(device),
-        bank.memory.detach().float().to(device),
-        clutter_model(bank.clutter_queue().detach().float()).to(device),
-        k_feat.to(device),
-        rasterizer,
-    )
+    mesh = model.meshes[cat].to(device)
+    memory = bank.memory.detach().float().to(device)
+    clutter = clutter_model(bank.clutter_queue().detach().float()).to(device)
+    out = []
+    for start in range(0, len(index), batch_size):
+        ix = torch.tensor(index[start : start + batch_size])
+        at = poses[start : start + batch_size].to(torch.float64).clone()
+        at[:, 3] = crops.reference_distance[ix]
+        k_feat = torch.as_tensor(feature_intrinsics(crops.k[ix].numpy(), STRIDE)).float()
+        out.append(
+            flip_margin(
+                feats[ix].to(device),
+                at.float().to(device),
+                mesh,
+                memory,
+                clutter,
+                k_feat.to(device),
+                rasterizer,
+            )
+        )
+    return torch.cat(out)
 
 
 def accept_and_weight(
@@ -397,7 +435,8 @@ def e_step(
             scores, index, vposes, vshift, vsource = _match_category(
                 anchors.subset(a_idx),
                 anchor_feats[a_idx].to(device),
-                pool_feats[t_idx].to(device),
+                pool_feats,
+                t_idx,
                 uids,
                 model.meshes[cat].to(device),
                 clutter,
@@ -413,9 +452,7 @@ def e_step(
         best_poses = vposes[best.index.clamp(min=0)].clone()
         best_poses[best.index < 0] = math.nan
         with timer("flip check"):
-            flip = flip_margins(
-                model, pool.subset(t_idx), pool_feats[t_idx], best_poses, device, rasterizer
-            )
+            flip = flip_margins(model, pool, pool_feats, t_idx, best_poses, device, rasterizer)
         made = make_pseudo_labels(uids, cat, best, flip, vposes, vshift, vsource, round_index)
         for i, lb in zip(t_idx, made, strict=True):
             labels[i] = lb
@@ -437,6 +474,7 @@ def self_training_labels(
     rasterizer: Rasterizer,
     timer: StageTimer | None = None,
     show_progress: bool = False,
+    features_path: Path | None = None,
 ) -> list[PseudoLabel]:
     """Plain self-training pseudo-labels: NeMo's own render-and-compare prediction
     (``config.infer.schedule``) of every pool image (not yet accepted).
@@ -445,7 +483,7 @@ def self_training_labels(
     template scores NeMo's search starts from, by the function the NVSM E-step uses on its
     synthesised views (``best_pose_and_margin``), and the flip score is the same
     ``flip_margins`` as NVSM's, so an acceptance rule means the same thing for both.
-    ``pool.poses`` is never read."""
+    ``pool.poses`` is never read; ``features_path``: see ``extract_features``."""
     from nvsm.infer.evaluate import category_templates, predict, resolve_schedule
 
     timer = timer or StageTimer()
@@ -463,7 +501,7 @@ def self_training_labels(
             description=f"self-training round {round_index}: predicting",
         )
     with timer("features"):
-        feats = extract_features(model, pool, device, config.infer.batch_size)
+        feats = extract_features(model, pool, device, config.infer.batch_size, features_path)
     labels: list[PseudoLabel | None] = [None] * len(pool)
     size = (feats.shape[-2], feats.shape[-1])
     with timer("matching"), torch.no_grad():
@@ -482,9 +520,7 @@ def self_training_labels(
                 [tb.poses.cpu().double(), torch.full((len(tb.poses), 1), NORMALIZED_DISTANCE)], 1
             )
             best = best_pose_and_margin(scores, tposes, fs.min_separation_deg)
-            flip = flip_margins(
-                model, pool.subset(idx), feats[idx], preds.poses[idx], device, rasterizer
-            )
+            flip = flip_margins(model, pool, feats, idx, preds.poses[idx], device, rasterizer)
             for j, i in enumerate(idx):
                 p = preds.poses[i]
                 ok = preds.errors[i] is None and bool(torch.isfinite(p).all())
@@ -858,23 +894,28 @@ def _nvsm_labeller(run: _Run) -> Labeller:
         anchors = _anchors(run, previous)
         run.say(f"round {k}: E-step, {len(anchors)} anchors, {len(run.pool)} unlabelled")
         batch = run.config.infer.batch_size
+        path = run.run_dir / f".pool_features-nvsm-{k}.npy"
         with timer("features"):
             anchor_feats = extract_features(model, anchors, run.device, batch)
-            pool_feats = extract_features(model, run.pool, run.device, batch)
-        return e_step(
-            model,
-            k,
-            anchors,
-            anchor_feats,
-            run.pool,
-            pool_feats,
-            run.config.fewshot,
-            run.matcher,
-            run.schedule.rule(k - 1),
-            run.device,
-            run.rasterizer,
-            timer,
-        )
+            pool_feats = extract_features(model, run.pool, run.device, batch, path)
+        try:
+            return e_step(
+                model,
+                k,
+                anchors,
+                anchor_feats,
+                run.pool,
+                pool_feats,
+                run.config.fewshot,
+                run.matcher,
+                run.schedule.rule(k - 1),
+                run.device,
+                run.rasterizer,
+                timer,
+            )
+        finally:
+            del pool_feats
+            path.unlink(missing_ok=True)
 
     return label
 
@@ -884,16 +925,21 @@ def _self_training_labeller(run: _Run) -> Labeller:
         model: NeMoModel, k: int, previous: list[PseudoLabel], timer: StageTimer
     ) -> tuple[list[PseudoLabel], torch.Tensor]:
         run.say(f"self-training round {k}: NeMo predictions on {len(run.pool)} unlabelled")
-        labels = self_training_labels(
-            model,
-            run.pool,
-            run.config,
-            k,
-            run.device,
-            run.rasterizer,
-            timer,
-            show_progress=run.show_progress,
-        )
+        path = run.run_dir / f".pool_features-self_training-{k}.npy"
+        try:
+            labels = self_training_labels(
+                model,
+                run.pool,
+                run.config,
+                k,
+                run.device,
+                run.rasterizer,
+                timer,
+                show_progress=run.show_progress,
+                features_path=path,
+            )
+        finally:
+            path.unlink(missing_ok=True)
         matched = torch.tensor(
             [[lb.azimuth, lb.elevation, lb.theta, lb.distance] for lb in labels],
             dtype=torch.float64,

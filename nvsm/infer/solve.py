@@ -97,7 +97,10 @@ class PosePrediction:
 
 
 def clutter_model(clutter_queue: torch.Tensor) -> torch.Tensor:
-    """Single clutter vector b (D,): the re-normalised mean of the clutter queue (Q, D)."""
+    """Single clutter vector b (D,): the re-normalised mean of the clutter queue (Q, D); zero
+    (no clutter evidence yet, scores reduce to ReLU(cosine)) for an empty queue, not NaN."""
+    if clutter_queue.shape[0] == 0:
+        return clutter_queue.new_zeros(clutter_queue.shape[1])
     return torch.nn.functional.normalize(clutter_queue.mean(0), dim=0)
 
 
