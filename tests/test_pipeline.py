@@ -34,3 +34,16 @@ def test_foreign_folder_is_not_overwritten(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match=r"holds no synthetic_manifest\.json"):
         ensure_synthetic("tiny")
     assert (tmp_path / "synthetic-tiny-seed0" / "mine.txt").read_text() == "user data"
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from nvsm.io import atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
