@@ -2,6 +2,7 @@
 
 import base64
 import csv
+import dataclasses
 import json
 import math
 import re
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_fewshot_loop import _label as fewshot_label
 from test_fewshot_loop import _tiny_overrides
 from typer.testing import CliRunner
 
@@ -34,21 +36,12 @@ runner = CliRunner()
 
 
 def _label(uid: str, score: float, accepted: bool, k: int = 1, azimuth: float = 0.3) -> PseudoLabel:
-    return PseudoLabel(
-        uid=uid,
-        category="car",
+    return dataclasses.replace(
+        fewshot_label(uid, score, accepted),
         azimuth=azimuth,
-        elevation=0.2,
-        theta=0.0,
-        distance=5.0,
-        score=score,
-        margin=math.inf,
-        flip_score=math.nan,
-        source_uid="anchor",
-        shift=(0.0, 0.0, 0.0),
-        accepted=accepted,
         weight=0.5 if accepted else 0.0,
         round=k,
+        source_uid="anchor",
     )
 
 
