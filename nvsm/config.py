@@ -125,6 +125,11 @@ class FewShotConfig:
     shift_growth_deg: float = 30.0
     shift_elevations_deg: list[float] = field(default_factory=lambda: [-10.0, 0.0, 10.0])
     matcher: str = "torch"  # torch | faiss
+    faiss_index: str = "flat"  # flat | ivf (fewshot.matcher=faiss)
+    faiss_nlist: int = 64
+    faiss_nprobe: int = 8
+    faiss_pca_dim: int | None = None  # compress the view/target encodings (re-scored exactly)
+    faiss_gpu: bool = False  # needs faiss-gpu (extra `gpu`) and a visible GPU
     clutter_aware: bool = True
     candidates: int = 64  # top-k views kept per image (margin and flip score among them)
     view_chunk: int = 512  # views synthesised and matched per chunk (memory bound)

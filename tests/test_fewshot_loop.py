@@ -275,7 +275,7 @@ def test_streamed_features_and_chunked_targets_change_nothing(tiny_data, tmp_pat
     for feats, chunk in ((in_ram, 1024), (on_disk, 1)):
         fs = dataclasses.replace(cfg.fewshot, target_chunk=chunk, view_chunk=7, refine_steps=2)
         labels, matched = e_step(
-            model, 1, anchors, anchor_feats, pool, feats, fs, make_matcher("torch"), rule, cpu,
+            model, 1, anchors, anchor_feats, pool, feats, fs, make_matcher(fs), rule, cpu,
             rasterizer,
         )  # fmt: skip
         runs.append(([lb.to_dict() for lb in labels], matched))
@@ -287,3 +287,23 @@ def test_streamed_features_and_chunked_targets_change_nothing(tiny_data, tmp_pat
             assert x.pop(key) == pytest.approx(y.pop(key), abs=1e-5), key
         assert x == y
     assert all(math.isfinite(float(lb.flip_score)) for lb in labels)
+
+
+def test_make_matcher_follows_the_config():
+    import dataclasses
+
+    from nvsm.fewshot.loop import make_matcher
+    from nvsm.fewshot.matching import FaissMatcher, TorchMatcher
+
+    fs = load_config("synthetic-car-7shot").fewshot
+    assert isinstance(make_matcher(fs), TorchMatcher)
+    ivf = dataclasses.replace(
+        fs, matcher="faiss", faiss_index="ivf", faiss_nlist=16, faiss_nprobe=4, faiss_pca_dim=32
+    )
+    m = make_matcher(ivf)
+    assert isinstance(m, FaissMatcher)
+    assert (m.index_type, m.nlist, m.nprobe, m.pca_dim) == ("ivf", 16, 4, 32)
+    with pytest.raises(ValueError, match=r"fewshot\.matcher"):
+        make_matcher(dataclasses.replace(fs, matcher="annoy"))
+    with pytest.raises(ValueError, match="index_type"):
+        make_matcher(dataclasses.replace(fs, matcher="faiss", faiss_index="hnsw"))

@@ -196,13 +196,22 @@ def hide_poses(data: CropSet) -> tuple[CropSet, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 
 
-def make_matcher(name: str) -> Matcher:
-    """``torch`` (exact brute force) or ``faiss`` (shortlist + exact re-scoring)."""
-    if name == "torch":
+def make_matcher(fs: FewShotConfig) -> Matcher:
+    """``fewshot.matcher``: ``torch`` (exact brute force) or ``faiss`` (the views in a
+    ``fewshot.faiss_index`` index, flat or IVF with ``faiss_nlist``/``faiss_nprobe``, optionally
+    PCA-compressed to ``faiss_pca_dim`` and on the GPU with ``faiss_gpu``; shortlists re-scored
+    exactly)."""
+    if fs.matcher == "torch":
         return TorchMatcher()
-    if name == "faiss":
-        return FaissMatcher()
-    raise ValueError(f"unknown matcher {name!r}; expected torch | faiss")
+    if fs.matcher == "faiss":
+        return FaissMatcher(
+            index_type=fs.faiss_index,  # type: ignore[arg-type]
+            nlist=fs.faiss_nlist,
+            nprobe=fs.faiss_nprobe,
+            pca_dim=fs.faiss_pca_dim,
+            use_gpu=fs.faiss_gpu,
+        )
+    raise ValueError(f"unknown fewshot.matcher {fs.matcher!r}; expected torch | faiss")
 
 
 def acceptance_schedule(fs: FewShotConfig) -> AcceptanceSchedule:
@@ -1068,7 +1077,7 @@ def run_fewshot(
         data=data,
         pool=pool,
         hidden_gt=hidden_gt,
-        matcher=matcher or make_matcher(fs.matcher),
+        matcher=matcher or make_matcher(fs),
         schedule=schedule or acceptance_schedule(fs),
         device=device,
         rasterizer=get_rasterizer(config.model.rasterizer, device),
