@@ -307,3 +307,17 @@ def test_make_matcher_follows_the_config():
         make_matcher(dataclasses.replace(fs, matcher="annoy"))
     with pytest.raises(ValueError, match="index_type"):
         make_matcher(dataclasses.replace(fs, matcher="faiss", faiss_index="hnsw"))
+
+
+def test_rounds_stop_when_pose_coverage_saturates():
+    from nvsm.fewshot.loop import _saturated
+    from nvsm.fewshot.pseudo_labels import AcceptanceRule, AcceptanceSchedule
+
+    rules = [AcceptanceRule(top_fraction=f) for f in (0.3, 0.5, 0.6)]
+    schedule = AcceptanceSchedule(tuple(rules))
+    # Rounds 1 and 2 always run; round k ≥ 3 runs while its rule is looser than round k − 1's
+    # or round k − 1 narrowed the largest azimuth gap of the accepted pseudo-labels.
+    assert not _saturated(schedule, 2, [90.0])
+    assert not _saturated(schedule, 3, [60.0, 60.0])  # round 3 accepts more (0.6 > 0.5)
+    assert _saturated(schedule, 4, [60.0, 40.0, 40.0])
+    assert not _saturated(schedule, 4, [60.0, 40.0, 30.0])

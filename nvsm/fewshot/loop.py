@@ -967,12 +967,17 @@ def _em_rounds(run: _Run, root: Path, labeller: Labeller, name: str) -> list[dic
     out: list[dict[str, Any]] = []
     labels: list[PseudoLabel] = []
     previous = run.run_dir / "round_0"
+    gaps: list[float] = []
     for k in range(1, fs.rounds + 1):
+        if _saturated(run.schedule, k, gaps):
+            run.say(f"{name}: pose coverage saturated after round {k - 1}; stopping")
+            break
         folder = root / f"round_{k}"
         saved = run.complete(folder)
         if saved is not None:
             out.append(saved)
             labels = read_pseudo_labels(folder / "pseudo_labels.jsonl")
+            gaps.append(_accepted_gap(labels))
             previous = folder
             continue
         timer = StageTimer()
@@ -1002,8 +1007,20 @@ def _em_rounds(run: _Run, root: Path, labeller: Labeller, name: str) -> list[dic
         )
         _write_labels(folder, labels)
         out.append(run.finish(folder, model, info, timer))
+        gaps.append(_accepted_gap(labels))
         previous = folder
     return out
+
+
+def _accepted_gap(labels: Sequence[PseudoLabel]) -> float:
+    """Largest azimuth gap (degrees) between the accepted pseudo-labels."""
+    return azimuth_coverage([lb.azimuth for lb in labels if lb.accepted]).max_gap_deg
+
+
+def _saturated(schedule: AcceptanceSchedule, k: int, gaps: list[float]) -> bool:
+    """Whether EM round k (≥ 3) would add nothing: the acceptance rule stopped loosening and
+    the previous round did not close any azimuth gap of the accepted pseudo-labels."""
+    return k >= 3 and schedule.rule(k - 1) == schedule.rule(k - 2) and gaps[-1] >= gaps[-2]
 
 
 def _single_stage(
@@ -1119,8 +1136,9 @@ def run_fewshot(
             total_steps(config),
             config.seed + stride * (fs.rounds + 2),
         )
-    final = run.load(run_dir / f"round_{fs.rounds}")
-    labels = read_pseudo_labels(run_dir / f"round_{fs.rounds}" / "pseudo_labels.jsonl")
+    last = run_dir / f"round_{rounds[-1]['round']}"  # earlier than fs.rounds if saturated
+    final = run.load(last)
+    labels = read_pseudo_labels(last / "pseudo_labels.jsonl")
     metrics = _top_level(config, data, rows, rounds, extra)
     atomic_write_json(run_dir / "metrics.json", metrics)
     return FewShotResult(metrics=metrics, model=final, labels=labels)
