@@ -73,16 +73,17 @@ def dataset_root(config: RunConfig) -> Path:
     return ensure_synthetic(config.data.synth_size, seed=0)
 
 
-def category_meshes(config: RunConfig, root: Path) -> dict[str, Mesh]:
-    """One cuboid per category from its CAD models (99 % coverage of the pooled vertices), read
-    from ``data.cad_root`` or else the dataset ``root`` (KITTI has no CAD models: point
-    ``data.cad_root`` at a PASCAL3D+ release)."""
-    cad_root = Path(config.data.cad_root) if config.data.cad_root else root
+def cad_root(config: RunConfig, root: Path) -> Path:
+    """Where the CAD models for the cuboids are: ``data.cad_root`` or else the dataset ``root``
+    (KITTI has no CAD models: point ``data.cad_root`` at a PASCAL3D+ release)."""
+    return Path(config.data.cad_root) if config.data.cad_root else root
+
+
+def category_meshes(root: Path, categories: list[str], n_vertices: int) -> dict[str, Mesh]:
+    """One cuboid per category from its CAD models (99 % coverage of the pooled vertices)."""
     return {
-        cat: single_cuboid(
-            [m.vertices for m in load_cad_models(cad_root, cat)], 0.99, config.model.n_vertices
-        )
-        for cat in config.data.categories
+        cat: single_cuboid([m.vertices for m in load_cad_models(root, cat)], 0.99, n_vertices)
+        for cat in categories
     }
 
 
@@ -233,7 +234,9 @@ def train_and_evaluate(
         else:
             model = build_model(
                 config,
-                category_meshes(config, splits.root),
+                category_meshes(
+                    cad_root(config, splits.root), config.data.categories, config.model.n_vertices
+                ),
             )
         # The trainer broadcasts rank 0's backbone and banks; the step count follows rank 0.
         done_steps = ddp.broadcast_object(done_steps)

@@ -338,7 +338,7 @@ def test_infer_end_to_end(tiny_synthetic, tmp_path):
 
 
 def test_templates_are_cached_per_model_until_the_bank_changes():
-    from nvsm.infer.evaluate import _templates
+    from nvsm.infer.evaluate import category_templates
     from nvsm.infer.solve import FAST_SCHEDULE
     from nvsm.mesh import cuboid_mesh
     from nvsm.render import get_rasterizer
@@ -353,14 +353,14 @@ def test_templates_are_cached_per_model_until_the_bank_changes():
     mesh = cuboid_mesh([-0.2, -0.5, -0.2], [0.2, 0.5, 0.2], 100)
     model = NeMoModel(_Backbone(), {"car": mesh}, cfg)  # type: ignore[arg-type]
     ras = get_rasterizer("torch")
-    first = _templates(model, "car", (8, 12), 1000.0, FAST_SCHEDULE, ras)
-    assert _templates(model, "car", (8, 12), 1000.0, FAST_SCHEDULE, ras) is first
+    first = category_templates(model, "car", (8, 12), 1000.0, FAST_SCHEDULE, ras)
+    assert category_templates(model, "car", (8, 12), 1000.0, FAST_SCHEDULE, ras) is first
     bank = model.banks["car"]
     bank.update_vertices(
         torch.randn(1, bank.num_vertices, 8), torch.ones(1, bank.num_vertices, dtype=torch.bool)
     )
-    replaced = _templates(model, "car", (8, 12), 1000.0, FAST_SCHEDULE, ras)
+    replaced = category_templates(model, "car", (8, 12), 1000.0, FAST_SCHEDULE, ras)
     assert replaced is not first
     with torch.no_grad():
         bank.memory.mul_(-1.0)  # an in-place change (e.g. load_state_dict) also invalidates
-    assert _templates(model, "car", (8, 12), 1000.0, FAST_SCHEDULE, ras) is not replaced
+    assert category_templates(model, "car", (8, 12), 1000.0, FAST_SCHEDULE, ras) is not replaced

@@ -160,7 +160,13 @@ def prepare_fewshot_data(config: RunConfig) -> FewShotData:
     deterministic ``labels.anchors`` split with ``config.seed``), the rest of the training
     records as the unlabelled pool (optionally the first ``fewshot.unlabelled_limit``), and the
     test split at ``fewshot.occlusion_levels``."""
-    from nvsm.pipeline import category_meshes, cropsets, labelled_subset, load_splits
+    from nvsm.pipeline import (
+        cad_root,
+        category_meshes,
+        cropsets,
+        labelled_subset,
+        load_splits,
+    )
 
     n = config.labels.annotations
     if n is None:
@@ -178,7 +184,9 @@ def prepare_fewshot_data(config: RunConfig) -> FewShotData:
         [cropsets(config, recs, f"cropping test L{lv}") for lv, recs in sorted(splits.test.items())]
     )
     return FewShotData(
-        meshes=category_meshes(config, splits.root),
+        meshes=category_meshes(
+            cad_root(config, splits.root), config.data.categories, config.model.n_vertices
+        ),
         labelled=cropsets(config, labelled, "cropping labelled"),
         unlabelled=cropsets(config, pool, "cropping unlabelled"),
         test=test,
