@@ -102,7 +102,6 @@ __all__ = [
     "run_fewshot",
     "self_training_labels",
     "summary_levels",
-    "total_steps",
 ]
 
 #: Columns of ``pseudo_labels.csv`` (angles in radians, as in ``PseudoLabel``).
@@ -783,12 +782,6 @@ def round_shifts(fs: FewShotConfig, round_index: int) -> torch.Tensor:
     )
 
 
-def total_steps(config: RunConfig) -> int:
-    """Training steps of a whole NVSM run: round 0 plus every M-step. The ``nemo_same_steps``,
-    ``self_training`` and ``oracle`` rows are given the same budget."""
-    return config.train.steps + config.fewshot.rounds * config.fewshot.mstep_steps
-
-
 @dataclass
 class _Run:
     """What every stage of a run shares (the shell around the pure E-step functions)."""
@@ -966,8 +959,11 @@ def _self_training_labeller(run: _Run) -> Labeller:
     return label
 
 
-def _em_rounds(run: _Run, root: Path, labeller: Labeller, name: str) -> list[dict[str, Any]]:
-    """EM rounds 1..``fewshot.rounds`` from ``RUN/round_0``, writing ``root/round_<k>``.
+def _em_rounds(
+    run: _Run, root: Path, labeller: Labeller, name: str, rounds: int, stop_early: bool
+) -> list[dict[str, Any]]:
+    """EM rounds 1..``rounds`` from ``RUN/round_0``, writing ``root/round_<k>``; with
+    ``stop_early`` the rounds end once pose coverage saturates (``_saturated``).
 
     Every round starts from its predecessor's checkpoint on disk and seeds its own generators,
     so a resumed run equals an uninterrupted one."""
@@ -976,8 +972,8 @@ def _em_rounds(run: _Run, root: Path, labeller: Labeller, name: str) -> list[dic
     labels: list[PseudoLabel] = []
     previous = run.run_dir / "round_0"
     gaps: list[float] = []
-    for k in range(1, fs.rounds + 1):
-        if _saturated(run.schedule, k, gaps):
+    for k in range(1, rounds + 1):
+        if stop_early and _saturated(run.schedule, k, gaps):
             run.say(f"{name}: pose coverage saturated after round {k - 1}; stopping")
             break
         folder = root / f"round_{k}"
@@ -1072,9 +1068,11 @@ def run_fewshot(
 
     Folders: ``round_0`` (``nemo``: the labels alone, ``train.steps``), ``round_<k>`` (``nvsm``
     EM rounds), and with ``fewshot.baselines``: ``nemo_same_steps`` (round 0 continued on the
-    labels alone up to ``total_steps``), ``self_training/round_<k>`` (NeMo's own predictions as
-    pseudo-labels, same acceptance rule and budget); with ``fewshot.oracle``: ``oracle`` (every
-    training image with its ground truth, ``total_steps`` from scratch).
+    labels alone up to the NVSM run's total steps), ``self_training/round_<k>`` (NeMo's own
+    predictions as pseudo-labels, same acceptance rule, rounds and budget); with
+    ``fewshot.oracle``: ``oracle`` (every training image with its ground truth, the NVSM run's
+    total steps from scratch). The total (``total_steps`` in the metrics) counts the EM rounds
+    NVSM actually ran (fewer than ``fewshot.rounds`` when coverage saturated).
 
     Args:
         config: resolved configuration (``config.fewshot`` for the loop).
@@ -1115,7 +1113,10 @@ def run_fewshot(
         run, run_dir / "round_0", "nemo", None, data.labelled, config.train.steps, config.seed
     )
     nemo["round"] = 0
-    rounds = [nemo, *_em_rounds(run, run_dir, _nvsm_labeller(run), "nvsm")]
+    rounds = [nemo, *_em_rounds(run, run_dir, _nvsm_labeller(run), "nvsm", fs.rounds, True)]
+    # The baselines get the budget of the EM rounds NVSM actually ran.
+    em_rounds = len(rounds) - 1
+    budget = config.train.steps + em_rounds * fs.mstep_steps
     rows: dict[str, Any] = {"nemo": nemo, "nvsm": rounds[-1]}
     extra: dict[str, Any] = {}
     if fs.baselines:
@@ -1125,11 +1126,16 @@ def run_fewshot(
             "nemo_same_steps",
             run_dir / "round_0",
             data.labelled,
-            fs.rounds * fs.mstep_steps,
+            em_rounds * fs.mstep_steps,
             config.seed + stride * (fs.rounds + 1),
         )
         st = _em_rounds(
-            run, run_dir / "self_training", _self_training_labeller(run), "self_training"
+            run,
+            run_dir / "self_training",
+            _self_training_labeller(run),
+            "self_training",
+            em_rounds,
+            False,
         )
         rows["self_training"] = st[-1]
         extra["self_training_rounds"] = [_round_summary(r) for r in st]
@@ -1141,13 +1147,13 @@ def run_fewshot(
             "oracle",
             None,
             CropSet.concat([data.labelled, truth]),
-            total_steps(config),
+            budget,
             config.seed + stride * (fs.rounds + 2),
         )
     last = run_dir / f"round_{rounds[-1]['round']}"  # earlier than fs.rounds if saturated
     final = run.load(last)
     labels = read_pseudo_labels(last / "pseudo_labels.jsonl")
-    metrics = _top_level(config, data, rows, rounds, extra)
+    metrics = _top_level(config, data, rows, rounds, {"total_steps": budget, **extra})
     atomic_write_json(run_dir / "metrics.json", metrics)
     return FewShotResult(metrics=metrics, model=final, labels=labels)
 
@@ -1187,7 +1193,6 @@ def _top_level(
     }
     return {
         **{name: summary_levels(rows[name]["test"]) for name in ROWS if name in rows},
-        "total_steps": total_steps(config),
         "anchor_seed": config.seed,
         "anchor_strategy": config.labels.anchors,
         "annotations": config.labels.annotations,
