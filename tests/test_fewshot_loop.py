@@ -160,17 +160,19 @@ def test_fewshot_cli_end_to_end(tmp_path, monkeypatch):
             assert {"acc_pi_6", "median_error_deg", "flip_share"} <= set(diag["refined"])
             assert {"features", "matching", "training", "inference"} <= set(m["stage_seconds"])
     metrics = json.loads((run / "metrics.json").read_text())
+    assert "L2" in res.output  # the table has a row per occlusion level
     for row in ("nemo", "nemo_same_steps", "self_training", "nvsm", "oracle"):
-        assert set(metrics[row]) == {"L0"}
-        assert set(metrics[row]["L0"]) == {
-            "acc_pi_6",
-            "acc_pi_18",
-            "median_error_deg",
-            "n",
-            "failures",
-        }
-        assert metrics[row]["L0"]["n"] == 4
-        assert 0.0 <= metrics[row]["L0"]["acc_pi_6"] <= 1.0
+        assert set(metrics[row]) == {"L0", "L2"}
+        for level in ("L0", "L2"):
+            assert set(metrics[row][level]) == {
+                "acc_pi_6",
+                "acc_pi_18",
+                "median_error_deg",
+                "n",
+                "failures",
+            }
+            assert metrics[row][level]["n"] == 4
+            assert 0.0 <= metrics[row][level]["acc_pi_6"] <= 1.0
     assert metrics["anchor_seed"] == 0 and len(metrics["rounds"]) == 3
     assert len(metrics["self_training_rounds"]) == 2
     assert metrics["anchor_azimuth_coverage"]["car"]["n_bins"] == 8
