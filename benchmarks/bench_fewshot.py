@@ -121,6 +121,7 @@ from nvsm.pipeline import labelled_subset, load_splits
 from nvsm.pose.camera import feature_intrinsics
 from nvsm.pose.convention import NORMALIZED_DISTANCE
 from nvsm.render import get_rasterizer
+from nvsm.runtime import keep_freed_memory
 from nvsm.train.cropset import CropSet
 from nvsm.train.model import NeMoModel, build_model
 from nvsm.train.trainer import NeMoTrainer
@@ -864,6 +865,7 @@ def main() -> None:
         raise SystemExit("--round must be >= 1")
     if not args.stages and not args.index:
         args.stages = args.index = True
+    malloc_kept = keep_freed_memory()  # as the `nvsm` command does at start-up
     if args.threads > 0:
         torch.set_num_threads(args.threads)
         if faiss_available():
@@ -882,6 +884,7 @@ def main() -> None:
             "quick": args.quick,
             "device": args.device,
             "threads": torch.get_num_threads(),
+            "malloc_keep_freed_memory": malloc_kept,
             "faiss_threads": _faiss_threads(),
             "repeats": args.repeats,
             "versions": package_versions(),
