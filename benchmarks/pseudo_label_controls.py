@@ -85,6 +85,12 @@ def main() -> None:
     pool = data.unlabelled
     row = {uid: i for i, uid in enumerate(pool.uids)}
     accepted = [lb for lb in read_pseudo_labels(folder / "pseudo_labels.jsonl") if lb.accepted]
+    missing = sorted(lb.uid for lb in accepted if lb.uid not in row)
+    if missing:
+        raise SystemExit(
+            f"{folder / 'pseudo_labels.jsonl'}: uids not in the run's unlabelled pool "
+            f"(a different data set?): {missing[:5]}"
+        )
     index = [row[lb.uid] for lb in accepted]
     pseudo = torch.tensor(
         [[lb.azimuth, lb.elevation, lb.theta, lb.distance] for lb in accepted], dtype=torch.float64
