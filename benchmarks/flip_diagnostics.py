@@ -24,12 +24,10 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from nvsm.config import config_from_dict
-from nvsm.fewshot.loop import acceptance_schedule, read_pseudo_labels
+from nvsm.fewshot.loop import FLIP_ERROR_DEG, acceptance_schedule, read_pseudo_labels
 from nvsm.io import atomic_write_json
 from nvsm.pipeline import load_splits
 from nvsm.pose.metrics import pose_errors
-
-FLIP_DEG = 150.0
 
 
 def round_stats(folder: Path, gt: dict[str, tuple[float, float, float]], rule: Any) -> dict:
@@ -37,7 +35,7 @@ def round_stats(folder: Path, gt: dict[str, tuple[float, float, float]], rule: A
     poses = np.array([[lb.azimuth, lb.elevation, lb.theta] for lb in labels])
     truth = np.array([gt[lb.uid] for lb in labels])
     err = np.degrees(pose_errors([tuple(p) for p in poses], truth))
-    flip = err > FLIP_DEG
+    flip = err > FLIP_ERROR_DEG
     used = np.array([lb.accepted for lb in labels])
     score_only = dataclasses.replace(rule, rank_with_flip=False).accept(labels)
     score = np.array([lb.score for lb in labels])

@@ -25,7 +25,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import time
@@ -36,7 +35,13 @@ import numpy as np
 import torch
 
 from nvsm.config import config_from_dict
-from nvsm.fewshot.loop import ROUND_SEED_STRIDE, prepare_fewshot_data, read_pseudo_labels
+from nvsm.fewshot.loop import (
+    FLIP_ERROR_DEG,
+    prepare_fewshot_data,
+    read_pseudo_labels,
+    round_seed,
+    train_steps,
+)
 from nvsm.infer.evaluate import predict, resolve_schedule, score
 from nvsm.io import atomic_write_json
 from nvsm.pipeline import resolve_device
@@ -45,9 +50,7 @@ from nvsm.render import get_rasterizer
 from nvsm.runtime import keep_freed_memory
 from nvsm.train.cropset import CropSet
 from nvsm.train.model import NeMoModel
-from nvsm.train.trainer import NeMoTrainer
 
-FLIP_DEG = 150.0
 VARIANTS = ("pseudo", "flips_fixed", "true", "true_random")
 
 
@@ -60,7 +63,7 @@ def control_poses(
     if variant == "true":
         return truth
     if variant == "flips_fixed":
-        flipped = torch.as_tensor(error_deg > FLIP_DEG)
+        flipped = torch.as_tensor(error_deg > FLIP_ERROR_DEG)
         return torch.where(flipped[:, None], truth, pseudo)
     raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
 
@@ -75,9 +78,17 @@ def main() -> None:
     args = parser.parse_args()
     keep_freed_memory()
     folder = args.run / f"round_{args.round}"
-    if args.round < 1 or not (folder / "pseudo_labels.jsonl").is_file():
-        raise SystemExit(f"{folder}: no pseudo_labels.jsonl (EM rounds start at 1)")
+    for name in ("pseudo_labels.jsonl", "config.json"):
+        if args.round < 1 or not (folder / name).is_file():
+            raise SystemExit(f"{folder}: no {name} (a complete EM round k >= 1 is needed)")
     config = config_from_dict(json.loads((folder / "config.json").read_text()), str(folder))
+    start = args.run / (
+        "round_0" if config.fewshot.mstep_init == "restart" else f"round_{args.round - 1}"
+    )
+    if not (start / "model.pt").is_file():
+        raise SystemExit(
+            f"{start / 'model.pt'}: missing (the checkpoint round {args.round} started from)"
+        )
     config.fewshot.occlusion_levels = list(args.levels)
     device = resolve_device(config.device)
     rasterizer = get_rasterizer(config.model.rasterizer, device)
@@ -98,15 +109,12 @@ def main() -> None:
     weights = torch.tensor([lb.weight for lb in accepted], dtype=torch.float32)
     truth = pool.poses[index].to(torch.float64)
     error = np.degrees(pose_errors([tuple(p[:3]) for p in pseudo.numpy()], truth[:, :3].numpy()))
-    start = args.run / (
-        "round_0" if config.fewshot.mstep_init == "restart" else f"round_{args.round - 1}"
-    )
-    seed = config.seed + ROUND_SEED_STRIDE * args.round
+    seed = round_seed(config.seed, args.round)
     out: dict[str, Any] = {
         "run": str(args.run),
         "round": args.round,
         "accepted": len(accepted),
-        "accepted_flips": int((error > FLIP_DEG).sum()),
+        "accepted_flips": int((error > FLIP_ERROR_DEG).sum()),
         "accepted_acc_pi_6": float((error < 30).mean()) if len(error) else math.nan,
         "protocol": config.data.crop_protocol,
         "variants": {},
@@ -125,11 +133,12 @@ def main() -> None:
             poses = control_poses(variant, pseudo, truth, error)
             images = pool.subset(index).with_poses(poses, weights)
         model, _ = NeMoModel.load(start / "model.pt")
-        torch.manual_seed(seed)
-        train = dataclasses.replace(config.train, steps=config.fewshot.mstep_steps)
-        trainer = NeMoTrainer(model.to(device), train, device, rasterizer, seed=seed)
+        model = model.to(device)
         began = time.perf_counter()
-        trainer.fit(CropSet.concat([data.labelled, images]), description=variant)
+        train_steps(
+            model, CropSet.concat([data.labelled, images]), config.train,
+            config.fewshot.mstep_steps, seed, device, rasterizer, variant,
+        )  # fmt: skip
         seconds = time.perf_counter() - began
         preds = predict(
             model, data.test, resolve_schedule(config.infer.schedule), config.infer.batch_size,

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nvsm.config import FewShotConfig, RunConfig, config_to_dict
+from nvsm.config import FewShotConfig, RunConfig, TrainConfig, config_to_dict
 from nvsm.data.splits import azimuth_coverage
 from nvsm.fewshot.matching import FaissMatcher, Matcher, TorchMatcher
 from nvsm.fewshot.pseudo_labels import (
@@ -80,6 +80,7 @@ from nvsm.train.trainer import NeMoTrainer
 
 __all__ = [
     "CSV_FIELDS",
+    "FLIP_ERROR_DEG",
     "ROWS",
     "FewShotData",
     "FewShotResult",
@@ -98,10 +99,12 @@ __all__ = [
     "pseudo_labels_csv",
     "pseudo_labels_jsonl",
     "read_pseudo_labels",
+    "round_seed",
     "round_shifts",
     "run_fewshot",
     "self_training_labels",
     "summary_levels",
+    "train_steps",
 ]
 
 #: Columns of ``pseudo_labels.csv`` (angles in radians, as in ``PseudoLabel``).
@@ -129,6 +132,9 @@ SUMMARY_KEYS = ("acc_pi_6", "acc_pi_18", "median_error_deg", "n", "failures")
 
 #: Seed offset between EM rounds (trainer, augmentation and clutter streams).
 ROUND_SEED_STRIDE = 1000
+
+#: A pose error above this (degrees) counts as a front/back flip in the diagnostics.
+FLIP_ERROR_DEG = 150.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -626,7 +632,7 @@ def _pose_summary(poses: np.ndarray, gt: np.ndarray) -> dict[str, Any]:
     err = pose_errors([tuple(p[:3]) for p in poses], gt[:, :3])
     m = summarize_errors(err).to_dict()
     m.pop("failures", None)
-    m["flip_share"] = float(np.mean(np.degrees(err) > 150.0))
+    m["flip_share"] = float(np.mean(np.degrees(err) > FLIP_ERROR_DEG))
     return m
 
 
@@ -770,6 +776,31 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     return sorted(k for k in set(a) | set(b) if k not in RESUMABLE_KEYS and a.get(k) != b.get(k))
 
 
+def round_seed(seed: int, round_index: int) -> int:
+    """Seed of EM round ``round_index``'s M-step (trainer, augmentation, clutter streams)."""
+    return seed + ROUND_SEED_STRIDE * round_index
+
+
+def train_steps(
+    model: NeMoModel,
+    data: CropSet,
+    config: TrainConfig,
+    steps: int,
+    seed: int,
+    device: torch.device,
+    rasterizer: Rasterizer,
+    description: str,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``model`` in place on ``data`` for ``steps`` steps of ``config`` (its schedule
+    spanning those steps), seeding torch and the trainer with ``seed``; the trainer's
+    summary. Every stage of the loop trains through this, so a stage can be repeated exactly."""
+    torch.manual_seed(seed)
+    cfg = dataclasses.replace(config, steps=steps)
+    trainer = NeMoTrainer(model, cfg, device, rasterizer, seed=seed)
+    return trainer.fit(data, steps=steps, description=description, show_progress=show_progress)
+
+
 def round_shifts(fs: FewShotConfig, round_index: int) -> torch.Tensor:
     """(S, 3) pose shifts of EM round ``round_index`` (≥ 1): the configured expanding grid."""
     return expanding_shift_grid(
@@ -824,12 +855,10 @@ class _Run:
     def train(
         self, model: NeMoModel, data: CropSet, steps: int, seed: int, description: str
     ) -> dict[str, Any]:
-        torch.manual_seed(seed)
-        cfg = dataclasses.replace(self.config.train, steps=steps)
-        trainer = NeMoTrainer(model, cfg, self.device, self.rasterizer, seed=seed)
-        return trainer.fit(
-            data, steps=steps, description=description, show_progress=self.show_progress
-        )
+        return train_steps(
+            model, data, self.config.train, steps, seed, self.device, self.rasterizer,
+            description, self.show_progress,
+        )  # fmt: skip
 
     def evaluate(self, model: NeMoModel) -> dict[str, Any]:
         from nvsm.infer.evaluate import predict, resolve_schedule, score
@@ -986,7 +1015,7 @@ def _em_rounds(
             continue
         timer = StageTimer()
         model = run.load(previous)
-        seed = run.config.seed + ROUND_SEED_STRIDE * k
+        seed = round_seed(run.config.seed, k)
         info: dict[str, Any] = {"round": k, "method": name}
         labels, matched = labeller(model, k, labels, timer)
         info["pseudo_labels"] = diag = pseudo_label_diagnostics(labels, matched, run.hidden_gt)
@@ -1108,7 +1137,6 @@ def run_fewshot(
         say=log or (lambda _msg: None),
         config_json=config_to_dict(config),
     )
-    stride = ROUND_SEED_STRIDE
     nemo = _single_stage(
         run, run_dir / "round_0", "nemo", None, data.labelled, config.train.steps, config.seed
     )
@@ -1127,7 +1155,7 @@ def run_fewshot(
             run_dir / "round_0",
             data.labelled,
             em_rounds * fs.mstep_steps,
-            config.seed + stride * (fs.rounds + 1),
+            round_seed(config.seed, fs.rounds + 1),  # past every EM round
         )
         st = _em_rounds(
             run,
@@ -1148,7 +1176,7 @@ def run_fewshot(
             None,
             CropSet.concat([data.labelled, truth]),
             budget,
-            config.seed + stride * (fs.rounds + 2),
+            round_seed(config.seed, fs.rounds + 2),
         )
     last = run_dir / f"round_{rounds[-1]['round']}"  # earlier than fs.rounds if saturated
     final = run.load(last)
