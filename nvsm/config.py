@@ -131,6 +131,10 @@ class FewShotConfig:
     faiss_pca_dim: int | None = None  # compress the view/target encodings (re-scored exactly)
     faiss_gpu: bool = False  # needs faiss-gpu (extra `gpu`) and a visible GPU
     clutter_aware: bool = True
+    # Denominator of the NVSM score (nvsm.fewshot.matching): the view's whole silhouette, holes
+    # included (default), or only its usable pixels (the score before it, which lets mostly-hole
+    # views from large shifts win matches).
+    score_area: str = "silhouette"  # silhouette | usable
     candidates: int = 64  # top-k views kept per image (margin and flip score among them)
     view_chunk: int = 512  # views synthesised and matched per chunk (memory bound)
     target_chunk: int = 1024  # unlabelled feature maps read and matched per chunk

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -212,6 +213,57 @@ def test_similarity_matches_its_definition() -> None:
     pairs = nvsm_similarity_pairs(views, masks, targets, cand, clutter)
     assert torch.allclose(pairs[:, [0, 3]], clu[:, [0, 11]], atol=1e-6)
     assert bool((pairs[:, [1, 2]] == -math.inf).all())
+
+
+def test_similarity_with_areas_divides_the_sum_by_them() -> None:
+    views, masks, targets, clutter = _match_data()
+    counts = masks.flatten(1).sum(1).double()
+    areas = counts + torch.arange(40).double() % 7  # e.g. silhouettes with holes
+    areas[3] = 9.0  # a view without usable pixels stays unmatched whatever its area
+    lin = nvsm_similarity(views, masks, targets)
+    clu = nvsm_similarity(views, masks, targets, clutter)
+    lin_a = nvsm_similarity(views, masks, targets, areas=areas)
+    clu_a = nvsm_similarity(views, masks, targets, clutter, areas=areas)
+    keep = counts > 0
+    scale = (counts / areas).float()
+    assert torch.allclose(lin_a[:, keep], lin[:, keep] * scale[keep], atol=1e-6)
+    assert torch.allclose(clu_a[:, keep], clu[:, keep] * scale[keep], atol=1e-6)
+    assert bool((lin_a[:, 3] == -math.inf).all())
+    # Holes pull a view down: with half its silhouette unseen, a perfect match scores 0.5.
+    one = F.normalize(torch.randn(1, 8, 6, 7), dim=1)
+    half = torch.zeros(1, 6, 7, dtype=torch.bool)
+    half[:, :3] = True
+    assert math.isclose(float(nvsm_similarity(one, half, one)), 1.0, abs_tol=1e-6)
+    s = nvsm_similarity(one, half, one, areas=torch.tensor([42.0]))
+    assert math.isclose(float(s), 0.5, abs_tol=1e-6)
+    # The linear encoding, the pair scores and the matcher use the same denominators.
+    enc_v, support = encode_views(views, masks, areas)
+    assert torch.allclose((encode_targets(targets, support) @ enc_v.T)[:, keep], lin_a[:, keep],
+                          atol=1e-5)
+    cand = torch.tensor([[0, 11, 39]]).repeat(15, 1)
+    pairs = nvsm_similarity_pairs(views, masks, targets, cand, clutter, areas=areas)
+    assert torch.allclose(pairs, clu_a[:, [0, 11, 39]], atol=1e-6)
+    vals, idx = TorchMatcher(query_batch=4).search(views, masks, targets, 5, clutter=clutter,
+                                                   areas=areas)
+    ref_v, ref_i = clu_a.topk(5, dim=1)
+    assert torch.allclose(vals, ref_v) and torch.equal(idx, ref_i)
+    with pytest.raises(ValueError, match="areas must be"):
+        nvsm_similarity(views, masks, targets, areas=areas[:5])
+    with pytest.raises(ValueError, match="areas must be >="):
+        nvsm_similarity(views, masks, targets, areas=counts - 1)
+
+
+@needs_faiss
+def test_faiss_with_areas_matches_brute_force() -> None:
+    views, masks, targets, clutter = _match_data()
+    areas = masks.flatten(1).sum(1).double() + torch.arange(40).double() % 5
+    torch_m = TorchMatcher()
+    for clu in (None, clutter):
+        ref = torch_m.search(views, masks, targets, 5, clutter=clu, areas=areas)
+        got = FaissMatcher("flat", shortlist=40).search(
+            views, masks, targets, 5, clutter=clu, areas=areas
+        )
+        _assert_same_topk(got, ref)
 
 
 def _assert_same_topk(
@@ -438,3 +490,19 @@ def test_pseudo_label_round_trip_and_construction() -> None:
     assert math.isclose(labels[0].azimuth, math.radians(30)) and labels[0].round == 2
     assert math.isnan(labels[2].azimuth) and not any(x.accepted for x in labels)
     assert isinstance(best, BestMatch)
+
+
+def test_view_areas_follow_fewshot_score_area() -> None:
+    from types import SimpleNamespace
+
+    from nvsm.fewshot.loop import view_areas
+
+    sil = torch.zeros(2, 4, 5, dtype=torch.bool)
+    sil[0, :2] = True
+    sil[1, 0, 0] = True
+    views = SimpleNamespace(silhouette=sil)
+    assert torch.equal(view_areas(views, "silhouette"), torch.tensor([10, 1]))  # type: ignore[arg-type]
+    assert view_areas(views, "usable") is None  # type: ignore[arg-type]
+    message = re.escape("fewshot.score_area must be silhouette | usable, got 'mask'")
+    with pytest.raises(ValueError, match=message):
+        view_areas(views, "mask")  # type: ignore[arg-type]

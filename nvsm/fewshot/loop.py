@@ -53,6 +53,7 @@ from nvsm.fewshot.pseudo_labels import (
     make_pseudo_labels,
 )
 from nvsm.fewshot.synthesis import (
+    SynthesizedViews,
     canonical_pose,
     expanding_shift_grid,
     iter_synthesized_views,
@@ -297,6 +298,24 @@ def confidence_weights(labels: Sequence[PseudoLabel], min_weight: float) -> np.n
     return w
 
 
+#: Values of ``fewshot.score_area``: the NVSM score's denominator (``nvsm.fewshot.matching``).
+SCORE_AREAS = ("silhouette", "usable")
+
+
+def _require_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{key} must be {' | '.join(choices)}, got {value!r}")
+
+
+def view_areas(views: SynthesizedViews, score_area: str) -> torch.Tensor | None:
+    """(M,) denominators of the NVSM score for ``score_area`` (``SCORE_AREAS``): each view's
+    silhouette pixel count, or None for the matcher's default (its usable pixels)."""
+    _require_choice("fewshot.score_area", score_area, SCORE_AREAS)
+    if score_area == "usable":
+        return None
+    return views.silhouette.flatten(1).sum(1)
+
+
 def _match_category(
     anchors: CropSet,
     anchor_feats: torch.Tensor,
@@ -342,6 +361,7 @@ def _match_category(
         if views is None:
             break
         src_uids = np.asarray([anchors.uids[i] for i in views.source.tolist()])
+        areas = view_areas(views, fs.score_area)
         k = min(fs.candidates, len(views))
         parts_s, parts_i = [], []
         for start in range(0, t, fs.target_chunk):
@@ -355,6 +375,7 @@ def _match_category(
                     k,
                     clutter=clutter,
                     exclude=(np.asarray(target_uids[rows]), src_uids),
+                    areas=areas,
                 )
             parts_s.append(s.float().cpu())
             parts_i.append(torch.where(i >= 0, i + offset, i).cpu())
@@ -1113,8 +1134,8 @@ def run_fewshot(
         log: optional progress messages.
     """
     fs = config.fewshot
-    if fs.mstep_init not in ("continue", "restart"):
-        raise ValueError(f"fewshot.mstep_init must be continue | restart, got {fs.mstep_init!r}")
+    _require_choice("fewshot.mstep_init", fs.mstep_init, ("continue", "restart"))
+    _require_choice("fewshot.score_area", fs.score_area, SCORE_AREAS)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = data or prepare_fewshot_data(config)
