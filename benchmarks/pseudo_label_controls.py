@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ from nvsm.fewshot.loop import (
 from nvsm.infer.evaluate import predict, resolve_schedule, score
 from nvsm.io import atomic_write_json
 from nvsm.pipeline import resolve_device
-from nvsm.pose.metrics import pose_errors
+from nvsm.pose.metrics import pose_errors, summarize_errors
 from nvsm.render import get_rasterizer
 from nvsm.runtime import keep_freed_memory
 from nvsm.train.cropset import CropSet
@@ -115,7 +114,7 @@ def main() -> None:
         "round": args.round,
         "accepted": len(accepted),
         "accepted_flips": int((error > FLIP_ERROR_DEG).sum()),
-        "accepted_acc_pi_6": float((error < 30).mean()) if len(error) else math.nan,
+        "accepted_acc_pi_6": summarize_errors(np.radians(error)).acc_pi_6,
         "protocol": config.data.crop_protocol,
         "variants": {},
     }

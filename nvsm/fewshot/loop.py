@@ -83,6 +83,7 @@ __all__ = [
     "CSV_FIELDS",
     "FLIP_ERROR_DEG",
     "ROWS",
+    "SCORE_AREAS",
     "FewShotData",
     "FewShotResult",
     "StageTimer",
@@ -106,6 +107,7 @@ __all__ = [
     "self_training_labels",
     "summary_levels",
     "train_steps",
+    "view_areas",
 ]
 
 #: Columns of ``pseudo_labels.csv`` (angles in radians, as in ``PseudoLabel``).
