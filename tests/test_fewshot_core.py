@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -506,3 +507,13 @@ def test_view_areas_follow_fewshot_score_area() -> None:
     message = re.escape("fewshot.score_area must be silhouette | usable, got 'mask'")
     with pytest.raises(ValueError, match=message):
         view_areas(views, "mask")  # type: ignore[arg-type]
+
+
+def test_run_fewshot_refuses_an_unknown_score_area_before_any_work(tmp_path: Path) -> None:
+    from nvsm.config import RunConfig, override_config
+    from nvsm.fewshot.loop import run_fewshot
+
+    config = override_config(RunConfig(), ["fewshot.score_area=mask", "labels.annotations=7"])
+    with pytest.raises(ValueError, match=re.escape("fewshot.score_area must be silhouette")):
+        run_fewshot(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
