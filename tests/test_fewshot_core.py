@@ -451,6 +451,12 @@ def test_acceptance_rule_and_schedule() -> None:
     assert both.accept(labels).tolist() == [True, True, False, False, False, False, True]
     both_more = AcceptanceRule(top_fraction=0.6, rank_with_flip=True)
     assert both_more.accept(labels).tolist() == [True, True, True, False, True, False, True]
+    # Flip score weighted 10×: a 5 + 40, b 4 + 40, e 1 + 40, c 3 + 20, d 2 + 10 → e before c.
+    flip_heavy = AcceptanceRule(top_fraction=0.6, rank_with_flip=True, flip_rank_weight=10.0)
+    assert flip_heavy.accept(labels).tolist() == [True, True, False, False, True, False, True]
+    for bad in (0.0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="flip_rank_weight"):
+            AcceptanceRule(rank_with_flip=True, flip_rank_weight=bad)
 
     sched = AcceptanceSchedule.linear(
         AcceptanceRule(min_margin=0.1, top_fraction=0.3),

@@ -1,6 +1,7 @@
 """The NVSM EM loop (``nvsm.fewshot.loop``) and the ``nvsm fewshot`` command."""
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -82,6 +83,9 @@ def test_confidence_weights_and_schedule():
     second = fs.accept_top_fraction_first + fs.accept_top_fraction_step
     assert sched.rule(1).top_fraction == pytest.approx(min(second, fs.accept_top_fraction_max))
     assert sched.rule(50).top_fraction == pytest.approx(fs.accept_top_fraction_max)
+    assert {r.flip_rank_weight for r in sched.rules} == {fs.accept_flip_rank_weight}
+    heavy = acceptance_schedule(dataclasses.replace(fs, accept_flip_rank_weight=2.5))
+    assert {r.flip_rank_weight for r in heavy.rules} == {2.5}
 
 
 def test_diagnostics_and_csv_agree_with_jsonl():

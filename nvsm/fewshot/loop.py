@@ -239,6 +239,7 @@ def acceptance_schedule(fs: FewShotConfig) -> AcceptanceSchedule:
         min_flip_margin=fs.accept_min_flip_margin,
         top_fraction=min(fs.accept_top_fraction_first, fs.accept_top_fraction_max),
         rank_with_flip=fs.accept_rank_with_flip,
+        flip_rank_weight=fs.accept_flip_rank_weight,
     )
     rules = [first]
     while rules[-1].top_fraction is not None and rules[-1].top_fraction < (

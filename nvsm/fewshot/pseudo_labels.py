@@ -306,9 +306,12 @@ class AcceptanceRule:
             labels passed to ``accept``, independently of the other criteria.
         require_flip_evidence: see ``min_flip_margin``.
         per_category: rank ``top_fraction`` within each category.
-        rank_with_flip: rank ``top_fraction`` by the mean of the score's and the flip score's
-            percentile ranks (a NaN flip score ranks last) instead of by the score alone, so a
-            label must be both well matched and clearly not back to front.
+        rank_with_flip: rank ``top_fraction`` by the score's percentile rank plus
+            ``flip_rank_weight`` times the flip score's (a NaN flip score ranks last) instead of
+            by the score alone, so a label must be both well matched and clearly not back to
+            front.
+        flip_rank_weight: > 0, the flip score's weight in that ranking (1: both count the same;
+            larger values trust the front/back evidence more than the match score).
     Non-finite scores (no match) are always rejected.
     """
 
@@ -319,8 +322,11 @@ class AcceptanceRule:
     require_flip_evidence: bool = False
     per_category: bool = True
     rank_with_flip: bool = False
+    flip_rank_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.flip_rank_weight) and self.flip_rank_weight > 0):
+            raise ValueError(f"flip_rank_weight must be > 0, got {self.flip_rank_weight}")
         if self.top_fraction is not None and not 0.0 < self.top_fraction <= 1.0:
             raise ValueError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
 
@@ -360,7 +366,9 @@ class AcceptanceRule:
                 key = s
                 if self.rank_with_flip:
                     key = np.full(len(s), -np.inf)
-                    key[members] = _percentile_rank(s[members]) + _percentile_rank(f[members])
+                    key[members] = _percentile_rank(s[members]) + self.flip_rank_weight * (
+                        _percentile_rank(f[members])
+                    )
                 vals = np.sort(key[members])[::-1]
                 keep = math.ceil(self.top_fraction * vals.size - 1e-9)
                 top |= members & (key >= vals[max(keep, 1) - 1])
