@@ -12,11 +12,12 @@ import torch
 from typer.testing import CliRunner
 
 from nvsm.cli import app
-from nvsm.config import load_config
+from nvsm.config import config_to_dict, load_config
 from nvsm.fewshot.loop import (
     CSV_FIELDS,
     acceptance_schedule,
     confidence_weights,
+    config_differences,
     hide_poses,
     prepare_fewshot_data,
     pseudo_label_diagnostics,
@@ -86,6 +87,19 @@ def test_confidence_weights_and_schedule():
     assert {r.flip_rank_weight for r in sched.rules} == {fs.accept_flip_rank_weight}
     heavy = acceptance_schedule(dataclasses.replace(fs, accept_flip_rank_weight=2.5))
     assert {r.flip_rank_weight for r in heavy.rules} == {2.5}
+
+
+def test_config_differences_reads_missing_keys_as_their_defaults():
+    current = config_to_dict(load_config("synthetic-car-7shot"))
+    older = json.loads(json.dumps(current))
+    del older["fewshot"]["accept_flip_rank_weight"]  # a run made before the option existed
+    assert config_differences(older, current) == []
+    changed = json.loads(json.dumps(current))
+    changed["fewshot"]["accept_flip_rank_weight"] = 2.0
+    changed["fewshot"]["rounds"] = 9  # resumable
+    assert config_differences(changed, current) == ["fewshot.accept_flip_rank_weight"]
+    older["fewshot"]["shift_step_deg"] = 5.0
+    assert config_differences(older, current) == ["fewshot.shift_step_deg"]
 
 
 def test_diagnostics_and_csv_agree_with_jsonl():

@@ -795,8 +795,14 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two config dicts (``RESUMABLE_KEYS`` ignored)."""
+    """Dotted keys whose values differ between two config dicts (``RESUMABLE_KEYS`` ignored).
+
+    A key that ``saved`` lacks but ``RunConfig`` has (an option added to nvsm after that run
+    was made) is compared at its default, because a new option defaults to the behaviour
+    before it existed."""
     a, b = _flat(json.loads(json.dumps(saved))), _flat(json.loads(json.dumps(current)))
+    defaults = _flat(json.loads(json.dumps(config_to_dict(RunConfig()))))
+    a = {**{k: v for k, v in defaults.items() if k not in a}, **a}
     return sorted(k for k in set(a) | set(b) if k not in RESUMABLE_KEYS and a.get(k) != b.get(k))
 
 
