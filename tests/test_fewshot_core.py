@@ -515,11 +515,17 @@ def test_view_areas_follow_fewshot_score_area() -> None:
         view_areas(views, "mask")  # type: ignore[arg-type]
 
 
-def test_run_fewshot_refuses_an_unknown_score_area_before_any_work(tmp_path: Path) -> None:
+def test_run_fewshot_refuses_bad_fewshot_options_before_any_work(tmp_path: Path) -> None:
     from nvsm.config import RunConfig, override_config
     from nvsm.fewshot.loop import run_fewshot
 
     config = override_config(RunConfig(), ["fewshot.score_area=mask", "labels.annotations=7"])
     with pytest.raises(ValueError, match=re.escape("fewshot.score_area must be silhouette")):
+        run_fewshot(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    config = override_config(
+        RunConfig(), ["fewshot.accept_flip_rank_weight=0", "labels.annotations=7"]
+    )
+    with pytest.raises(ValueError, match=re.escape("fewshot.accept_flip_rank_weight must be > 0")):
         run_fewshot(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()

@@ -234,6 +234,9 @@ def acceptance_schedule(fs: FewShotConfig) -> AcceptanceSchedule:
     """Rule of EM round k (index k − 1): the top fraction min(max, first + (k − 1)·step) of the
     pool by score, plus the optional fixed margin and flip thresholds. It does not depend on
     ``fs.rounds``, so extending a run with ``resume`` gives the rounds a longer run would."""
+    weight = fs.accept_flip_rank_weight
+    if not (math.isfinite(weight) and weight > 0):
+        raise ValueError(f"fewshot.accept_flip_rank_weight must be > 0, got {weight!r}")
     first = AcceptanceRule(
         min_margin=fs.accept_min_margin,
         min_flip_margin=fs.accept_min_flip_margin,
@@ -1145,6 +1148,7 @@ def run_fewshot(
     fs = config.fewshot
     _require_choice("fewshot.mstep_init", fs.mstep_init, ("continue", "restart"))
     _require_choice("fewshot.score_area", fs.score_area, SCORE_AREAS)
+    schedule = schedule or acceptance_schedule(fs)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = data or prepare_fewshot_data(config)
@@ -1160,7 +1164,7 @@ def run_fewshot(
         pool=pool,
         hidden_gt=hidden_gt,
         matcher=matcher or make_matcher(fs),
-        schedule=schedule or acceptance_schedule(fs),
+        schedule=schedule,
         device=device,
         rasterizer=get_rasterizer(config.model.rasterizer, device),
         show_progress=show_progress,
