@@ -271,7 +271,6 @@ def test_fewshot_help_has_examples():
 
 
 def test_streamed_features_and_chunked_targets_change_nothing(tiny_data, tmp_path):
-
     from nvsm.fewshot.loop import e_step, extract_features, make_matcher
     from nvsm.fewshot.pseudo_labels import AcceptanceRule
     from nvsm.render import get_rasterizer
@@ -309,7 +308,6 @@ def test_streamed_features_and_chunked_targets_change_nothing(tiny_data, tmp_pat
 
 
 def test_make_matcher_follows_the_config():
-
     from nvsm.fewshot.loop import make_matcher
     from nvsm.fewshot.matching import FaissMatcher, TorchMatcher
 
