@@ -23,9 +23,11 @@ from nvsm.fewshot.loop import (
     pseudo_label_diagnostics,
     pseudo_labels_csv,
     read_pseudo_labels,
+    round_seed,
     run_fewshot,
 )
 from nvsm.fewshot.pseudo_labels import PseudoLabel
+from nvsm.train.model import NeMoModel
 
 runner = CliRunner()
 
@@ -240,6 +242,16 @@ def test_resume_equals_uninterrupted_run(tiny_synthetic, tiny_data, tmp_path):
     for key in sa:
         assert torch.equal(sa[key], sb[key]), key
     assert full.metrics["nvsm"] == resumed.metrics["nvsm"]
+    # The baselines follow the new number of rounds: nemo_same_steps is trained again for the
+    # 2-round budget (its 1-round folder is stale), self-training gets its second round.
+    for row in ("nemo_same_steps", "self_training"):
+        assert full.metrics[row] == resumed.metrics[row], row
+    same = json.loads((part / "nemo_same_steps" / "metrics.json").read_text())["train"]
+    assert same["steps"] == 4 and same["seed"] == round_seed(cfg2.seed, 3)
+    sa = NeMoModel.load(tmp_path / "full" / "nemo_same_steps" / "model.pt")[0]
+    sb = NeMoModel.load(part / "nemo_same_steps" / "model.pt")[0]
+    for key, value in _bank_state(sa).items():
+        assert torch.equal(value, _bank_state(sb)[key]), key
     cfg_other = load_config(
         "synthetic-car-7shot", [*_tiny_overrides(tiny_synthetic, 3), "fewshot.mstep_steps=5"]
     )

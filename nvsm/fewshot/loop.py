@@ -864,22 +864,43 @@ class _Run:
     say: Callable[[str], None]
     config_json: dict[str, Any] = field(default_factory=dict)
 
-    def complete(self, folder: Path) -> dict[str, Any] | None:
-        """The saved metrics of a complete stage folder when resuming (None: compute it)."""
+    def complete(
+        self, folder: Path, steps: int | None = None, seed: int | None = None
+    ) -> dict[str, Any] | None:
+        """The saved metrics of a complete stage folder when resuming (None: compute it).
+
+        With ``steps`` and ``seed`` (a single-stage folder), a saved stage trained for another
+        number of steps or with another seed is stale and recomputed: the baselines' budget and
+        seed follow the EM rounds, which ``--resume --rounds K`` may change. A stage saved
+        before nvsm recorded its seed counts as stale when ``fewshot.rounds`` changed."""
         if not (self.resume and (folder / "metrics.json").is_file()):
             return None
         if not (folder / "model.pt").is_file():
             return None
-        diff = config_differences(
-            json.loads((folder / "config.json").read_text()), self.config_json
-        )
+        saved_config = json.loads((folder / "config.json").read_text())
+        diff = config_differences(saved_config, self.config_json)
         if diff:
             raise ValueError(
                 f"cannot resume {self.run_dir}: {folder}/config.json differs from this run's "
                 f"config in {diff}"
             )
-        self.say(f"{folder.relative_to(self.run_dir)}: complete, loaded")
-        return json.loads((folder / "metrics.json").read_text())
+        saved = json.loads((folder / "metrics.json").read_text())
+        name = folder.relative_to(self.run_dir)
+        if steps is not None:
+            train = saved.get("train", {})
+            rounds_changed = (
+                saved_config.get("fewshot", {}).get("rounds") != self.config.fewshot.rounds
+            )
+            seed_ok = train["seed"] == seed if "seed" in train else not rounds_changed
+            if train.get("steps") != steps or not seed_ok:
+                self.say(
+                    f"{name}: saved for {train.get('steps')} steps (seed "
+                    f"{train.get('seed', 'not recorded')}), this run needs {steps} (seed {seed}): "
+                    "training it again"
+                )
+                return None
+        self.say(f"{name}: complete, loaded")
+        return saved
 
     def load(self, folder: Path) -> NeMoModel:
         model, _ = NeMoModel.load(folder / "model.pt")
@@ -1100,7 +1121,7 @@ def _single_stage(
 ) -> dict[str, Any]:
     """Train (from ``start``'s checkpoint, or a fresh model) on ``data`` for ``steps`` steps,
     evaluate and write ``folder``; or load it when resuming."""
-    saved = run.complete(folder)
+    saved = run.complete(folder, steps, seed)
     if saved is not None:
         return saved
     timer = StageTimer()
@@ -1113,6 +1134,7 @@ def _single_stage(
     with timer("training"):
         info: dict[str, Any] = {"method": name, "train": run.train(model, data, steps, seed, name)}
     info["train"]["labelled_images"] = len(data)
+    info["train"]["seed"] = seed
     return run.finish(folder, model, info, timer)
 
 
