@@ -50,6 +50,7 @@ class ModelConfig:
     feature_dim: int = 128
     n_vertices: int = 1000
     rasterizer: str = "auto"  # auto | torch | pytorch3d
+    channels_last: bool = True  # NHWC convolutions, faster on CPU (set_memory_format)
 
 
 @dataclass

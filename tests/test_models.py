@@ -56,6 +56,35 @@ def test_lite12_output(name):
     _check_output(build_backbone(name).eval())
 
 
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "resnet50-unet"])
+def test_channels_last_matches_nchw_features_and_gradients(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # resnet50-unet: no local ImageNet file
+        torch.manual_seed(0)
+        nchw = build_backbone(name, pretrained=False).train()
+    nhwc = build_backbone(name, pretrained=False).train()
+    nhwc.load_state_dict(nchw.state_dict())
+    nhwc.set_memory_format(True)
+    conv = next(m for m in nhwc.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    x = torch.randn(2, 3, 64, 96)
+    outs, grads = [], []
+    for bb in (nchw, nhwc):
+        out = bb(x)
+        assert out.is_contiguous()  # callers always get NCHW
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outs.append(out.detach())
+        grads.append([p.grad.clone() for p in bb.parameters() if p.requires_grad])
+    assert nhwc.memory_format == torch.channels_last
+    assert nchw.memory_format == torch.contiguous_format
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-4)
+    for g_nhwc, g_nchw in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(g_nhwc, g_nchw, atol=1e-4, rtol=1e-3)
+    nhwc.set_memory_format(False)
+    assert conv.weight.is_contiguous()
+
+
 def test_lite0_output_and_odd_feature_sizes(lite0):
     _check_output(lite0.eval())
     with torch.no_grad():  # odd stride-8 sizes go through the even-padding branch

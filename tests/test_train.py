@@ -111,6 +111,7 @@ def test_training_steps_checkpoint_and_reload(tiny_synthetic, tmp_path):
     data = build_cropset(recs, crop_scale=0.2, crop_size=tuple(SIZE), show_progress=False)
     assert data.images.shape == (6, 3, *SIZE)
     model = build_model(cfg, category_meshes(tiny_synthetic, ["car"], 200))
+    assert model.backbone.memory_format == torch.channels_last  # model.channels_last default
     before = model.banks["car"].memory.clone()
     trainer = NeMoTrainer(model, cfg.train, seed=0)
     summary = trainer.fit(data, steps=3, checkpoint_path=tmp_path / "model.pt", show_progress=False)
@@ -121,6 +122,7 @@ def test_training_steps_checkpoint_and_reload(tiny_synthetic, tmp_path):
     assert int(bank.clutter_count) > 0
     loaded, meta = NeMoModel.load(tmp_path / "model.pt")
     assert meta["step"] == 3 and loaded.config == cfg
+    assert loaded.backbone.memory_format == torch.channels_last
     assert torch.equal(loaded.banks["car"].memory, bank.memory)
     x = torch.rand(1, 3, *SIZE)
     model.eval(), loaded.eval()

@@ -73,18 +73,23 @@ class NeMoModel(nn.Module):
         )
         config = config_from_dict(ckpt.metadata["config"], f"{path}: metadata.config")
         meshes = {cat: Mesh(m["vertices"], m["faces"]) for cat, m in ckpt.tensors["meshes"].items()}
-        backbone = build_backbone(config.model.backbone, config.model.feature_dim, pretrained=False)
-        model = cls(backbone, meshes, config)
+        model = cls(configured_backbone(config, pretrained=False), meshes, config)
         model.backbone.load_state_dict(ckpt.tensors["backbone"])
         for cat, state in ckpt.tensors["banks"].items():
             model.banks[cat].load_state_dict(state)
         return model, ckpt.metadata
 
 
+def configured_backbone(config: RunConfig, pretrained: bool = True) -> FeatureBackbone:
+    """The backbone ``config.model`` names, in the memory layout it asks for
+    (``model.channels_last``), with ImageNet weights (``model.backbone_weights`` or the
+    packaged ones) when ``pretrained``."""
+    m = config.model
+    weights = Path(m.backbone_weights) if pretrained and m.backbone_weights else None
+    backbone = build_backbone(m.backbone, m.feature_dim, weights=weights, pretrained=pretrained)
+    return backbone.set_memory_format(m.channels_last)
+
+
 def build_model(config: RunConfig, meshes: dict[str, Mesh]) -> NeMoModel:
     """Fresh model for a config: its backbone (pretrained where available) and new banks."""
-    weights = config.model.backbone_weights
-    backbone = build_backbone(
-        config.model.backbone, config.model.feature_dim, weights=Path(weights) if weights else None
-    )
-    return NeMoModel(backbone, meshes, config)
+    return NeMoModel(configured_backbone(config), meshes, config)
