@@ -189,7 +189,7 @@ class FeatureBackbone(nn.Module):
     def set_memory_format(self, channels_last: bool) -> FeatureBackbone:
         """Store the weights and run the convolutions in NHWC (``channels_last``) or NCHW.
 
-        Why: oneDNN's NHWC convolutions (depthwise ones above all) are faster on the CPU; the
+        Why: oneDNN's NHWC convolutions are faster on the CPU; the
         training steps of the default recipe ran 1.2× faster in NHWC
         (``benchmarks/bench_memory_format.py``). Results agree to float rounding, not bit for
         bit. ``forward`` takes and returns NCHW-contiguous tensors either way.
