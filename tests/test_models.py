@@ -58,10 +58,8 @@ def test_lite12_output(name):
 
 @pytest.mark.parametrize("name", ["efficientnet-lite0", "resnet50-unet"])
 def test_channels_last_matches_nchw_features_and_gradients(name):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # resnet50-unet: no local ImageNet file
-        torch.manual_seed(0)
-        nchw = build_backbone(name, pretrained=False).train()
+    torch.manual_seed(0)
+    nchw = build_backbone(name, pretrained=False).train()
     nhwc = build_backbone(name, pretrained=False).train()
     nhwc.load_state_dict(nchw.state_dict())
     nhwc.set_memory_format(True)
