@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import warnings
 
@@ -56,29 +57,41 @@ def test_lite12_output(name):
     _check_output(build_backbone(name).eval())
 
 
+def _features_and_grads(
+    backbone: nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    out = backbone(x)
+    assert out.is_contiguous()  # callers always get NCHW
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    return out.detach(), [p.grad.clone() for p in backbone.parameters() if p.requires_grad]
+
+
 @pytest.mark.parametrize("name", ["efficientnet-lite0", "resnet50-unet"])
 def test_channels_last_matches_nchw_features_and_gradients(name):
     torch.manual_seed(0)
     nchw = build_backbone(name, pretrained=False).train()
-    nhwc = build_backbone(name, pretrained=False).train()
-    nhwc.load_state_dict(nchw.state_dict())
-    nhwc.set_memory_format(True)
+    nhwc = copy.deepcopy(nchw).set_memory_format(True)
     conv = next(m for m in nhwc.modules() if isinstance(m, nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert not conv.weight.is_contiguous()
-    x = torch.randn(2, 3, 64, 96)
-    outs, grads = [], []
-    for bb in (nchw, nhwc):
-        out = bb(x)
-        assert out.is_contiguous()  # callers always get NCHW
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        outs.append(out.detach())
-        grads.append([p.grad.clone() for p in bb.parameters() if p.requires_grad])
     assert nhwc.memory_format == torch.channels_last
     assert nchw.memory_format == torch.contiguous_format
-    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-4)
-    for g_nhwc, g_nchw in zip(grads[1], grads[0], strict=True):
-        torch.testing.assert_close(g_nhwc, g_nchw, atol=1e-4, rtol=1e-3)
+    x = torch.randn(2, 3, 64, 96)
+    # float32: the kernels training and inference run agree on the features.
+    torch.testing.assert_close(nhwc(x), nchw(x), atol=1e-5, rtol=1e-4)
+    # Gradients in float64: a float32 comparison is ill-posed, because a pre-activation
+    # within rounding of 0 takes the other side of a ReLU in one layout and changes the
+    # gradient of every layer below it by ~1 % (seen on one host: a single value of 4e-6
+    # in resnet50-unet's layer3). In float64 the layouts must agree to rounding.
+    out64, grads64 = _features_and_grads(copy.deepcopy(nchw).double(), x.double())
+    nhwc64 = copy.deepcopy(nhwc).double()
+    assert next(m for m in nhwc64.modules() if isinstance(m, nn.Conv2d)).weight.is_contiguous(
+        memory_format=torch.channels_last
+    )
+    out_cl, grads_cl = _features_and_grads(nhwc64, x.double())
+    torch.testing.assert_close(out_cl, out64)
+    for g_nhwc, g_nchw in zip(grads_cl, grads64, strict=True):
+        torch.testing.assert_close(g_nhwc, g_nchw)
     nhwc.set_memory_format(False)
     assert conv.weight.is_contiguous()
 
