@@ -57,6 +57,10 @@ def test_lite12_output(name):
     _check_output(build_backbone(name).eval())
 
 
+def _first_conv(backbone: nn.Module) -> nn.Conv2d:
+    return next(m for m in backbone.modules() if isinstance(m, nn.Conv2d))
+
+
 def _features_and_grads(
     backbone: nn.Module, x: torch.Tensor
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -71,7 +75,7 @@ def test_channels_last_matches_nchw_features_and_gradients(name):
     torch.manual_seed(0)
     nchw = build_backbone(name, pretrained=False).train()
     nhwc = copy.deepcopy(nchw).set_memory_format(True)
-    conv = next(m for m in nhwc.modules() if isinstance(m, nn.Conv2d))
+    conv = _first_conv(nhwc)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert not conv.weight.is_contiguous()
     assert nhwc.memory_format == torch.channels_last
@@ -85,9 +89,7 @@ def test_channels_last_matches_nchw_features_and_gradients(name):
     # in resnet50-unet's layer3). In float64 the layouts must agree to rounding.
     out64, grads64 = _features_and_grads(copy.deepcopy(nchw).double(), x.double())
     nhwc64 = copy.deepcopy(nhwc).double()
-    assert next(m for m in nhwc64.modules() if isinstance(m, nn.Conv2d)).weight.is_contiguous(
-        memory_format=torch.channels_last
-    )
+    assert _first_conv(nhwc64).weight.is_contiguous(memory_format=torch.channels_last)
     out_cl, grads_cl = _features_and_grads(nhwc64, x.double())
     torch.testing.assert_close(out_cl, out64)
     for g_nhwc, g_nchw in zip(grads_cl, grads64, strict=True):

@@ -190,7 +190,7 @@ class FeatureBackbone(nn.Module):
         """Store the weights and run the convolutions in NHWC (``channels_last``) or NCHW.
 
         Why: oneDNN's NHWC convolutions are faster on the CPU; the
-        training steps of the default recipe ran 1.2× faster in NHWC
+        training steps of the default recipe ran 1.13–1.21× faster in NHWC on two hosts
         (``benchmarks/bench_memory_format.py``). Results agree to float rounding, not bit for
         bit. ``forward`` takes and returns NCHW-contiguous tensors either way.
         """
