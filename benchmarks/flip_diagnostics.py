@@ -6,7 +6,11 @@ the counterfactual acceptance the same rule would make ranking by the match scor
 top fraction), against the hidden ground truth of the unlabelled images: how many of each set are
 flipped (rotation error > 150°) and their Acc@π/6. Labels outside the accepted set carry their
 raw matched pose (accepted ones are refined), which does not change whether a pose is a ~180°
-flip. Also prints the ROC AUC of the score and of the flip margin for telling flips apart.
+flip. Also prints the ROC AUC of the score and of the flip margin for telling flips apart, and
+per 45° bin of the hidden ground-truth azimuth (centred on 0° = the front, 180° = the back): how
+many pool images the bin holds, how many of them are matched within 30° and how many flipped, and
+how many are accepted and accepted flipped (where the flips come from, and which views the
+acceptance leaves out).
 
 Usage:
     python benchmarks/flip_diagnostics.py runs/draws/stratified-7-seed0 [RUN ...] [--json F]
@@ -24,10 +28,14 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from nvsm.config import config_from_dict
+from nvsm.data.splits import azimuth_bins
 from nvsm.fewshot.loop import FLIP_ERROR_DEG, acceptance_schedule, read_pseudo_labels
 from nvsm.io import atomic_write_json
 from nvsm.pipeline import load_splits
 from nvsm.pose.metrics import pose_errors
+
+#: Bins of the hidden ground-truth azimuth in the per-bin breakdown (45° wide, centred on 0°).
+AZIMUTH_BINS = 8
 
 
 def round_stats(folder: Path, gt: dict[str, tuple[float, float, float]], rule: Any) -> dict:
@@ -51,12 +59,25 @@ def round_stats(folder: Path, gt: dict[str, tuple[float, float, float]], rule: A
         }
 
     both = flip[ok].any() and (~flip[ok]).any()
+    bins = azimuth_bins(truth[:, 0], AZIMUTH_BINS)
+    by_azimuth = [
+        {
+            "azimuth_deg": 360.0 * b / AZIMUTH_BINS,
+            "n": int((bins == b).sum()),
+            "matched_ok": int(((bins == b) & (err < 30)).sum()),
+            "matched_flipped": int(((bins == b) & flip).sum()),
+            "accepted": int(((bins == b) & used).sum()),
+            "accepted_flipped": int(((bins == b) & used & flip).sum()),
+        }
+        for b in range(AZIMUTH_BINS)
+    ]
     return {
         "accepted": share(used),
         "score_only": share(score_only),
         "pool_flip_share": float(flip.mean()),
         "auc_score": float(roc_auc_score(~flip[ok], score[ok])) if both else float("nan"),
         "auc_flip_margin": float(roc_auc_score(~flip[ok], margin[ok])) if both else float("nan"),
+        "by_true_azimuth": by_azimuth,
     }
 
 
@@ -87,6 +108,14 @@ def main() -> None:
                     f"{s['flips']:2d} ({100 * s['flip_share']:.1f} %) | pool flips "
                     f"{100 * stats['pool_flip_share']:.1f} % | AUC score "
                     f"{stats['auc_score']:.2f}, flip margin {stats['auc_flip_margin']:.2f}"
+                )
+                print(
+                    "    per true azimuth (n: ok / flipped matched, accepted / flipped): "
+                    + ", ".join(
+                        f"{b['azimuth_deg']:.0f}° {b['n']}: {b['matched_ok']}/"
+                        f"{b['matched_flipped']}, {b['accepted']}/{b['accepted_flipped']}"
+                        for b in stats["by_true_azimuth"]
+                    )
                 )
     if args.json:
         atomic_write_json(args.json, out)

@@ -1,14 +1,19 @@
 """Bad run folders given to the pseudo-label controls benchmark fail with a message that names
-the missing file, before any data set is read."""
+the missing file, before any data set is read; the flip diagnostics count per true azimuth."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 from nvsm.config import RunConfig, config_to_dict
+from nvsm.fewshot.loop import pseudo_labels_jsonl
+from nvsm.fewshot.pseudo_labels import AcceptanceRule, PseudoLabel
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "pseudo_label_controls.py"
 
@@ -44,3 +49,54 @@ def test_missing_start_checkpoint_names_it(tmp_path: Path) -> None:
     assert res.returncode != 0
     assert f"{tmp_path / 'round_0' / 'model.pt'}: missing" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def _load_flip_diagnostics() -> ModuleType:
+    path = SCRIPT.parent / "flip_diagnostics.py"
+    spec = importlib.util.spec_from_file_location("flip_diagnostics", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_flip_diagnostics_counts_per_true_azimuth(tmp_path: Path) -> None:
+    """Four labels with known truth: a correct front view, a front view labelled as the back
+    (accepted), a correct back view and a side view 40° off. Each lands in its truth's bin."""
+    diag = _load_flip_diagnostics()
+    truth = {"f1": (0.1, 0.2, 0.0), "f2": (-0.1, 0.2, 0.0), "b": (math.pi, 0.2, 0.0)}
+    truth["s"] = (math.pi / 2, 0.2, 0.0)
+    pose = {"f1": (0.1, 0.2, 0.0), "f2": (math.pi - 0.1, 0.2, 0.0), "b": (math.pi, 0.2, 0.0)}
+    pose["s"] = (math.pi / 2 + math.radians(40), 0.2, 0.0)
+    accepted = {"f1": False, "f2": True, "b": True, "s": False}
+    labels = [
+        PseudoLabel(
+            uid,
+            "car",
+            *pose[uid],
+            5.0,
+            0.9,
+            0.1,
+            0.05,
+            "a",
+            (0.0, 0.0, 0.0),
+            accepted=accepted[uid],
+        )
+        for uid in ("f1", "f2", "b", "s")
+    ]
+    (tmp_path / "pseudo_labels.jsonl").write_text(pseudo_labels_jsonl(labels))
+    stats = diag.round_stats(tmp_path, truth, AcceptanceRule(top_fraction=0.5))
+    bins = {b["azimuth_deg"]: b for b in stats["by_true_azimuth"]}
+    assert len(bins) == diag.AZIMUTH_BINS
+    assert bins[0.0] == {
+        "azimuth_deg": 0.0,
+        "n": 2,
+        "matched_ok": 1,
+        "matched_flipped": 1,
+        "accepted": 1,
+        "accepted_flipped": 1,
+    }
+    assert (bins[180.0]["n"], bins[180.0]["matched_ok"], bins[180.0]["accepted"]) == (1, 1, 1)
+    assert (bins[90.0]["n"], bins[90.0]["matched_ok"], bins[90.0]["matched_flipped"]) == (1, 0, 0)
+    assert sum(b["n"] for b in bins.values()) == 4
+    assert stats["accepted"] == {"n": 2, "flips": 1, "flip_share": 0.5, "acc_pi_6": 0.5}
