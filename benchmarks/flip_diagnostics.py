@@ -44,6 +44,7 @@ def round_stats(folder: Path, gt: dict[str, tuple[float, float, float]], rule: A
     truth = np.array([gt[lb.uid] for lb in labels])
     err = np.degrees(pose_errors([tuple(p) for p in poses], truth))
     flip = err > FLIP_ERROR_DEG
+    correct = err < 30  # within π/6 (Acc@π/6)
     used = np.array([lb.accepted for lb in labels])
     score_only = dataclasses.replace(rule, rank_with_flip=False).accept(labels)
     score = np.array([lb.score for lb in labels])
@@ -55,29 +56,30 @@ def round_stats(folder: Path, gt: dict[str, tuple[float, float, float]], rule: A
             "n": int(mask.sum()),
             "flips": int((mask & flip).sum()),
             "flip_share": float(flip[mask].mean()) if mask.any() else float("nan"),
-            "acc_pi_6": float((err[mask] < 30).mean()) if mask.any() else float("nan"),
+            "acc_pi_6": float(correct[mask].mean()) if mask.any() else float("nan"),
         }
 
     both = flip[ok].any() and (~flip[ok]).any()
     bins = azimuth_bins(truth[:, 0], AZIMUTH_BINS)
-    by_azimuth = [
-        {
+
+    def bin_counts(b: int) -> dict[str, float]:
+        m = bins == b
+        return {
             "azimuth_deg": 360.0 * b / AZIMUTH_BINS,
-            "n": int((bins == b).sum()),
-            "matched_ok": int(((bins == b) & (err < 30)).sum()),
-            "matched_flipped": int(((bins == b) & flip).sum()),
-            "accepted": int(((bins == b) & used).sum()),
-            "accepted_flipped": int(((bins == b) & used & flip).sum()),
+            "n": int(m.sum()),
+            "matched_ok": int((m & correct).sum()),
+            "matched_flipped": int((m & flip).sum()),
+            "accepted": int((m & used).sum()),
+            "accepted_flipped": int((m & used & flip).sum()),
         }
-        for b in range(AZIMUTH_BINS)
-    ]
+
     return {
         "accepted": share(used),
         "score_only": share(score_only),
         "pool_flip_share": float(flip.mean()),
         "auc_score": float(roc_auc_score(~flip[ok], score[ok])) if both else float("nan"),
         "auc_flip_margin": float(roc_auc_score(~flip[ok], margin[ok])) if both else float("nan"),
-        "by_true_azimuth": by_azimuth,
+        "by_true_azimuth": [bin_counts(b) for b in range(AZIMUTH_BINS)],
     }
 
 
