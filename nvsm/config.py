@@ -149,6 +149,8 @@ class FewShotConfig:
     accept_min_flip_margin: float | None = None
     accept_rank_with_flip: bool = True  # rank the top fraction by score and flip margin
     accept_flip_rank_weight: float = 1.0  # the flip margin's weight in that ranking
+    accept_score_rank_weight: float = 1.0  # the score's weight in it (0: flip margin alone)
+    accept_azimuth_bins: int = 1  # > 1: the top fraction per bin of the pseudo-pose azimuth
     min_weight: float = 0.1  # floor of a pseudo-label's confidence weight
     mirror_anchors: bool = True  # add every anchor's mirror image (mirrored pose) to the views
     baselines: bool = True  # also run nemo_same_steps and self_training (same budget)

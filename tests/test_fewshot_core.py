@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -458,6 +459,13 @@ def test_acceptance_rule_and_schedule() -> None:
         with pytest.raises(ValueError, match="flip_rank_weight"):
             AcceptanceRule(rank_with_flip=True, flip_rank_weight=bad)
 
+    # Score weight 0: the flip margin alone ranks (a, b, e tied at 4, then c) → c before d.
+    flip_only = AcceptanceRule(top_fraction=0.8, rank_with_flip=True, score_rank_weight=0.0)
+    assert flip_only.accept(labels).tolist() == [True, True, True, False, True, False, True]
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="score_rank_weight"):
+            AcceptanceRule(rank_with_flip=True, score_rank_weight=bad)
+
     sched = AcceptanceSchedule.linear(
         AcceptanceRule(min_margin=0.1, top_fraction=0.3),
         AcceptanceRule(min_margin=0.0, top_fraction=0.7),
@@ -529,3 +537,32 @@ def test_run_fewshot_refuses_bad_fewshot_options_before_any_work(tmp_path: Path)
     with pytest.raises(ValueError, match=re.escape("fewshot.accept_flip_rank_weight must be > 0")):
         run_fewshot(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_acceptance_per_azimuth_bin() -> None:
+    """``azimuth_bins``: the top fraction is taken within each bin of the pseudo-pose azimuth,
+    so a bin whose views all score low (end-on views) still gets its share."""
+    front = [math.radians(a) for a in (-10.0, 5.0, 350.0 - 360.0, 15.0)]  # bin 0 of 4
+    side = [math.radians(a) for a in (80.0, 95.0, 100.0, 110.0)]  # bin 1 of 4 (90°)
+    labels = [
+        dataclasses.replace(_label(f"f{i}", "car", 0.1 + 0.01 * i, 0.2, 0.1), azimuth=a)
+        for i, a in enumerate(front)
+    ] + [
+        dataclasses.replace(_label(f"s{i}", "car", 0.5 + 0.01 * i, 0.2, 0.1), azimuth=a)
+        for i, a in enumerate(side)
+    ]
+    pooled = AcceptanceRule(top_fraction=0.5)
+    assert pooled.accept(labels).tolist() == [False] * 4 + [True] * 4
+    binned = AcceptanceRule(top_fraction=0.5, azimuth_bins=4)
+    assert binned.accept(labels).tolist() == [False, False, True, True] * 2
+    # An azimuth of 2π + 5° is the front bin too.
+    wrapped = [dataclasses.replace(labels[0], azimuth=2 * math.pi + math.radians(5.0))]
+    wrapped += labels[1:]
+    assert binned.accept(wrapped).tolist() == binned.accept(labels).tolist()
+    with pytest.raises(ValueError, match="azimuths"):
+        binned.accept_arrays(np.ones(8), np.ones(8), np.ones(8), ["car"] * 8)
+    for bad in (0, -2, 2.5):
+        with pytest.raises(ValueError, match="azimuth_bins"):
+            AcceptanceRule(azimuth_bins=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="azimuth_bins"):
+        AcceptanceSchedule.linear(binned, AcceptanceRule(top_fraction=0.7), 2)

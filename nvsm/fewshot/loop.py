@@ -243,6 +243,8 @@ def acceptance_schedule(fs: FewShotConfig) -> AcceptanceSchedule:
         top_fraction=min(fs.accept_top_fraction_first, fs.accept_top_fraction_max),
         rank_with_flip=fs.accept_rank_with_flip,
         flip_rank_weight=fs.accept_flip_rank_weight,
+        score_rank_weight=fs.accept_score_rank_weight,
+        azimuth_bins=fs.accept_azimuth_bins,
     )
     rules = [first]
     while rules[-1].top_fraction is not None and rules[-1].top_fraction < (

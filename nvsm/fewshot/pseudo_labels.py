@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
+from nvsm.data.splits import azimuth_bins
 from nvsm.pose.convention import rotation_matrix
 from nvsm.pose.metrics import rotation_error
 
@@ -302,8 +303,9 @@ class AcceptanceRule:
         min_flip_margin: flip_score ≥ min_flip_margin; a NaN flip score (no view near the
             flipped pose) passes unless ``require_flip_evidence``.
         top_fraction: in (0, 1]: keep the ceil(f·n) highest finite scores of the pool (ties at
-            the threshold kept), n counted per category when ``per_category``; computed over all
-            labels passed to ``accept``, independently of the other criteria.
+            the threshold kept), n counted per category when ``per_category`` and per azimuth
+            bin when ``azimuth_bins`` > 1; computed over all labels passed to ``accept``,
+            independently of the other criteria.
         require_flip_evidence: see ``min_flip_margin``.
         per_category: rank ``top_fraction`` within each category.
         rank_with_flip: rank ``top_fraction`` by the score's percentile rank plus
@@ -312,6 +314,13 @@ class AcceptanceRule:
             front.
         flip_rank_weight: > 0, the flip score's weight in that ranking (1: both count the same;
             larger values trust the front/back evidence more than the match score).
+        score_rank_weight: ≥ 0, the score's weight in that ranking (0: rank by the flip score
+            alone).
+        azimuth_bins: ≥ 1; above 1, ``top_fraction`` is taken within each bin of the
+            pseudo-pose's azimuth (``nvsm.data.splits.azimuth_bins``: 360°/n wide, the first
+            centred on 0°, the front) instead of over the whole pool, so that every view of the
+            object gets its share of pseudo-labels, not only the views the features match best.
+            Ranks are then percentile ranks within the bin.
     Non-finite scores (no match) are always rejected.
     """
 
@@ -323,10 +332,16 @@ class AcceptanceRule:
     per_category: bool = True
     rank_with_flip: bool = False
     flip_rank_weight: float = 1.0
+    score_rank_weight: float = 1.0
+    azimuth_bins: int = 1
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.flip_rank_weight) and self.flip_rank_weight > 0):
             raise ValueError(f"flip_rank_weight must be > 0, got {self.flip_rank_weight}")
+        if not (math.isfinite(self.score_rank_weight) and self.score_rank_weight >= 0):
+            raise ValueError(f"score_rank_weight must be >= 0, got {self.score_rank_weight}")
+        if not (isinstance(self.azimuth_bins, int) and self.azimuth_bins >= 1):
+            raise ValueError(f"azimuth_bins must be an integer >= 1, got {self.azimuth_bins!r}")
         if self.top_fraction is not None and not 0.0 < self.top_fraction <= 1.0:
             raise ValueError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
 
@@ -336,8 +351,10 @@ class AcceptanceRule:
         margin: np.ndarray,
         flip: np.ndarray,
         categories: Sequence[str] | None = None,
+        azimuths: np.ndarray | None = None,
     ) -> np.ndarray:
-        """The rule on arrays (n,) of scores, margins and flip scores; returns (n,) bool."""
+        """The rule on arrays (n,) of scores, margins, flip scores and pseudo-pose azimuths
+        (radians; needed when ``azimuth_bins`` > 1); returns (n,) bool."""
         s = np.asarray(score, np.float64)
         m = np.asarray(margin, np.float64)
         f = np.asarray(flip, np.float64)
@@ -353,22 +370,29 @@ class AcceptanceRule:
                     flip_ok |= np.isnan(f)
                 ok &= flip_ok
         if self.top_fraction is not None:
-            groups = (
-                np.asarray(categories, dtype=object)
-                if self.per_category and categories is not None
-                else np.zeros(len(s), dtype=object)
-            )
+            groups = [
+                categories[i] if self.per_category and categories is not None else ""
+                for i in range(len(s))
+            ]
+            if self.azimuth_bins > 1:
+                if azimuths is None or len(azimuths) != len(s):
+                    raise ValueError("azimuth_bins > 1 needs the (n,) pseudo-pose azimuths")
+                bins = azimuth_bins(np.nan_to_num(np.asarray(azimuths, np.float64)),
+                                    self.azimuth_bins)
+                groups = [(g, int(b)) for g, b in zip(groups, bins, strict=True)]
+            ids = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+            group_of = np.array([ids[g] for g in groups], dtype=np.int64)
             top = np.zeros(len(s), dtype=bool)
-            for g in dict.fromkeys(groups.tolist()):
-                members = (groups == g) & np.isfinite(s)
+            for g in ids.values():
+                members = (group_of == g) & np.isfinite(s)
                 if not members.any():
                     continue
                 key = s
                 if self.rank_with_flip:
                     key = np.full(len(s), -np.inf)
-                    key[members] = _percentile_rank(s[members]) + self.flip_rank_weight * (
-                        _percentile_rank(f[members])
-                    )
+                    key[members] = self.score_rank_weight * _percentile_rank(
+                        s[members]
+                    ) + self.flip_rank_weight * _percentile_rank(f[members])
                 vals = np.sort(key[members])[::-1]
                 keep = math.ceil(self.top_fraction * vals.size - 1e-9)
                 top |= members & (key >= vals[max(keep, 1) - 1])
@@ -382,6 +406,7 @@ class AcceptanceRule:
             np.array([lb.margin for lb in labels], np.float64),
             np.array([lb.flip_score for lb in labels], np.float64),
             [lb.category for lb in labels],
+            np.array([lb.azimuth for lb in labels], np.float64),
         )
 
 
@@ -437,15 +462,18 @@ class AcceptanceSchedule:
         """Linear loosening from ``first`` (round 0) to ``last`` (round num_rounds − 1).
 
         Each numeric criterion is interpolated; it must be set in both rules or in neither,
-        and the boolean options must agree.
+        and the boolean options and ``azimuth_bins`` must agree.
         """
         if num_rounds < 1:
             raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
-        if (first.require_flip_evidence, first.per_category) != (
+        if (first.require_flip_evidence, first.per_category, first.azimuth_bins) != (
             last.require_flip_evidence,
             last.per_category,
+            last.azimuth_bins,
         ):
-            raise ValueError("AcceptanceSchedule.linear: the boolean options must agree")
+            raise ValueError(
+                "AcceptanceSchedule.linear: the boolean options and azimuth_bins must agree"
+            )
         for name in _NUMERIC:
             if (getattr(first, name) is None) != (getattr(last, name) is None):
                 raise ValueError(f"AcceptanceSchedule.linear: {name} set in only one rule")
