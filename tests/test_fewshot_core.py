@@ -537,6 +537,14 @@ def test_run_fewshot_refuses_bad_fewshot_options_before_any_work(tmp_path: Path)
     with pytest.raises(ValueError, match=re.escape("fewshot.accept_flip_rank_weight must be > 0")):
         run_fewshot(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+    for option, message in (
+        ("fewshot.accept_score_rank_weight=-1", "fewshot.accept_score_rank_weight must be >= 0"),
+        ("fewshot.accept_azimuth_bins=0", "fewshot.accept_azimuth_bins must be an integer >= 1"),
+    ):
+        config = override_config(RunConfig(), [option, "labels.annotations=7"])
+        with pytest.raises(ValueError, match=re.escape(message)):
+            run_fewshot(config, tmp_path / "run")
+        assert not (tmp_path / "run").exists()
 
 
 def test_acceptance_per_azimuth_bin() -> None:

@@ -237,6 +237,13 @@ def acceptance_schedule(fs: FewShotConfig) -> AcceptanceSchedule:
     weight = fs.accept_flip_rank_weight
     if not (math.isfinite(weight) and weight > 0):
         raise ValueError(f"fewshot.accept_flip_rank_weight must be > 0, got {weight!r}")
+    score_weight = fs.accept_score_rank_weight
+    if not (math.isfinite(score_weight) and score_weight >= 0):
+        raise ValueError(f"fewshot.accept_score_rank_weight must be >= 0, got {score_weight!r}")
+    if not (isinstance(fs.accept_azimuth_bins, int) and fs.accept_azimuth_bins >= 1):
+        raise ValueError(
+            f"fewshot.accept_azimuth_bins must be an integer >= 1, got {fs.accept_azimuth_bins!r}"
+        )
     first = AcceptanceRule(
         min_margin=fs.accept_min_margin,
         min_flip_margin=fs.accept_min_flip_margin,

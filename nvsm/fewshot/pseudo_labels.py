@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from nvsm.data.splits import azimuth_bins
+from nvsm.data.splits import azimuth_bins as azimuth_bin_index
 from nvsm.pose.convention import rotation_matrix
 from nvsm.pose.metrics import rotation_error
 
@@ -370,15 +370,18 @@ class AcceptanceRule:
                     flip_ok |= np.isnan(f)
                 ok &= flip_ok
         if self.top_fraction is not None:
-            groups = [
+            groups: list[object] = [
                 categories[i] if self.per_category and categories is not None else ""
                 for i in range(len(s))
             ]
             if self.azimuth_bins > 1:
                 if azimuths is None or len(azimuths) != len(s):
                     raise ValueError("azimuth_bins > 1 needs the (n,) pseudo-pose azimuths")
-                bins = azimuth_bins(np.nan_to_num(np.asarray(azimuths, np.float64)),
-                                    self.azimuth_bins)
+                # A label without a match has a NaN pose; its score is -inf, so it is never kept
+                # whichever bin it falls in.
+                bins = azimuth_bin_index(
+                    np.nan_to_num(np.asarray(azimuths, np.float64)), self.azimuth_bins
+                )
                 groups = [(g, int(b)) for g, b in zip(groups, bins, strict=True)]
             ids = {g: i for i, g in enumerate(dict.fromkeys(groups))}
             group_of = np.array([ids[g] for g in groups], dtype=np.int64)
