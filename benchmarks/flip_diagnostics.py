@@ -32,7 +32,7 @@ from nvsm.data.splits import azimuth_bins
 from nvsm.fewshot.loop import FLIP_ERROR_DEG, acceptance_schedule, read_pseudo_labels
 from nvsm.io import atomic_write_json
 from nvsm.pipeline import load_splits
-from nvsm.pose.metrics import pose_errors
+from nvsm.pose.metrics import PI_6, pose_errors
 
 #: Bins of the hidden ground-truth azimuth in the per-bin breakdown (45° wide, centred on 0°).
 AZIMUTH_BINS = 8
@@ -44,7 +44,7 @@ def round_stats(folder: Path, gt: dict[str, tuple[float, float, float]], rule: A
     truth = np.array([gt[lb.uid] for lb in labels])
     err = np.degrees(pose_errors([tuple(p) for p in poses], truth))
     flip = err > FLIP_ERROR_DEG
-    correct = err < 30  # within π/6 (Acc@π/6)
+    correct = err < np.degrees(PI_6)  # Acc@π/6's test, on errors in degrees
     used = np.array([lb.accepted for lb in labels])
     score_only = dataclasses.replace(rule, rank_with_flip=False).accept(labels)
     score = np.array([lb.score for lb in labels])
