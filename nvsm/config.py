@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -173,6 +174,10 @@ class RunConfig:
     fewshot: FewShotConfig = field(default_factory=FewShotConfig)
 
 
+#: A plain decimal number, exponent allowed (no inf/nan words, no underscores).
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _check_type(value: Any, tp: Any, where: str) -> Any:
     """Validate (and lightly coerce) ``value`` against the annotation ``tp``."""
     origin = typing.get_origin(tp)
@@ -199,6 +204,9 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return _from_dict(tp, value, where)
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+        # YAML 1.1 (PyYAML) reads exponents without a dot, such as 3e-5, as strings.
         return float(value)
     if tp is bool:
         if isinstance(value, bool):

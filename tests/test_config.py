@@ -28,6 +28,17 @@ def test_recipe_and_overrides(tmp_path):
     assert list_recipes(tmp_path) == {"r1": "a test recipe"}
 
 
+def test_exponent_floats_without_a_dot(tmp_path):
+    # PyYAML (YAML 1.1) reads 3e-5 as the string "3e-5"; a float field takes it as the number.
+    (tmp_path / "r.yaml").write_text("train:\n  lr_head: 2E+3\n")
+    cfg = load_config("r", ["train.lr_backbone=3e-5"], recipe_dir=tmp_path)
+    assert cfg.train.lr_backbone == 3e-5 and cfg.train.lr_head == 2000.0
+    with pytest.raises(ConfigError, match=r"train\.lr_backbone: expected float, got 'fast'"):
+        load_config(None, ["train.lr_backbone=fast"])
+    with pytest.raises(ConfigError, match=r"seed: expected int, got '1e3'"):
+        load_config(None, ["seed=1e3"])
+
+
 def test_bad_recipes_name_file_and_key(tmp_path):
     (tmp_path / "bad.yaml").write_text("model:\n  feature_dimm: 64\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml\.model: unknown key\(s\) \['feature_dimm'\]"):
