@@ -3,6 +3,7 @@ train, evaluate. Each function is a thin composition of the library's pure parts
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from nvsm.data.record import ObjectRecord
 from nvsm.data.splits import select_labelled
 from nvsm.mesh import Mesh, single_cuboid
 from nvsm.train.cropset import CropSet, build_cropset
+from nvsm.train.distributed import DistInfo
 from nvsm.train.model import NeMoModel
 
 #: Where the built-in synthetic dataset is generated when no root is given.
@@ -204,67 +206,78 @@ def train_and_evaluate(
     on its own batches with DDP; only rank 0 writes files (run_info, checkpoints, summary,
     metrics) and evaluates, and the other ranks return None.
     """
+    from nvsm.train import distributed as ddp
+
+    owns_group = ddp.launched_by_torchrun() and not ddp.is_initialized()
+    info = ddp.init_distributed(config.device)  # no-op without torchrun
+    try:
+        return _train_and_evaluate(config, run_dir, resume, evaluate, info)
+    finally:
+        if owns_group:
+            # The body's DDP wrapper (its reducer holds the process group) is freed first;
+            # otherwise gloo's threads could be torn down at interpreter exit, and a rank
+            # sometimes died with SIGABRT ("terminate called without an active exception").
+            gc.collect()
+            ddp.cleanup()
+
+
+def _train_and_evaluate(
+    config: RunConfig, run_dir: Path, resume: bool, evaluate: bool, info: DistInfo
+) -> dict[str, object] | None:
+    """``train_and_evaluate``'s body on this process (``info``), inside the process group."""
     from nvsm.io import atomic_write_json, write_run_info
     from nvsm.render import get_rasterizer
     from nvsm.train import distributed as ddp
     from nvsm.train.model import NeMoModel, build_model
     from nvsm.train.trainer import NeMoTrainer
 
-    owns_group = ddp.launched_by_torchrun() and not ddp.is_initialized()
-    info = ddp.init_distributed(config.device)  # no-op without torchrun
-    try:
-        torch.manual_seed(config.seed)
-        device = info.device
-        run_dir = ddp.broadcast_object(Path(run_dir))  # e.g. a timestamped default: rank 0's
-        if info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_run_info(run_dir, config_to_dict(config), config.seed)
-        if not info.is_main:
-            ddp.barrier()  # rank 0 first: it may generate the built-in synthetic dataset
-        splits = load_splits(config, (0,) if evaluate else ())
-        if info.is_main:
-            ddp.barrier()
-        labelled = training_records(config, splits)
-        data = cropsets(config, labelled, "cropping train")
-        ckpt = run_dir / "model.pt"
-        done_steps = 0
-        if resume and ckpt.is_file():
-            model, meta = NeMoModel.load(ckpt)
-            done_steps = int(meta.get("step", 0))
-        else:
-            model = build_model(
-                config,
-                category_meshes(
-                    cad_root(config, splits.root), config.data.categories, config.model.n_vertices
-                ),
-            )
-        # The trainer broadcasts rank 0's backbone and banks; the step count follows rank 0.
-        done_steps = ddp.broadcast_object(done_steps)
-        trainer = NeMoTrainer(
-            model,
-            config.train,
-            device,
-            get_rasterizer(config.model.rasterizer, device),
-            seed=config.seed,
+    torch.manual_seed(config.seed)
+    device = info.device
+    run_dir = ddp.broadcast_object(Path(run_dir))  # e.g. a timestamped default: rank 0's
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_info(run_dir, config_to_dict(config), config.seed)
+    if not info.is_main:
+        ddp.barrier()  # rank 0 first: it may generate the built-in synthetic dataset
+    splits = load_splits(config, (0,) if evaluate else ())
+    if info.is_main:
+        ddp.barrier()
+    labelled = training_records(config, splits)
+    data = cropsets(config, labelled, "cropping train")
+    ckpt = run_dir / "model.pt"
+    done_steps = 0
+    if resume and ckpt.is_file():
+        model, meta = NeMoModel.load(ckpt)
+        done_steps = int(meta.get("step", 0))
+    else:
+        model = build_model(
+            config,
+            category_meshes(
+                cad_root(config, splits.root), config.data.categories, config.model.n_vertices
+            ),
         )
-        trainer.step = done_steps
-        summary = trainer.fit(
-            data, steps=max(0, config.train.steps - done_steps), checkpoint_path=ckpt
-        )
-        ddp.barrier()  # the final checkpoint is written
-        if not info.is_main:
-            return None
-        summary["labelled_images"] = len(data)
-        summary["world_size"] = info.world_size
-        atomic_write_json(run_dir / "train_summary.json", summary)
-        if not evaluate:
-            return None
-        metrics = evaluate_model(model, config, splits.test, config.infer.schedule, device)
-        atomic_write_json(run_dir / "metrics.json", metrics)
-        return metrics
-    finally:
-        if owns_group:
-            ddp.cleanup()
+    # The trainer broadcasts rank 0's backbone and banks; the step count follows rank 0.
+    done_steps = ddp.broadcast_object(done_steps)
+    trainer = NeMoTrainer(
+        model,
+        config.train,
+        device,
+        get_rasterizer(config.model.rasterizer, device),
+        seed=config.seed,
+    )
+    trainer.step = done_steps
+    summary = trainer.fit(data, steps=max(0, config.train.steps - done_steps), checkpoint_path=ckpt)
+    ddp.barrier()  # the final checkpoint is written
+    if not info.is_main:
+        return None
+    summary["labelled_images"] = len(data)
+    summary["world_size"] = info.world_size
+    atomic_write_json(run_dir / "train_summary.json", summary)
+    if not evaluate:
+        return None
+    metrics = evaluate_model(model, config, splits.test, config.infer.schedule, device)
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    return metrics
 
 
 def evaluate_checkpoint(
