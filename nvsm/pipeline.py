@@ -228,7 +228,7 @@ def _train_and_evaluate(
     from nvsm.io import atomic_write_json, write_run_info
     from nvsm.render import get_rasterizer
     from nvsm.train import distributed as ddp
-    from nvsm.train.model import NeMoModel, build_model
+    from nvsm.train.model import build_model
     from nvsm.train.trainer import NeMoTrainer
 
     torch.manual_seed(config.seed)
