@@ -3,7 +3,6 @@ train, evaluate. Each function is a thin composition of the library's pure parts
 
 from __future__ import annotations
 
-import gc
 import os
 import shutil
 from dataclasses import dataclass
@@ -214,10 +213,7 @@ def train_and_evaluate(
         return _train_and_evaluate(config, run_dir, resume, evaluate, info)
     finally:
         if owns_group:
-            # The body's DDP wrapper (its reducer holds the process group) is freed first;
-            # otherwise gloo's threads could be torn down at interpreter exit, and a rank
-            # sometimes died with SIGABRT ("terminate called without an active exception").
-            gc.collect()
+            # After the body has returned, so that its trainer and DDP wrapper are released.
             ddp.cleanup()
 
 

@@ -25,6 +25,7 @@ a no-op and training runs in one process as before.
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import os
 from dataclasses import dataclass
 from typing import TypeVar
@@ -165,6 +166,12 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    """Destroy the process group, if one is running."""
+    """Destroy the process group, if one is running.
+
+    Unreachable objects that hold the group (a DDP wrapper's reducer, caught in a reference
+    cycle) are collected first: torn down later, at interpreter exit, gloo's threads could abort
+    the process (SIGABRT, "terminate called without an active exception"). Call it after the
+    frames that use the group have returned."""
     if is_initialized():
+        gc.collect()
         dist.destroy_process_group()
