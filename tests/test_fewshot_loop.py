@@ -276,6 +276,34 @@ def test_unlabelled_ground_truth_not_used_for_decisions(tiny_synthetic, tiny_dat
         assert torch.equal(value, _bank_state(other.model)[key]), key
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("init", ["continue", "restart"])
+def test_mstep_init_picks_the_starting_weights(
+    init, tiny_synthetic, tiny_data, tmp_path, monkeypatch
+):
+    """Round 2's M-step starts from round 1's model (continue) or round 0's (restart)."""
+    from nvsm.fewshot import loop
+
+    starts: list[dict[str, torch.Tensor]] = []
+    train = loop._Run.train
+
+    def spy(self, model, data, steps, seed, description):
+        starts.append({k: v.clone() for k, v in _bank_state(model).items()})
+        return train(self, model, data, steps, seed, description)
+
+    monkeypatch.setattr(loop._Run, "train", spy)
+    overrides = [*_tiny_overrides(tiny_synthetic, 2), "fewshot.baselines=false"]
+    cfg = load_config("synthetic-car-7shot", [*overrides, f"fewshot.mstep_init={init}"])
+    run = tmp_path / init
+    run_fewshot(cfg, run, data=tiny_data, show_progress=False)
+    assert len(starts) == 3  # round 0, then the two M-steps
+    saved = {k: _bank_state(NeMoModel.load(run / f"round_{k}" / "model.pt")[0]) for k in (0, 1)}
+    expected = saved[1] if init == "continue" else saved[0]
+    other = saved[0] if init == "continue" else saved[1]
+    assert all(torch.equal(starts[2][k], v) for k, v in expected.items())
+    assert not all(torch.equal(starts[2][k], v) for k, v in other.items())
+
+
 def test_fewshot_help_has_examples():
     res = runner.invoke(app, ["fewshot", "--help"])
     assert res.exit_code == 0 and "nvsm fewshot --annotations 7" in res.output
