@@ -16,8 +16,8 @@ from nvsm.data.datasets import load_dataset
 from nvsm.data.record import ObjectRecord
 from nvsm.data.splits import select_labelled
 from nvsm.mesh import Mesh, single_cuboid
+from nvsm.train import distributed as ddp
 from nvsm.train.cropset import CropSet, build_cropset
-from nvsm.train.distributed import DistInfo
 from nvsm.train.model import NeMoModel
 
 #: Where the built-in synthetic dataset is generated when no root is given.
@@ -205,8 +205,6 @@ def train_and_evaluate(
     on its own batches with DDP; only rank 0 writes files (run_info, checkpoints, summary,
     metrics) and evaluates, and the other ranks return None.
     """
-    from nvsm.train import distributed as ddp
-
     owns_group = ddp.launched_by_torchrun() and not ddp.is_initialized()
     info = ddp.init_distributed(config.device)  # no-op without torchrun
     try:
@@ -218,12 +216,11 @@ def train_and_evaluate(
 
 
 def _train_and_evaluate(
-    config: RunConfig, run_dir: Path, resume: bool, evaluate: bool, info: DistInfo
+    config: RunConfig, run_dir: Path, resume: bool, evaluate: bool, info: ddp.DistInfo
 ) -> dict[str, object] | None:
     """``train_and_evaluate``'s body on this process (``info``), inside the process group."""
     from nvsm.io import atomic_write_json, write_run_info
     from nvsm.render import get_rasterizer
-    from nvsm.train import distributed as ddp
     from nvsm.train.model import build_model
     from nvsm.train.trainer import NeMoTrainer
 
