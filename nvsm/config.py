@@ -126,6 +126,7 @@ class FewShotConfig:
     shift_base_deg: float = 30.0
     shift_growth_deg: float = 30.0
     shift_elevations_deg: list[float] = field(default_factory=lambda: [-10.0, 0.0, 10.0])
+    shift_thetas_deg: list[float] = field(default_factory=lambda: [0.0])  # in-plane Δθ
     matcher: str = "torch"  # torch | faiss
     faiss_index: str = "flat"  # flat | ivf (fewshot.matcher=faiss)
     faiss_nlist: int = 64

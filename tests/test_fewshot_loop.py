@@ -348,6 +348,42 @@ def test_streamed_features_and_chunked_targets_change_nothing(tiny_data, tmp_pat
     assert all(math.isfinite(float(lb.flip_score)) for lb in labels)
 
 
+def test_theta_shifts_are_configurable(tiny_data):
+    """``fewshot.shift_thetas_deg`` reaches the grid and every synthesised view: with the one
+    value Δθ = 10°, each pseudo-label's matched view is 10° off its anchor in θ."""
+    from nvsm.fewshot.loop import e_step, extract_features, make_matcher, round_shifts
+    from nvsm.fewshot.pseudo_labels import AcceptanceRule
+    from nvsm.render import get_rasterizer
+    from nvsm.train.model import build_model
+
+    cfg = load_config("synthetic-car-7shot", ["model.feature_dim=32", "device=cpu"])
+    assert cfg.fewshot.shift_thetas_deg == [0.0]  # the default: no in-plane shift
+    fs = dataclasses.replace(cfg.fewshot, shift_thetas_deg=[-10.0, 0.0, 10.0])
+    grid = round_shifts(fs, 1)
+    assert grid.shape == (7 * 3 * 3, 3)  # ±30° in 10° steps × 3 elevations × 3 thetas
+    assert sorted({round(math.degrees(t)) for t in grid[:, 2].tolist()}) == [-10, 0, 10]
+    torch.manual_seed(0)
+    model = build_model(cfg, tiny_data.meshes)
+    cpu = torch.device("cpu")
+    anchors, pool = tiny_data.labelled, tiny_data.unlabelled
+    fs = dataclasses.replace(cfg.fewshot, shift_thetas_deg=[10.0], refine_steps=0)
+    labels, _ = e_step(
+        model, 1, anchors, extract_features(model, anchors, cpu, 2), pool,
+        extract_features(model, pool, cpu, 2), fs, make_matcher(fs),
+        AcceptanceRule(top_fraction=0.5), cpu, get_rasterizer("torch", cpu),
+    )  # fmt: skip
+    assert len(labels) == len(pool)
+    assert all(lb.shift[2] == pytest.approx(math.radians(10.0)) for lb in labels)
+
+
+@pytest.mark.parametrize("key", ["shift_elevations_deg", "shift_thetas_deg"])
+def test_an_empty_shift_list_fails_before_training(key, tmp_path):
+    cfg = load_config("synthetic-car-tiny", [f"fewshot.{key}=[]"])
+    with pytest.raises(ValueError, match=f"fewshot.{key} must list at least one shift"):
+        run_fewshot(cfg, tmp_path / "run", show_progress=False)
+    assert not (tmp_path / "run" / "round_0").exists()
+
+
 def test_make_matcher_follows_the_config():
     from nvsm.fewshot.loop import make_matcher
     from nvsm.fewshot.matching import FaissMatcher, TorchMatcher

@@ -844,14 +844,18 @@ def train_steps(
 
 
 def round_shifts(fs: FewShotConfig, round_index: int) -> torch.Tensor:
-    """(S, 3) pose shifts of EM round ``round_index`` (≥ 1): the configured expanding grid."""
+    """(S, 3) pose shifts of EM round ``round_index`` (≥ 1): the configured expanding grid
+    (azimuth widening per round, ``fs.shift_elevations_deg`` × ``fs.shift_thetas_deg``)."""
+    for key in ("shift_elevations_deg", "shift_thetas_deg"):
+        if not getattr(fs, key):
+            raise ValueError(f"fewshot.{key} must list at least one shift in degrees, got []")
     return expanding_shift_grid(
         round_index - 1,
         fs.shift_step_deg,
         fs.shift_base_deg,
         fs.shift_growth_deg,
         tuple(fs.shift_elevations_deg),
-        (0.0,),
+        tuple(fs.shift_thetas_deg),
     )
 
 
@@ -1179,6 +1183,7 @@ def run_fewshot(
     fs = config.fewshot
     _require_choice("fewshot.mstep_init", fs.mstep_init, ("continue", "restart"))
     _require_choice("fewshot.score_area", fs.score_area, SCORE_AREAS)
+    round_shifts(fs, 1)  # an empty shift list fails here, not after round 0 has trained
     schedule = schedule or acceptance_schedule(fs)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
