@@ -138,6 +138,10 @@ class FewShotConfig:
     # included (default), or only its usable pixels (the score before it, which lets mostly-hole
     # views from large shifts win matches).
     score_area: str = "silhouette"  # silhouette | usable
+    # CSLS hubness correction of the score (nvsm.fewshot.matching): s − r_m / 2, r_m the mean of
+    # view m's hubness_k best scores over (up to hubness_sample, evenly spaced) pool images.
+    hubness_k: int = 0  # 0: off
+    hubness_sample: int = 4096
     candidates: int = 64  # top-k views kept per image (margin and flip score among them)
     view_chunk: int = 512  # views synthesised and matched per chunk (memory bound)
     target_chunk: int = 1024  # unlabelled feature maps read and matched per chunk

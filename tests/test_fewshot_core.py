@@ -29,12 +29,15 @@ from nvsm.fewshot import (
     exclusion_mask,
     expanding_shift_grid,
     faiss_available,
+    hubness_corrected,
     make_pseudo_labels,
     nvsm_similarity,
     nvsm_similarity_pairs,
     sample_anchor_vertex_features,
     shift_grid,
     synthesize_views,
+    top_scores,
+    view_hubness,
 )
 from nvsm.mesh import Mesh, cuboid_mesh
 from nvsm.pose import intrinsics, rotation_matrix
@@ -335,6 +338,38 @@ def test_faiss_matches_brute_force() -> None:
     )
 
 
+def test_hubness_correction_is_csls() -> None:
+    """r_m = the mean of view m's k best scores over the targets (excluded pairs and views
+    without usable pixels left out), merged over target chunks; the corrected ranking is
+    that of s − r_m / 2 over all views, computed here directly."""
+    views, masks, targets, clutter = _match_data()
+    t, m, k = targets.shape[0], views.shape[0], 3
+    excl = torch.zeros(t, m, dtype=torch.bool)
+    excl[:, 7] = True  # a view every target is excluded from...
+    excl[:t - 2, 8] = True  # ...and one only two targets may match
+    s = nvsm_similarity(views, masks, targets, clutter, exclude=excl)
+    top = None
+    for start in range(0, t, 4):
+        top = top_scores(s[start : start + 4], k, top)
+    assert torch.equal(top, s.topk(k, dim=0).values)
+    r = view_hubness(top)
+    for j in (0, 11, 39):
+        assert r[j] == pytest.approx(float(s[:, j].sort(descending=True).values[:k].mean()))
+    assert r[3] == 0.0 and r[7] == 0.0  # nothing to match: no correction
+    assert r[8] == pytest.approx(float(s[t - 2 :, 8].mean()))  # only its finite scores
+    expected = torch.where(torch.isfinite(s), s - r[None] / 2, s)
+    vals, idx = TorchMatcher().search(views, masks, targets, m, clutter=clutter, exclude=excl)
+    got_s, got_i = hubness_corrected(vals, idx, r)
+    want_s, want_i = expected.topk(m, dim=1)
+    finite = torch.isfinite(want_s)
+    assert torch.equal(torch.isfinite(got_s), finite)
+    assert torch.allclose(got_s[finite], want_s[finite], atol=1e-6)
+    assert torch.equal(got_i[:, 0], want_i[:, 0])
+    assert (got_i[~finite] == -1).all()
+    # The correction can change a target's best view (it does on this data).
+    assert not torch.equal(got_i[:, 0], idx[:, 0])
+
+
 def _self_match_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Views cut out of the targets themselves: view m is target source[m] seen through a mask,
     so every target matches its own views perfectly (score 1)."""
@@ -540,6 +575,8 @@ def test_run_fewshot_refuses_bad_fewshot_options_before_any_work(tmp_path: Path)
     for option, message in (
         ("fewshot.accept_score_rank_weight=-1", "fewshot.accept_score_rank_weight must be >= 0"),
         ("fewshot.accept_azimuth_bins=0", "fewshot.accept_azimuth_bins must be an integer >= 1"),
+        ("fewshot.hubness_k=-1", "fewshot.hubness_k must be >= 0 (0: off)"),
+        ("fewshot.hubness_sample=0", "fewshot.hubness_sample >= 1, got 0 and 0"),
     ):
         config = override_config(RunConfig(), [option, "labels.annotations=7"])
         with pytest.raises(ValueError, match=re.escape(message)):

@@ -376,6 +376,61 @@ def test_theta_shifts_are_configurable(tiny_data):
     assert all(lb.shift[2] == pytest.approx(math.radians(10.0)) for lb in labels)
 
 
+@pytest.mark.parametrize(("sample", "chunk"), [(4096, 1024), (2, 1024), (2, 2)])
+def test_hubness_correction_in_the_matching(tiny_data, sample, chunk):
+    """With ``fewshot.hubness_k`` every target's candidates are ranked by s − r_m / 2, r_m taken
+    over the evenly spaced sample of ``fewshot.hubness_sample`` pool images, whatever the
+    target chunking: checked against the full score matrix of the same views (candidates =
+    every view)."""
+    from nvsm.fewshot import loop
+    from nvsm.fewshot.matching import TorchMatcher, nvsm_similarity
+    from nvsm.render import get_rasterizer
+    from nvsm.train.model import build_model
+
+    cfg = load_config("synthetic-car-7shot", ["model.feature_dim=32", "device=cpu"])
+    torch.manual_seed(0)
+    model = build_model(cfg, tiny_data.meshes)
+    cpu = torch.device("cpu")
+    anchors, pool = tiny_data.labelled, tiny_data.unlabelled
+    anchor_feats = loop.extract_features(model, anchors, cpu, 2)
+    pool_feats = loop.extract_features(model, pool, cpu, 2)
+    shifts = loop.round_shifts(cfg.fewshot, 1)
+    n_views = len(anchors) * len(shifts)
+    bank = model.banks["car"]
+    clutter = loop.clutter_model(bank.clutter_queue().detach().float())
+    size = (pool_feats.shape[-2], pool_feats.shape[-1])
+    view_k = loop.canonical_feature_camera(size, loop.STRIDE, pool.normalized_focal)
+    full: list[torch.Tensor] = []
+
+    class Recording(TorchMatcher):
+        def search(self, views, view_masks, targets, k, **kw):
+            full.append(nvsm_similarity(views, view_masks, targets, **kw))
+            return super().search(views, view_masks, targets, k, **kw)
+
+    def match(fs):
+        return loop._match_category(
+            anchors, anchor_feats, pool_feats, list(range(len(pool))), list(pool.uids),
+            model.meshes["car"], clutter, shifts, view_k, Recording(), fs,
+            get_rasterizer("torch", cpu), loop.StageTimer(),
+        )  # fmt: skip
+
+    base = dataclasses.replace(
+        cfg.fewshot, candidates=n_views, view_chunk=n_views, hubness_k=0
+    )
+    match(base)
+    s = full.pop()
+    assert s.shape == (len(pool), n_views) and not full
+    fs = dataclasses.replace(base, hubness_k=2, hubness_sample=sample, target_chunk=chunk)
+    got_s, got_i, *_ = match(fs)
+    rows = torch.arange(0, len(pool), math.ceil(len(pool) / sample))
+    top = s[rows].topk(2, dim=0).values
+    r = torch.where(torch.isfinite(top), top, 0).sum(0) / torch.isfinite(top).sum(0).clamp(min=1)
+    want_s, want_i = torch.where(torch.isfinite(s), s - r / 2, s).topk(n_views, dim=1)
+    assert torch.equal(got_i[:, 0], want_i[:, 0])
+    ok = torch.isfinite(want_s)
+    assert torch.allclose(got_s[ok], want_s[ok].float(), atol=1e-5)
+
+
 @pytest.mark.parametrize("key", ["shift_elevations_deg", "shift_thetas_deg"])
 def test_an_empty_shift_list_fails_before_training(key, tmp_path):
     cfg = load_config("synthetic-car-tiny", [f"fewshot.{key}=[]"])

@@ -2,7 +2,7 @@
 
 * ``synthesis``: anchor vertex features → feature maps of shifted views (with explicit holes).
 * ``matching``: the size-normalised (optionally clutter-aware) NVSM score; brute-force torch and
-  FAISS matchers behind the ``Matcher`` protocol; self-match exclusion.
+  FAISS matchers behind the ``Matcher`` protocol; self-match exclusion; CSLS hubness correction.
 * ``pseudo_labels``: best pose, distant-pose margin, front/back flip score, acceptance rules.
 * ``loop``: the EM loop (round 0 NeMo, E-step, M-step, round folders, resume).
 """
@@ -28,9 +28,12 @@ from nvsm.fewshot.matching import (
     encode_views,
     exclusion_mask,
     faiss_available,
+    hubness_corrected,
     nvsm_similarity,
     nvsm_similarity_pairs,
     prepare_views,
+    top_scores,
+    view_hubness,
 )
 from nvsm.fewshot.pseudo_labels import (
     AcceptanceRule,
@@ -77,6 +80,7 @@ __all__ = [
     "expanding_shift_grid",
     "faiss_available",
     "flip_margins",
+    "hubness_corrected",
     "iter_synthesized_views",
     "make_pseudo_labels",
     "nvsm_similarity",
@@ -89,4 +93,6 @@ __all__ = [
     "shift_grid",
     "shifted_poses",
     "synthesize_views",
+    "top_scores",
+    "view_hubness",
 ]

@@ -44,7 +44,15 @@ import torch
 
 from nvsm.config import FewShotConfig, RunConfig, TrainConfig, config_to_dict
 from nvsm.data.splits import azimuth_coverage
-from nvsm.fewshot.matching import FaissMatcher, Matcher, TorchMatcher
+from nvsm.fewshot.matching import (
+    FaissMatcher,
+    Matcher,
+    TorchMatcher,
+    hubness_corrected,
+    nvsm_similarity,
+    top_scores,
+    view_hubness,
+)
 from nvsm.fewshot.pseudo_labels import (
     AcceptanceRule,
     AcceptanceSchedule,
@@ -367,6 +375,7 @@ def _match_category(
     best_i = torch.full((t, 0), -1, dtype=torch.int64)
     poses, shift, source = [], [], []
     offset = 0
+    hub_stride = max(1, math.ceil(t / max(1, fs.hubness_sample)))
     synthesized = iter_synthesized_views(
         feats, visible, view_anchor_poses, shifts, mesh, view_k, size, rasterizer, fs.view_chunk
     )
@@ -379,23 +388,33 @@ def _match_category(
         areas = view_areas(views, fs.score_area)
         k = min(fs.candidates, len(views))
         parts_s, parts_i = [], []
+        hub_top = None  # (≤ hubness_k, views) best scores over the sampled pool images
         for start in range(0, t, fs.target_chunk):
             rows = slice(start, start + fs.target_chunk)
             with timer("matching"):
                 targets = pool_feats[torch.tensor(target_index[rows])].to(device)
+                exclude = (np.asarray(target_uids[rows]), src_uids)
                 s, i = matcher.search(
                     views.features.float(),
                     views.mask,
                     targets,
                     k,
                     clutter=clutter,
-                    exclude=(np.asarray(target_uids[rows]), src_uids),
+                    exclude=exclude,
                     areas=areas,
                 )
+                if fs.hubness_k > 0:
+                    hub_top = _hubness_update(
+                        hub_top, views, areas, targets, exclude, start, hub_stride, clutter, fs
+                    )
             parts_s.append(s.float().cpu())
-            parts_i.append(torch.where(i >= 0, i + offset, i).cpu())
-        cat_s = torch.cat([best_s, torch.cat(parts_s)], 1)
-        cat_i = torch.cat([best_i, torch.cat(parts_i)], 1)
+            parts_i.append(i.cpu())
+        chunk_s, chunk_i = torch.cat(parts_s), torch.cat(parts_i)
+        if hub_top is not None:
+            chunk_s, chunk_i = hubness_corrected(chunk_s, chunk_i, view_hubness(hub_top).cpu())
+        chunk_i = torch.where(chunk_i >= 0, chunk_i + offset, chunk_i)
+        cat_s = torch.cat([best_s, chunk_s], 1)
+        cat_i = torch.cat([best_i, chunk_i], 1)
         best_s, pos = cat_s.topk(min(fs.candidates, cat_s.shape[1]), dim=1)
         best_i = cat_i.gather(1, pos)
         poses.append(views.poses.double().cpu())
@@ -403,6 +422,35 @@ def _match_category(
         source += src_uids.tolist()
         offset += len(views)
     return best_s, best_i, torch.cat(poses), torch.cat(shift), source
+
+
+def _hubness_update(
+    top: torch.Tensor | None,
+    views: SynthesizedViews,
+    areas: torch.Tensor | None,
+    targets: torch.Tensor,
+    exclude: tuple[np.ndarray, np.ndarray],
+    start: int,
+    stride: int,
+    clutter: torch.Tensor | None,
+    fs: FewShotConfig,
+) -> torch.Tensor:
+    """``top_scores`` of the views merged with this target chunk's sampled rows: the targets at
+    positions ≡ 0 (mod ``stride``) of the whole target list (every one when the pool is at most
+    ``fewshot.hubness_sample``), so that the sample is spread over the pool and independent of
+    the chunking."""
+    rows = [r for r in range(len(targets)) if (start + r) % stride == 0]
+    if not rows:
+        return top
+    s = nvsm_similarity(
+        views.features.float(),
+        views.mask,
+        targets[rows],
+        clutter=clutter,
+        exclude=(exclude[0][rows], exclude[1]),
+        areas=areas,
+    )
+    return top_scores(s, fs.hubness_k, top)
 
 
 def flip_margins(
@@ -1184,6 +1232,11 @@ def run_fewshot(
     _require_choice("fewshot.mstep_init", fs.mstep_init, ("continue", "restart"))
     _require_choice("fewshot.score_area", fs.score_area, SCORE_AREAS)
     round_shifts(fs, 1)  # an empty shift list fails here, not after round 0 has trained
+    if fs.hubness_k < 0 or fs.hubness_sample < 1:
+        raise ValueError(
+            "fewshot.hubness_k must be >= 0 (0: off) and fewshot.hubness_sample >= 1, got "
+            f"{fs.hubness_k} and {fs.hubness_sample}"
+        )
     schedule = schedule or acceptance_schedule(fs)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,15 @@ score is not linear, so FAISS then only shortlists the top-k' views per target b
 score and the shortlist is re-scored exactly (``nvsm_similarity_pairs``): exact whenever the
 clutter-aware top-k lies inside the linear top-k' (always when k' ≥ M).
 
+Hubness (``view_hubness``, ``hubness_corrected``): a view that scores high against many targets
+(in practice the unshifted views, Δ = 0, which reproduce an anchor's own features without
+synthesis holes, and the anchors whose appearance is close to the average car) wins matches it
+does not deserve, so an end-on car is matched to the half-turn view of a "hub" anchor. The
+correction is CSLS (cross-domain similarity local scaling, Conneau et al., ICLR 2018, from
+nearest-neighbour word translation): s'(t, m) = s(t, m) − r_m / 2 with r_m the mean of view m's
+k best scores over the targets. (CSLS's target term r_t is the same for every view of a target,
+so it cannot change a target's ranking and is left out.)
+
 Self-matches are excluded by masking the score matrix (−inf): ``exclude`` is a (T, M) bool mask
 (True = forbidden) or a pair (target_ids (T,), view_source_ids (M,)) forbidding equal ids.
 Returned indices are −1 (and scores −inf) where fewer than k views can be matched.
@@ -58,9 +67,12 @@ __all__ = [
     "encode_views",
     "exclusion_mask",
     "faiss_available",
+    "hubness_corrected",
     "nvsm_similarity",
     "nvsm_similarity_pairs",
     "prepare_views",
+    "top_scores",
+    "view_hubness",
 ]
 
 #: Element budget of one intermediate tensor in the chunked computations (64 MiB of float32).
@@ -329,6 +341,41 @@ def nvsm_similarity(
     if not out:
         return views.new_empty(0, pv.num_views, dtype=pv.features.dtype)
     return torch.cat(out)
+
+
+def top_scores(scores: torch.Tensor, k: int, best: torch.Tensor | None = None) -> torch.Tensor:
+    """(≤k, M) the k best scores of every view (column) over the targets (rows) of ``scores``
+    (T, M), merged with an earlier ``best`` (k', M) so that targets can come in chunks;
+    descending, −inf where a view has fewer finite scores."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    pool = scores if best is None else torch.cat([best.to(scores.dtype), scores])
+    return pool.topk(min(k, pool.shape[0]), dim=0).values
+
+
+def view_hubness(top: torch.Tensor) -> torch.Tensor:
+    """(M,) CSLS hubness r_m of every view: the mean of its finite best scores ``top`` (k, M)
+    (``top_scores``); 0 for a view that no target can match."""
+    finite = torch.isfinite(top)
+    total = torch.where(finite, top, torch.zeros_like(top)).sum(0)
+    return total / finite.sum(0).clamp(min=1)
+
+
+def hubness_corrected(
+    scores: torch.Tensor, index: torch.Tensor, hubness: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSLS-corrected candidates, re-sorted: s − r_m / 2 (module docstring).
+
+    Args:
+        scores: (T, K) candidate scores (−inf = none); index: (T, K) their view ids (−1 = none).
+        hubness: (M,) ``view_hubness`` of the views that ``index`` points into.
+    Returns:
+        scores (T, K) descending and index (T, K), −inf / −1 entries last.
+    """
+    valid = index >= 0
+    bias = hubness.to(scores.dtype)[index.clamp(min=0)]
+    corrected = torch.where(valid, scores - bias / 2, scores)
+    return _topk(corrected, index, scores.shape[1])
 
 
 def _pair_scores(
