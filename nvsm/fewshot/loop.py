@@ -359,6 +359,8 @@ def _match_category(
     Views are synthesised ``fs.view_chunk`` at a time and every chunk is matched against the
     targets ``fs.target_chunk`` at a time, so neither the views nor the pool's feature maps
     (possibly a memory-mapped file, ``extract_features(path=...)``) are ever all in memory.
+    With ``fs.hubness_k`` > 0 each chunk's candidates are re-ranked by the CSLS-corrected score
+    (``hubness_corrected``), the views' hubness taken over a ``fs.hubness_sample`` pool sample.
 
     Returns scores (T, K), view index (T, K), view poses (M, 4), view shifts (M, 3) and the
     anchor uid of every view."""
@@ -434,7 +436,7 @@ def _hubness_update(
     stride: int,
     clutter: torch.Tensor | None,
     fs: FewShotConfig,
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """``top_scores`` of the views merged with this target chunk's sampled rows: the targets at
     positions ≡ 0 (mod ``stride``) of the whole target list (every one when the pool is at most
     ``fewshot.hubness_sample``), so that the sample is spread over the pool and independent of
