@@ -441,7 +441,7 @@ def _hubness_update(
     positions ≡ 0 (mod ``stride``) of the whole target list (every one when the pool is at most
     ``fewshot.hubness_sample``), so that the sample is spread over the pool and independent of
     the chunking."""
-    rows = [r for r in range(len(targets)) if (start + r) % stride == 0]
+    rows = list(range(-start % stride, len(targets), stride))
     if not rows:
         return top
     s = nvsm_similarity(
