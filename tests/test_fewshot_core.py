@@ -35,12 +35,13 @@ from nvsm.fewshot import (
     nvsm_similarity_pairs,
     sample_anchor_vertex_features,
     shift_grid,
+    synthesize_images,
     synthesize_views,
     top_scores,
     view_hubness,
 )
-from nvsm.mesh import Mesh, cuboid_mesh
-from nvsm.pose import intrinsics, rotation_matrix
+from nvsm.mesh import Mesh, cuboid_mesh, vertex_normals
+from nvsm.pose import camera_centre, intrinsics, opencv_extrinsics, project_opencv, rotation_matrix
 from nvsm.render import render_pose
 from nvsm.train.loss import sample_vertex_features
 from nvsm.train.trainer import project_mesh_vertices
@@ -171,6 +172,116 @@ def test_synthesis_equals_direct_rendering_of_the_anchor_bank() -> None:
         rotation_matrix(raw[:, 0], raw[:, 1], raw[:, 2]),
         atol=1e-6,
     )
+
+
+IMAGE_SIZE = (48, 64)
+IMAGE_K = torch.as_tensor(
+    np.asarray(intrinsics(220.0, (IMAGE_SIZE[1] - 1) / 2, (IMAGE_SIZE[0] - 1) / 2))
+).double()
+#: Colour = linear function of the object point: perspective-correct barycentric interpolation
+#: reproduces it exactly inside every face, so a rendered crop holds c(X) at each pixel's point.
+COLOUR_OFFSET = torch.tensor([128.0, 120.0, 110.0], dtype=torch.float64)
+COLOUR_GRADIENT = torch.tensor(
+    [[150.0, -60.0, 30.0], [-40.0, 80.0, 60.0], [50.0, 40.0, -150.0]], dtype=torch.float64
+)
+
+
+def _colour(points: torch.Tensor) -> torch.Tensor:
+    return COLOUR_OFFSET + points @ COLOUR_GRADIENT.T
+
+
+def _textured_crop(mesh: Mesh, pose: list[float], background: float = 20.0) -> torch.Tensor:
+    """(3, H, W) uint8 crop of the cuboid coloured by ``_colour`` on a flat background."""
+    p = torch.tensor(pose, dtype=torch.float64)
+    m = Mesh(mesh.vertices.double(), mesh.faces)
+    out = render_pose(m, _colour(m.vertices), p[0], p[1], p[2], p[3], IMAGE_K, IMAGE_SIZE)
+    img = torch.where(out.mask, out.features, torch.full_like(out.features, background))
+    return img[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def _rendered_points(mesh: Mesh, pose: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, W, 3) object point and (H, W, 3) outward normal shown at each pixel, (H, W) mask."""
+    m = Mesh(mesh.vertices.double(), mesh.faces)
+    data = torch.cat([m.vertices, vertex_normals(m)], 1)
+    out = render_pose(m, data, pose[0], pose[1], pose[2], pose[3], IMAGE_K, IMAGE_SIZE)
+    both = out.features[0].permute(1, 2, 0)
+    return both[..., :3], both[..., 3:], out.mask[0]
+
+
+def test_image_synthesis_at_zero_shift_returns_the_crop() -> None:
+    mesh = _mesh()
+    pose = _deg_pose(40, 20, 5)
+    crop = _textured_crop(mesh, pose)
+    p = torch.tensor([pose], dtype=torch.float64)
+    images, poses, seen = synthesize_images(
+        crop[None], IMAGE_K[None], p, torch.zeros(1, 3), mesh
+    )
+    assert images.dtype == torch.uint8 and images.shape == (1, 3, *IMAGE_SIZE)
+    assert torch.allclose(poses, p)
+    _, _, silhouette = _rendered_points(mesh, p[0])
+    # Every pixel of the silhouette shows a face that looks at the camera, and it looks itself up.
+    assert torch.equal(seen[0], silhouette)
+    assert torch.equal(images[0][:, seen[0]], crop[:, seen[0]])
+    # Off the object: the crop blurred (flat background here, so unchanged far from it).
+    assert not bool(seen[0, 0, 0]) and int(images[0, 0, 0, 0]) == int(crop[0, 0, 0])
+
+
+def test_image_synthesis_equals_rendering_at_the_shifted_pose() -> None:
+    """Each synthesised pixel the crop saw holds the colour of the cuboid point it shows at the
+    shifted pose, as if the textured cuboid had been rendered there."""
+    mesh = _mesh()
+    source = [_deg_pose(40, 20, 5), _deg_pose(200, 10, -5)]
+    crops = torch.stack([_textured_crop(mesh, p) for p in source])
+    p = torch.tensor(source, dtype=torch.float64)
+    shifts = torch.tensor([[math.radians(25), math.radians(-10), 0.0], [math.radians(-30), 0, 0]])
+    images, poses, seen = synthesize_images(crops, IMAGE_K.expand(2, 3, 3), p, shifts, mesh)
+    raw = p[:, :3] + shifts.double()
+    assert torch.allclose(
+        rotation_matrix(poses[:, 0], poses[:, 1], poses[:, 2]),
+        rotation_matrix(raw[:, 0], raw[:, 1], raw[:, 2]),
+        atol=1e-9,
+    )
+    assert torch.equal(poses[:, 3], p[:, 3])
+    for b in range(2):
+        points, normals, silhouette = _rendered_points(mesh, poses[b])
+        centre = camera_centre(p[b, 0], p[b, 1], p[b, 3])
+        facing = ((centre - points) * normals).sum(-1) > 0
+        assert torch.equal(seen[b], silhouette & facing)
+        assert int(seen[b].sum()) > 0.3 * int(silhouette.sum())
+        # Where the four source pixels of the bilinear lookup all show the looked-up point's
+        # box face, the colour field is linear across them (up to perspective, far below a
+        # level over one pixel), so the result is exact up to the uint8 rounding of the crop
+        # and of the result: half a level each.
+        r_cv, t_cv = opencv_extrinsics(p[b, 0], p[b, 1], p[b, 2], p[b, 3])
+        pix, _ = project_opencv(points.reshape(-1, 3), r_cv, t_cv, IMAGE_K)
+        _, src_normals, src_mask = _rendered_points(mesh, p[b])
+        x0 = pix[:, 0].floor().long().clamp(0, IMAGE_SIZE[1] - 2)
+        y0 = pix[:, 1].floor().long().clamp(0, IMAGE_SIZE[0] - 2)
+        check = seen[b].reshape(-1).clone()
+        for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):
+            same_face = (src_normals[y0 + dy, x0 + dx] * normals.reshape(-1, 3)).sum(-1) > 0.999
+            check &= src_mask[y0 + dy, x0 + dx] & same_face
+        assert int(check.sum()) > 0.5 * int(seen[b].sum())
+        expected = _colour(points.reshape(-1, 3)[check]).clamp(0, 255)
+        got = images[b].reshape(3, -1)[:, check].T.double()
+        assert float((got - expected).abs().max()) <= 1.05
+    # Half a turn from a view at 15° elevation: only the top face is seen by both cameras.
+    crop = _textured_crop(mesh, _deg_pose(30, 15, 0))
+    p = torch.tensor([_deg_pose(30, 15, 0)], dtype=torch.float64)
+    _, poses, seen = synthesize_images(
+        crop[None], IMAGE_K[None], p, torch.tensor([[math.pi, 0.0, 0.0]]), mesh
+    )
+    _, normals, silhouette = _rendered_points(mesh, poses[0])
+    top = normals[..., 2] > 0.99
+    assert bool(seen[0].any()) and torch.equal(seen[0], silhouette & top)
+
+
+def test_synthesize_images_checks_shapes() -> None:
+    crop = torch.zeros(2, 3, *IMAGE_SIZE, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=re.escape("expected k (N, 3, 3), poses (N, 4)")):
+        synthesize_images(
+            crop, IMAGE_K.expand(2, 3, 3), torch.zeros(2, 4), torch.zeros(1, 3), _mesh()
+        )
 
 
 # ------------------------------------------------------------------------------------------
@@ -577,6 +688,8 @@ def test_run_fewshot_refuses_bad_fewshot_options_before_any_work(tmp_path: Path)
         ("fewshot.accept_azimuth_bins=0", "fewshot.accept_azimuth_bins must be an integer >= 1"),
         ("fewshot.hubness_k=-1", "fewshot.hubness_k must be >= 0 (0: off)"),
         ("fewshot.hubness_sample=0", "fewshot.hubness_sample >= 1, got 0 and 0"),
+        ("fewshot.mstep_image_shifts_deg=[30,0]", "must be non-zero and within ±90°, got [0.0]"),
+        ("fewshot.mstep_image_shifts_deg=[120]", "must be non-zero and within ±90°, got [120.0]"),
     ):
         config = override_config(RunConfig(), [option, "labels.annotations=7"])
         with pytest.raises(ValueError, match=re.escape(message)):

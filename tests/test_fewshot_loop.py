@@ -469,3 +469,57 @@ def test_rounds_stop_when_pose_coverage_saturates():
     assert not _saturated(schedule, 3, [60.0, 60.0])  # round 3 accepts more (0.6 > 0.5)
     assert _saturated(schedule, 4, [60.0, 40.0, 40.0])
     assert not _saturated(schedule, 4, [60.0, 40.0, 30.0])
+
+
+def test_with_synthesized_images_appends_each_crop_at_each_shift(tiny_data):
+    from nvsm.fewshot import synthesize_images
+    from nvsm.fewshot.loop import with_synthesized_images
+    from nvsm.render import get_rasterizer
+
+    crops = tiny_data.labelled
+    n = len(crops)
+    rasterizer = get_rasterizer("torch", "cpu")
+    out = with_synthesized_images(crops, tiny_data.meshes, [-30.0, 30.0], rasterizer, chunk=2)
+    assert len(out) == 3 * n
+    assert torch.equal(out.images[:n], crops.images) and torch.equal(out.poses[:n], crops.poses)
+    assert out.uids == crops.uids * 3 and torch.equal(out.weights, crops.weights.repeat(3))
+    for j, shift in enumerate((-30.0, 30.0), start=1):
+        part = slice(j * n, (j + 1) * n)
+        delta = torch.remainder(out.poses[part, 0] - crops.poses[:, 0], 2 * math.pi)
+        expected = torch.full((n,), math.radians(shift) % (2 * math.pi), dtype=torch.float64)
+        assert torch.allclose(delta, expected)
+        shifts = torch.zeros(n, 3, dtype=torch.float64)
+        shifts[:, 0] = math.radians(shift)
+        images, _, _ = synthesize_images(
+            crops.images, crops.k, crops.poses, shifts, tiny_data.meshes["car"], rasterizer
+        )
+        assert torch.equal(out.images[part], images)
+
+
+@pytest.mark.slow
+def test_image_synthesis_feeds_the_nvsm_msteps_only(
+    tiny_synthetic, tiny_data, tmp_path, monkeypatch
+):
+    """``fewshot.mstep_image_shifts_deg``: NVSM's M-steps train on every image at each shift
+    too; round 0 and the baselines train on their images alone."""
+    from nvsm.fewshot import loop
+
+    sizes: dict[str, int] = {}
+    train = loop._Run.train
+
+    def spy(self, model, data, steps, seed, description):
+        sizes[description] = len(data)
+        return train(self, model, data, steps, seed, description)
+
+    monkeypatch.setattr(loop._Run, "train", spy)
+    overrides = [*_tiny_overrides(tiny_synthetic, 1), "fewshot.mstep_image_shifts_deg=[-30,30]"]
+    cfg = load_config("synthetic-car-7shot", overrides)
+    run_fewshot(cfg, tmp_path / "run", data=tiny_data, show_progress=False)
+    info = json.loads((tmp_path / "run" / "round_1" / "metrics.json").read_text())
+    accepted = info["train"]["pseudo_labelled_images"]
+    assert accepted > 0
+    assert sizes["nemo"] == 3 and sizes["nemo_same_steps"] == 3
+    assert sizes["nvsm round 1"] == 3 * (3 + accepted)
+    st = json.loads((tmp_path / "run" / "self_training" / "round_1" / "metrics.json").read_text())
+    assert sizes["self_training round 1"] == 3 + st["train"]["pseudo_labelled_images"]
+    assert "image synthesis" in info["stage_seconds"]

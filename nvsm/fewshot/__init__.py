@@ -52,6 +52,7 @@ from nvsm.fewshot.synthesis import (
     sample_anchor_vertex_features,
     shift_grid,
     shifted_poses,
+    synthesize_images,
     synthesize_views,
 )
 
@@ -92,6 +93,7 @@ __all__ = [
     "sample_anchor_vertex_features",
     "shift_grid",
     "shifted_poses",
+    "synthesize_images",
     "synthesize_views",
     "top_scores",
     "view_hubness",

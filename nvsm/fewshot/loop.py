@@ -66,6 +66,7 @@ from nvsm.fewshot.synthesis import (
     expanding_shift_grid,
     iter_synthesized_views,
     sample_anchor_vertex_features,
+    synthesize_images,
 )
 from nvsm.infer.solve import (
     InferenceSchedule,
@@ -1023,6 +1024,33 @@ def _pseudo_set(pool: CropSet, labels: Sequence[PseudoLabel], idx: list[int]) ->
     return pool.subset(idx).with_poses(poses, weights)
 
 
+def with_synthesized_images(
+    crops: CropSet,
+    meshes: dict[str, Mesh],
+    azimuth_shifts_deg: Sequence[float],
+    rasterizer: Rasterizer,
+    chunk: int = 64,
+) -> CropSet:
+    """``crops``, then every crop re-rendered at its pose + Δa for each azimuth shift in turn
+    (``synthesize_images``, the category's cuboid; same weights, uids and cameras): the M-step's
+    image-level view synthesis. ``chunk`` crops are rendered at a time (bounds memory)."""
+    parts = [crops]
+    for shift_deg in azimuth_shifts_deg:
+        images = torch.empty_like(crops.images)
+        poses = torch.empty_like(crops.poses, dtype=torch.float64)
+        for cat in sorted(set(crops.categories)):
+            idx = torch.tensor([i for i, c in enumerate(crops.categories) if c == cat])
+            for part in idx.split(chunk):
+                shifts = torch.zeros(len(part), 3, dtype=torch.float64)
+                shifts[:, 0] = math.radians(shift_deg)
+                images[part], poses[part], _ = synthesize_images(
+                    crops.images[part], crops.k[part], crops.poses[part], shifts, meshes[cat],
+                    rasterizer,
+                )  # fmt: skip
+        parts.append(dataclasses.replace(crops, images=images, poses=poses))
+    return CropSet.concat(parts)
+
+
 def _anchors(run: _Run, labels: Sequence[PseudoLabel]) -> CropSet:
     """Labelled crops + the ``max_pseudo_anchors`` most confident accepted pseudo-labelled
     crops (at their pseudo-poses; stable order on ties), and their mirrors when
@@ -1106,10 +1134,18 @@ def _self_training_labeller(run: _Run) -> Labeller:
 
 
 def _em_rounds(
-    run: _Run, root: Path, labeller: Labeller, name: str, rounds: int, stop_early: bool
+    run: _Run,
+    root: Path,
+    labeller: Labeller,
+    name: str,
+    rounds: int,
+    stop_early: bool,
+    image_shifts_deg: Sequence[float] = (),
 ) -> list[dict[str, Any]]:
     """EM rounds 1..``rounds`` from ``RUN/round_0``, writing ``root/round_<k>``; with
-    ``stop_early`` the rounds end once pose coverage saturates (``_saturated``).
+    ``stop_early`` the rounds end once pose coverage saturates (``_saturated``). Each M-step
+    also trains on its images re-rendered at these azimuth shifts (``with_synthesized_images``;
+    empty: none).
 
     Every round starts from its predecessor's checkpoint on disk and seeds its own generators,
     so a resumed run equals an uninterrupted one."""
@@ -1147,9 +1183,17 @@ def _em_rounds(
         data = run.data.labelled
         if acc:
             data = CropSet.concat([data, _pseudo_set(run.pool, labels, acc)])
+        if image_shifts_deg:
+            with timer("image synthesis"):
+                data = with_synthesized_images(
+                    data, run.data.meshes, image_shifts_deg, run.rasterizer
+                )
         if fs.mstep_init == "restart":
             model = run.load(run.run_dir / "round_0")
-        run.say(f"{name} round {k}: M-step on {len(run.data.labelled)} labels + {len(acc)} PLs")
+        run.say(
+            f"{name} round {k}: M-step on {len(run.data.labelled)} labels + {len(acc)} PLs"
+            + (f", each also at Δa = {list(image_shifts_deg)}°" if image_shifts_deg else "")
+        )
         with timer("training"):
             info["train"] = run.train(model, data, fs.mstep_steps, seed, f"{name} round {k}")
         info["train"].update(
@@ -1239,6 +1283,12 @@ def run_fewshot(
             "fewshot.hubness_k must be >= 0 (0: off) and fewshot.hubness_sample >= 1, got "
             f"{fs.hubness_k} and {fs.hubness_sample}"
         )
+    bad = [x for x in fs.mstep_image_shifts_deg if not (math.isfinite(x) and 0 < abs(x) <= 90)]
+    if bad:
+        raise ValueError(
+            "fewshot.mstep_image_shifts_deg: every azimuth shift must be non-zero and within "
+            f"±90°, got {bad}"
+        )
     schedule = schedule or acceptance_schedule(fs)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -1266,7 +1316,10 @@ def run_fewshot(
         run, run_dir / "round_0", "nemo", None, data.labelled, config.train.steps, config.seed
     )
     nemo["round"] = 0
-    rounds = [nemo, *_em_rounds(run, run_dir, _nvsm_labeller(run), "nvsm", fs.rounds, True)]
+    nvsm_rounds = _em_rounds(
+        run, run_dir, _nvsm_labeller(run), "nvsm", fs.rounds, True, fs.mstep_image_shifts_deg
+    )
+    rounds = [nemo, *nvsm_rounds]
     # The baselines get the budget of the EM rounds NVSM actually ran.
     em_rounds = len(rounds) - 1
     budget = config.train.steps + em_rounds * fs.mstep_steps

@@ -15,6 +15,11 @@ For each labelled (or accepted pseudo-labelled) *anchor* image with pose (a, e, 
 
 Shift grids (``shift_grid``, ``expanding_shift_grid``) are in radians, (S, 3) = (Δa, Δe, Δθ).
 Synthesised view b = n·S + s comes from anchor n and shift s (anchor-major order).
+
+``synthesize_images`` is the same idea one level down, for the M-step: it re-renders a crop's
+*pixels* at a shifted pose by texturing the cuboid with the crop itself (each pixel of the new
+view looks up the cuboid point it shows in the source crop), so a labelled or pseudo-labelled
+image also trains the model at poses next to its own.
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import kornia
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from nvsm.mesh import Mesh, facing_visibility
-from nvsm.pose.convention import camera_centre, wrap_angle
+from nvsm.pose.convention import camera_centre, opencv_extrinsics, project_opencv, wrap_angle
 from nvsm.render import Rasterizer, default_rasterizer, render_pose
 from nvsm.train.loss import SampleMode, sample_vertex_features
 from nvsm.train.trainer import project_mesh_vertices
@@ -40,6 +47,7 @@ __all__ = [
     "sample_anchor_vertex_features",
     "shift_grid",
     "shifted_poses",
+    "synthesize_images",
     "synthesize_views",
 ]
 
@@ -361,3 +369,77 @@ def synthesize_views(
             )
         )
     )
+
+
+def synthesize_images(
+    images: torch.Tensor,
+    k: torch.Tensor,
+    poses: torch.Tensor,
+    shifts: torch.Tensor,
+    mesh: Mesh,
+    rasterizer: Rasterizer | None = None,
+    fill_sigma: float = 8.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each crop re-rendered at its pose + a shift, with the cuboid textured by the crop.
+
+    A pixel of the new view shows a cuboid point X (rasterised at the shifted pose); it takes the
+    crop's colour at X's projection under the crop's own pose (bilinear), provided the crop saw
+    X: the cuboid is convex, so it did iff X's face looks at the crop's camera
+    (``facing_visibility``). Every other pixel — background, and faces the crop did not see —
+    takes the crop blurred with a Gaussian of ``fill_sigma`` px: clutter-coloured, without the
+    source object's edges, so that it reads as background to the contrastive loss. The object
+    is only as right as the cuboid: parts off its faces (a car's cabin above the bonnet) slide
+    more the larger the shift.
+
+    Args:
+        images: (N, 3, H, W) uint8 crops.
+        k: (N, 3, 3) their intrinsics (OpenCV, crop pixels).
+        poses: (N, 4) (a, e, θ, d) radians, the pose each crop shows (label or pseudo-label).
+        shifts: (N, 3) (Δa, Δe, Δθ) radians, one per crop.
+        mesh: the category's cuboid.
+        rasterizer: backend (``default_rasterizer`` when None).
+        fill_sigma: blur of the fill, in pixels.
+    Returns:
+        images (N, 3, H, W) uint8 at the shifted poses; poses (N, 4) float64, the shifted poses
+        (``canonical_pose``, the same distance); seen (N, H, W) bool, the pixels textured from
+        the crop.
+    """
+    n, _, h, w = images.shape
+    if k.shape != (n, 3, 3) or poses.shape != (n, 4) or shifts.shape != (n, 3):
+        raise ValueError(
+            f"synthesize_images: expected k (N, 3, 3), poses (N, 4), shifts (N, 3) for N = {n}, "
+            f"got {tuple(k.shape)}, {tuple(poses.shape)}, {tuple(shifts.shape)}"
+        )
+    src = poses.to(torch.float64)
+    kk = k.to(torch.float64)
+    raw = src[:, :3] + shifts.to(torch.float64)
+    a, e, t = canonical_pose(raw[:, 0], raw[:, 1], raw[:, 2])
+    dst = torch.stack([a, e, t, src[:, 3]], dim=1)
+    verts = mesh.vertices.to(torch.float64)
+    textured = facing_visibility(
+        Mesh(verts, mesh.faces), camera_centre(src[:, 0], src[:, 1], src[:, 3])
+    )
+    vertex_data = torch.cat([verts.expand(n, -1, -1), textured[..., None].double()], dim=-1)
+    out = render_pose(
+        Mesh(verts, mesh.faces), vertex_data, dst[:, 0], dst[:, 1], dst[:, 2], dst[:, 3], kk,
+        (h, w), rasterizer,
+    )  # fmt: skip
+    points = out.features[:, :3].permute(0, 2, 3, 1).reshape(n, h * w, 3)
+    # A face's vertices all lie on one box face (unwelded cuboid), so the interpolated flag is
+    # exactly 1 on faces the crop saw and 0 elsewhere; > 0.5 only guards round-off.
+    seen = out.mask & (out.features[:, 3] > 0.5)
+    r_cv, t_cv = opencv_extrinsics(src[:, 0], src[:, 1], src[:, 2], src[:, 3])
+    pix, depth = project_opencv(points, r_cv, t_cv, kk)
+    # Pixel centres sit at integer coordinates: −1 and +1 are the first and last centres.
+    grid = torch.stack([2 * pix[..., 0] / (w - 1) - 1, 2 * pix[..., 1] / (h - 1) - 1], -1)
+    inside = (grid.abs() <= 1).all(-1) & (depth > 0)
+    seen = seen & inside.reshape(n, h, w)
+    source = images.float()
+    looked_up = F.grid_sample(
+        source, grid.reshape(n, h, w, 2).float(), mode="bilinear", padding_mode="border",
+        align_corners=True,
+    )  # fmt: skip
+    size = 2 * math.ceil(3 * fill_sigma) + 1
+    fill = kornia.filters.gaussian_blur2d(source, (size, size), (fill_sigma, fill_sigma))
+    synthesized = torch.where(seen[:, None], looked_up, fill).round().clamp(0, 255)
+    return synthesized.to(torch.uint8), dst, seen
