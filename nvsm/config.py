@@ -159,9 +159,10 @@ class FewShotConfig:
     accept_azimuth_bins: int = 1  # > 1: the top fraction per bin of the pseudo-pose azimuth
     min_weight: float = 0.1  # floor of a pseudo-label's confidence weight
     mirror_anchors: bool = True  # add every anchor's mirror image (mirrored pose) to the views
-    # Image-level view synthesis in NVSM's M-steps: every labelled and accepted image is also
-    # trained on re-rendered at its pose + Δa for each of these azimuth shifts (the cuboid
-    # textured with the image; nvsm.fewshot.synthesis.synthesize_images). Empty: off.
+    # Image-level view synthesis in the EM M-steps (NVSM and self-training alike): every
+    # labelled and accepted image is also trained on re-rendered at its pose + Δa for each of
+    # these azimuth shifts (the cuboid textured with the image; synthesize_images). Empty: off
+    # (the default: it trades occluded accuracy for L0 and helps both loops alike; README).
     mstep_image_shifts_deg: list[float] = field(default_factory=list)
     baselines: bool = True  # also run nemo_same_steps and self_training (same budget)
     oracle: bool = False  # also train on every training image's ground truth (--with-oracle)

@@ -497,11 +497,11 @@ def test_with_synthesized_images_appends_each_crop_at_each_shift(tiny_data):
 
 
 @pytest.mark.slow
-def test_image_synthesis_feeds_the_nvsm_msteps_only(
+def test_image_synthesis_feeds_the_em_msteps_only(
     tiny_synthetic, tiny_data, tmp_path, monkeypatch
 ):
-    """``fewshot.mstep_image_shifts_deg``: NVSM's M-steps train on every image at each shift
-    too; round 0 and the baselines train on their images alone."""
+    """``fewshot.mstep_image_shifts_deg``: the M-steps of NVSM and self-training train on every
+    image at each shift too; round 0 and ``nemo_same_steps`` train on the labels alone."""
     from nvsm.fewshot import loop
 
     sizes: dict[str, int] = {}
@@ -521,5 +521,5 @@ def test_image_synthesis_feeds_the_nvsm_msteps_only(
     assert sizes["nemo"] == 3 and sizes["nemo_same_steps"] == 3
     assert sizes["nvsm round 1"] == 3 * (3 + accepted)
     st = json.loads((tmp_path / "run" / "self_training" / "round_1" / "metrics.json").read_text())
-    assert sizes["self_training round 1"] == 3 + st["train"]["pseudo_labelled_images"]
+    assert sizes["self_training round 1"] == 3 * (3 + st["train"]["pseudo_labelled_images"])
     assert "image synthesis" in info["stage_seconds"]

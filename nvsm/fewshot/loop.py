@@ -1140,12 +1140,12 @@ def _em_rounds(
     name: str,
     rounds: int,
     stop_early: bool,
-    image_shifts_deg: Sequence[float] = (),
 ) -> list[dict[str, Any]]:
     """EM rounds 1..``rounds`` from ``RUN/round_0``, writing ``root/round_<k>``; with
     ``stop_early`` the rounds end once pose coverage saturates (``_saturated``). Each M-step
-    also trains on its images re-rendered at these azimuth shifts (``with_synthesized_images``;
-    empty: none).
+    also trains on its images re-rendered at ``fewshot.mstep_image_shifts_deg``
+    (``with_synthesized_images``; empty: none), in NVSM and self-training alike, so that the
+    two loops differ only in where their pseudo-labels come from.
 
     Every round starts from its predecessor's checkpoint on disk and seeds its own generators,
     so a resumed run equals an uninterrupted one."""
@@ -1183,6 +1183,7 @@ def _em_rounds(
         data = run.data.labelled
         if acc:
             data = CropSet.concat([data, _pseudo_set(run.pool, labels, acc)])
+        image_shifts_deg = fs.mstep_image_shifts_deg
         if image_shifts_deg:
             with timer("image synthesis"):
                 data = with_synthesized_images(
@@ -1316,10 +1317,7 @@ def run_fewshot(
         run, run_dir / "round_0", "nemo", None, data.labelled, config.train.steps, config.seed
     )
     nemo["round"] = 0
-    nvsm_rounds = _em_rounds(
-        run, run_dir, _nvsm_labeller(run), "nvsm", fs.rounds, True, fs.mstep_image_shifts_deg
-    )
-    rounds = [nemo, *nvsm_rounds]
+    rounds = [nemo, *_em_rounds(run, run_dir, _nvsm_labeller(run), "nvsm", fs.rounds, True)]
     # The baselines get the budget of the EM rounds NVSM actually ran.
     em_rounds = len(rounds) - 1
     budget = config.train.steps + em_rounds * fs.mstep_steps
