@@ -1134,12 +1134,7 @@ def _self_training_labeller(run: _Run) -> Labeller:
 
 
 def _em_rounds(
-    run: _Run,
-    root: Path,
-    labeller: Labeller,
-    name: str,
-    rounds: int,
-    stop_early: bool,
+    run: _Run, root: Path, labeller: Labeller, name: str, rounds: int, stop_early: bool
 ) -> list[dict[str, Any]]:
     """EM rounds 1..``rounds`` from ``RUN/round_0``, writing ``root/round_<k>``; with
     ``stop_early`` the rounds end once pose coverage saturates (``_saturated``). Each M-step
