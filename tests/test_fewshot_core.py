@@ -690,6 +690,7 @@ def test_run_fewshot_refuses_bad_fewshot_options_before_any_work(tmp_path: Path)
         ("fewshot.hubness_sample=0", "fewshot.hubness_sample >= 1, got 0 and 0"),
         ("fewshot.mstep_image_shifts_deg=[30,0]", "must be non-zero and within ±90°, got [0.0]"),
         ("fewshot.mstep_image_shifts_deg=[120]", "must be non-zero and within ±90°, got [120.0]"),
+        ("fewshot.mstep_image_shifts_deg=[.nan]", "must be non-zero and within ±90°, got [nan]"),
     ):
         config = override_config(RunConfig(), [option, "labels.annotations=7"])
         with pytest.raises(ValueError, match=re.escape(message)):

@@ -415,25 +415,25 @@ def synthesize_images(
     raw = src[:, :3] + shifts.to(torch.float64)
     a, e, t = canonical_pose(raw[:, 0], raw[:, 1], raw[:, 2])
     dst = torch.stack([a, e, t, src[:, 3]], dim=1)
-    verts = mesh.vertices.to(torch.float64)
-    textured = facing_visibility(
-        Mesh(verts, mesh.faces), camera_centre(src[:, 0], src[:, 1], src[:, 3])
+    cuboid = Mesh(mesh.vertices.to(torch.float64), mesh.faces)
+    textured = facing_visibility(cuboid, camera_centre(src[:, 0], src[:, 1], src[:, 3]))
+    vertex_data = torch.cat(
+        [cuboid.vertices.expand(n, -1, -1), textured[..., None].double()], dim=-1
     )
-    vertex_data = torch.cat([verts.expand(n, -1, -1), textured[..., None].double()], dim=-1)
     out = render_pose(
-        Mesh(verts, mesh.faces), vertex_data, dst[:, 0], dst[:, 1], dst[:, 2], dst[:, 3], kk,
-        (h, w), rasterizer,
-    )  # fmt: skip
+        cuboid, vertex_data, dst[:, 0], dst[:, 1], dst[:, 2], dst[:, 3], kk, (h, w), rasterizer
+    )
     points = out.features[:, :3].permute(0, 2, 3, 1).reshape(n, h * w, 3)
     # A face's vertices all lie on one box face (unwelded cuboid), so the interpolated flag is
     # exactly 1 on faces the crop saw and 0 elsewhere; > 0.5 only guards round-off.
     seen = out.mask & (out.features[:, 3] > 0.5)
     r_cv, t_cv = opencv_extrinsics(src[:, 0], src[:, 1], src[:, 2], src[:, 3])
     pix, depth = project_opencv(points, r_cv, t_cv, kk)
-    # Pixel centres sit at integer coordinates: −1 and +1 are the first and last centres.
-    grid = torch.stack([2 * pix[..., 0] / (w - 1) - 1, 2 * pix[..., 1] / (h - 1) - 1], -1)
-    inside = (grid.abs() <= 1).all(-1) & (depth > 0)
+    size_xy = torch.tensor([w - 1, h - 1], dtype=pix.dtype)
+    inside = ((pix >= 0) & (pix <= size_xy)).all(-1) & (depth > 0)
     seen = seen & inside.reshape(n, h, w)
+    # Pixel centres sit at integer coordinates: −1 and +1 are the first and last centres.
+    grid = kornia.geometry.conversions.normalize_pixel_coordinates(pix, h, w)
     source = images.float()
     looked_up = F.grid_sample(
         source, grid.reshape(n, h, w, 2).float(), mode="bilinear", padding_mode="border",
