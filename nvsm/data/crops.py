@@ -15,9 +15,11 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import kornia
 import numpy as np
 import torch
 import torch.nn.functional as F
+from kornia.geometry.conversions import normalize_pixel_coordinates
 
 from nvsm.data.record import ObjectRecord
 from nvsm.pose.camera import CROP_PROTOCOLS, CropCamera, bbox_crop, gt_normalized_crop
@@ -94,17 +96,12 @@ def _to_chw_float(image: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (N, C, H, W), reflect padding (keeps pixel centres)."""
+    """Separable Gaussian blur of (N, C, H, W) over ±3σ, reflect padding (keeps pixel centres)."""
     radius = max(1, math.ceil(3 * sigma))
-    k = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-0.5 * (k / sigma) ** 2)
-    k = k / k.sum()
-    c = x.shape[1]
-    mode = "reflect" if min(x.shape[-2:]) > radius else "replicate"
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode=mode),
-                 k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode=mode),
-                    k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    # Reflect padding needs more pixels than the radius; tiny images replicate instead.
+    border = "reflect" if min(x.shape[-2:]) > radius else "replicate"
+    size = 2 * radius + 1
+    return kornia.filters.gaussian_blur2d(x, (size, size), (sigma, sigma), border_type=border)
 
 
 def warp_to_crop(
@@ -133,9 +130,8 @@ def warp_to_crop(
     v = torch.arange(out_h, dtype=torch.float64, device=dev)
     xs = (u - float(camera.offset[0])) / camera.scale
     ys = (v - float(camera.offset[1])) / camera.scale
-    gx = 2.0 * xs / max(w - 1, 1) - 1.0
-    gy = 2.0 * ys / max(h - 1, 1) - 1.0
-    grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1).to(x.dtype)
+    pix = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)
+    grid = normalize_pixel_coordinates(pix, max(h, 2), max(w, 2)).to(x.dtype)
     out = F.grid_sample(x, grid[None], mode=mode, padding_mode="zeros", align_corners=True)
     return out[0]
 

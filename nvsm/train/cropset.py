@@ -21,6 +21,7 @@ import kornia.augmentation as KA
 import numpy as np
 import torch
 import torch.nn.functional as F
+from kornia.geometry.conversions import normalize_pixel_coordinates
 from rich.progress import track
 
 from nvsm.config import AugmentConfig
@@ -204,7 +205,7 @@ def affine_jitter(
     )
     pix = torch.stack([xs, ys], -1)[None]  # (1, H, W, 2)
     src = (pix - c0.cpu() - t.cpu()[:, None, None]) / s.cpu()[:, None, None, None] + c0.cpu()
-    grid = torch.stack([2 * src[..., 0] / (w - 1) - 1, 2 * src[..., 1] / (h - 1) - 1], -1)
+    grid = normalize_pixel_coordinates(src, h, w)
     out = F.grid_sample(
         images, grid.to(images), mode="bilinear", padding_mode="zeros", align_corners=True
     )
