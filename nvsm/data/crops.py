@@ -131,6 +131,7 @@ def warp_to_crop(
     xs = (u - float(camera.offset[0])) / camera.scale
     ys = (v - float(camera.offset[1])) / camera.scale
     pix = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)
+    # A one-pixel side has no centre span to normalise by; a divisor of 1 keeps it finite.
     grid = normalize_pixel_coordinates(pix, max(h, 2), max(w, 2)).to(x.dtype)
     out = F.grid_sample(x, grid[None], mode=mode, padding_mode="zeros", align_corners=True)
     return out[0]
