@@ -32,6 +32,7 @@ __all__ = [
     "crop_mask",
     "crop_object",
     "default_crop_size",
+    "gaussian_blur",
     "warp_to_crop",
 ]
 
@@ -95,7 +96,7 @@ def _to_chw_float(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     return t.permute(2, 0, 1)
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (N, C, H, W) over ±3σ, reflect padding (keeps pixel centres)."""
     radius = max(1, math.ceil(3 * sigma))
     # Reflect padding needs more pixels than the radius; tiny images replicate instead.
@@ -123,7 +124,7 @@ def warp_to_crop(
     if antialias and mode == "bilinear" and camera.scale < 1.0:
         sigma = (1.0 / camera.scale - 1.0) / 2.0
         if sigma > 0.25:
-            x = _gaussian_blur(x, sigma)
+            x = gaussian_blur(x, sigma)
     out_h, out_w = camera.size
     dev = x.device
     u = torch.arange(out_w, dtype=torch.float64, device=dev)

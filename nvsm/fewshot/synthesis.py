@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nvsm.data.crops import gaussian_blur
 from nvsm.mesh import Mesh, facing_visibility
 from nvsm.pose.convention import camera_centre, opencv_extrinsics, project_opencv, wrap_angle
 from nvsm.render import Rasterizer, default_rasterizer, render_pose
@@ -429,7 +430,7 @@ def synthesize_images(
     seen = out.mask & (out.features[:, 3] > 0.5)
     r_cv, t_cv = opencv_extrinsics(src[:, 0], src[:, 1], src[:, 2], src[:, 3])
     pix, depth = project_opencv(points, r_cv, t_cv, kk)
-    size_xy = torch.tensor([w - 1, h - 1], dtype=pix.dtype)
+    size_xy = torch.tensor([w - 1, h - 1], dtype=pix.dtype, device=pix.device)
     inside = ((pix >= 0) & (pix <= size_xy)).all(-1) & (depth > 0)
     seen = seen & inside.reshape(n, h, w)
     # Pixel centres sit at integer coordinates: −1 and +1 are the first and last centres.
@@ -439,7 +440,6 @@ def synthesize_images(
         source, grid.reshape(n, h, w, 2).float(), mode="bilinear", padding_mode="border",
         align_corners=True,
     )  # fmt: skip
-    size = 2 * math.ceil(3 * fill_sigma) + 1
-    fill = kornia.filters.gaussian_blur2d(source, (size, size), (fill_sigma, fill_sigma))
+    fill = gaussian_blur(source, fill_sigma)
     synthesized = torch.where(seen[:, None], looked_up, fill).round().clamp(0, 255)
     return synthesized.to(torch.uint8), dst, seen
