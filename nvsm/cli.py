@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 import yaml
@@ -15,6 +15,7 @@ from rich.table import Table
 from nvsm.cli_pseudo_labels import app as pseudo_labels_app
 from nvsm.config import RunConfig, config_to_dict
 from nvsm.data.cli import app as data_app
+from nvsm.runtime import exit_with_error, keep_freed_memory
 
 app = typer.Typer(
     help="nvsm: few-shot category-level 3D pose (Neural View Synthesis and Matching on NeMo).",
@@ -31,8 +32,6 @@ console = Console()
 @app.callback()
 def _startup() -> None:
     # Before any command allocates: see keep_freed_memory for the page-fault cost it removes.
-    from nvsm.runtime import keep_freed_memory
-
     keep_freed_memory()
 
 
@@ -43,9 +42,8 @@ SetOpt = Annotated[
 ]
 
 
-def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(2)
+def _fail(message: str) -> NoReturn:
+    exit_with_error(console, message, 2)
 
 
 def _config(recipe: str | None, overrides: list[str] | None) -> RunConfig:

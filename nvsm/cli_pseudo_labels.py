@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from nvsm.runtime import exit_with_error
+
 app = typer.Typer(
     help="Export a few-shot run's pseudo-labels (CSV / JSON lines) or inspect them in an "
     "offline HTML report.",
@@ -33,8 +35,7 @@ class ExportFormat(StrEnum):
 
 
 def _fail(message: str) -> NoReturn:
-    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(1)
+    exit_with_error(console, message, 1)
 
 
 @app.command()

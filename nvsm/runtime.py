@@ -1,4 +1,5 @@
-"""Process-wide settings the command line applies once at start-up.
+"""What the command lines share: process-wide settings applied once at start-up, and the exit on
+a user error.
 
 Nothing here runs on import: importing nvsm as a library must not change its host process.
 """
@@ -8,6 +9,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
 
 #: glibc ``mallopt`` parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -49,3 +55,10 @@ def keep_freed_memory() -> bool:
         mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
         and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
     )
+
+
+def exit_with_error(console: Console, message: str, code: int) -> NoReturn:
+    """Print ``error: message`` and exit with ``code``. The message is neither wrapped nor read
+    as markup, so that the paths it names stay whole, brackets and all, for copying."""
+    console.print("[red]error:[/red]", escape(message), soft_wrap=True)
+    raise typer.Exit(code)

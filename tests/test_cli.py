@@ -18,6 +18,16 @@ def test_recipes_list_and_show():
     assert res.exit_code == 2 and "unknown key" in res.output
 
 
+def test_errors_print_the_user_input_whole(tmp_path):
+    # Neither folded at the terminal width nor read as rich markup: a path can be copied.
+    root = tmp_path / ("x" * 90) / "[bold]data"
+    res = runner.invoke(app, ["fewshot", "--dataset", "pascal3d", "--root", str(root), "--out",
+                              str(tmp_path / "run")])
+    assert res.exit_code == 2 and str(root / "Image_sets" / "car_imagenet_train.txt") in res.output
+    res = runner.invoke(app, ["fewshot", "--anchors", f"[bold]{'y' * 90}"])
+    assert res.exit_code == 2 and f"got '[bold]{'y' * 90}'" in res.output
+
+
 def test_every_command_has_help_with_an_example():
     for cmd in (
         ["train"],

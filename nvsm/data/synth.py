@@ -612,6 +612,8 @@ def synth_command(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
+    from nvsm.runtime import exit_with_error
+
     size: str | dict[str, tuple[int, int]] = "tiny" if tiny else "default"
     if counts:
         size = {**SIZE_PRESETS["tiny" if tiny else "default"], **_parse_counts(counts)}
@@ -629,8 +631,7 @@ def synth_command(
                 out, size, seed, backgrounds, categories, occlusion=not no_occlusion,
                 workers=workers, overwrite=overwrite, progress=report)
         except (ValueError, FileExistsError, FileNotFoundError) as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(2) from exc
+            exit_with_error(console, str(exc), 2)
     for cat, c in summary.counts.items():
         console.print(f"{cat}: {c['train']} train, {c['val']} val, "
                       f"{summary.cad_models[cat]} CAD models")
