@@ -335,7 +335,9 @@ def fewshot(
         nvsm fewshot --annotations 20 --with-oracle
         nvsm fewshot --tiny --with-oracle --out /tmp/smoke
         nvsm fewshot --dataset pascal3d --root /data/PASCAL3D+_release1.1
+            -s data.occluded_root=/data/OccludedPASCAL3D
         nvsm fewshot --dataset kitti --root /data/kitti/object
+            -s data.cad_root=/data/PASCAL3D+_release1.1
         nvsm fewshot -r synthetic-car-7shot -s fewshot.matcher=faiss -s fewshot.rounds=3
     """
     from nvsm.fewshot.loop import run_fewshot

@@ -35,6 +35,9 @@ class DataConfig:
     dataset: str = "synthetic"  # synthetic | pascal3d | occluded_pascal3d | kitti | objectnet3d
     root: str | None = None  # None: the built-in synthetic dataset (generated on demand)
     cad_root: str | None = None  # CAD/<category> for the cuboids; None: root (KITTI: PASCAL3D+)
+    # Occluded PASCAL3D+ release (images/, annotations/, lists/) for test levels 1-3 of
+    # PASCAL3D+-layout sets; None: <root>/OccludedPASCAL3D (where the synthetic set has it)
+    occluded_root: str | None = None
     categories: list[str] = field(default_factory=lambda: ["car"])
     crop_protocol: str = "gt-normalized"  # gt-normalized | bbox
     crop_size: list[int] | None = None  # (H, W); None: the per-category default

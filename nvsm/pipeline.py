@@ -77,7 +77,23 @@ def dataset_root(config: RunConfig) -> Path:
 def cad_root(config: RunConfig, root: Path) -> Path:
     """Where the CAD models for the cuboids are: ``data.cad_root`` or else the dataset ``root``
     (KITTI has no CAD models: point ``data.cad_root`` at a PASCAL3D+ release)."""
-    return Path(config.data.cad_root) if config.data.cad_root else root
+    if config.data.cad_root:
+        return Path(config.data.cad_root)
+    if config.data.dataset == "kitti":
+        raise ValueError(
+            "KITTI has no CAD models for the cuboids: set -s data.cad_root=PATH to a PASCAL3D+ "
+            "release (the folder holding CAD/)"
+        )
+    return root
+
+
+def occluded_root(config: RunConfig, root: Path) -> Path:
+    """Where the Occluded PASCAL3D+ levels of a PASCAL3D+-layout set are: ``data.occluded_root``
+    or else ``<root>/OccludedPASCAL3D`` (the built-in synthetic set keeps them there; the
+    published release is a separate download, usually elsewhere)."""
+    if config.data.occluded_root:
+        return Path(config.data.occluded_root)
+    return root / "OccludedPASCAL3D"
 
 
 def category_meshes(root: Path, categories: list[str], n_vertices: int) -> dict[str, Mesh]:
@@ -100,9 +116,9 @@ class DatasetSplits:
 def load_splits(config: RunConfig, occlusion_levels: tuple[int, ...] = (0,)) -> DatasetSplits:
     """Train and test records of the configured dataset (``train_test_records``).
 
-    PASCAL3D+-layout sets: level 0 is the val list, levels 1–3 come from its Occluded PASCAL3D+
-    folder (``<root>/OccludedPASCAL3D`` for the synthetic set). KITTI: the test fold, its levels
-    being KITTI's own occlusion flags 0–2."""
+    PASCAL3D+-layout sets: level 0 is the val list, levels 1–3 come from the Occluded PASCAL3D+
+    release at ``occluded_root``. KITTI: the test fold, its levels being KITTI's own occlusion
+    flags 0–2."""
     from nvsm.data.datasets import train_test_records
 
     root = dataset_root(config)
@@ -118,7 +134,14 @@ def load_splits(config: RunConfig, occlusion_levels: tuple[int, ...] = (0,)) -> 
         test[0] = test_read.records
     occluded = tuple(lv for lv in occlusion_levels if lv > 0)
     if occluded:
-        occ_root = root / "OccludedPASCAL3D" if name == "synthetic" else root
+        occ_root = occluded_root(config, root)
+        if not occ_root.is_dir():
+            raise ValueError(
+                f"occlusion levels {list(occluded)} need the Occluded PASCAL3D+ release (images/, "
+                f"annotations/, lists/), but {occ_root} is not a folder: set "
+                "-s data.occluded_root=PATH, or leave the occluded levels out (nvsm fewshot: "
+                "-s fewshot.occlusion_levels=[0])"
+            )
         recs = load_dataset(
             "occluded_pascal3d", occ_root, categories=cats, pascal3d_root=root, levels=occluded
         ).records
@@ -236,7 +259,6 @@ def _train_and_evaluate(
     if info.is_main:
         ddp.barrier()
     labelled = training_records(config, splits)
-    data = cropsets(config, labelled, "cropping train")
     ckpt = run_dir / "model.pt"
     done_steps = 0
     if resume and ckpt.is_file():
@@ -249,6 +271,8 @@ def _train_and_evaluate(
                 cad_root(config, splits.root), config.data.categories, config.model.n_vertices
             ),
         )
+    # Cropped after the model is built, so that a missing CAD folder fails before the cropping.
+    data = cropsets(config, labelled, "cropping train")
     # The trainer broadcasts rank 0's backbone and banks; the step count follows rank 0.
     done_steps = ddp.broadcast_object(done_steps)
     trainer = NeMoTrainer(

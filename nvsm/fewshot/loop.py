@@ -197,13 +197,15 @@ def prepare_fewshot_data(config: RunConfig) -> FewShotData:
         pool = pool[: fs.unlabelled_limit]
     if not pool:
         raise ValueError("no unlabelled training records left for the few-shot loop")
+    # The cuboids first: a missing CAD folder fails before minutes of cropping.
+    meshes = category_meshes(
+        cad_root(config, splits.root), config.data.categories, config.model.n_vertices
+    )
     test = CropSet.concat(
         [cropsets(config, recs, f"cropping test L{lv}") for lv, recs in sorted(splits.test.items())]
     )
     return FewShotData(
-        meshes=category_meshes(
-            cad_root(config, splits.root), config.data.categories, config.model.n_vertices
-        ),
+        meshes=meshes,
         labelled=cropsets(config, labelled, "cropping labelled"),
         unlabelled=cropsets(config, pool, "cropping unlabelled"),
         test=test,
