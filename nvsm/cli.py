@@ -372,7 +372,10 @@ def fewshot(
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
         return
-    title = f"{cfg.name}: {cfg.labels.annotations} labels ({cfg.labels.anchors}, seed {cfg.seed})"
+    title = (
+        f"{cfg.name}: {cfg.labels.annotations} labels ({cfg.labels.anchors}, seed {cfg.seed}), "
+        f"{cfg.data.crop_protocol} test crops"
+    )
     print_fewshot_table(result.metrics, f"{title} → {folder}")
 
 

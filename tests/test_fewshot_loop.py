@@ -194,6 +194,8 @@ def test_fewshot_cli_end_to_end(tmp_path, monkeypatch):
             assert metrics[row][level]["n"] == 4
             assert 0.0 <= metrics[row][level]["acc_pi_6"] <= 1.0
     assert metrics["anchor_seed"] == 0 and len(metrics["rounds"]) == 3
+    assert metrics["protocol"] == "gt-normalized"
+    assert "gt-normalized test crops" in " ".join(res.output.split())  # the table's title
     assert len(metrics["self_training_rounds"]) == 2
     assert metrics["anchor_azimuth_coverage"]["car"]["n_bins"] == 8
     # Same budget: round 0 + 2 M-steps of the recipe (3 + 2·2 steps).
@@ -268,10 +270,14 @@ def test_fewshot_on_kitti(tiny_synthetic, tmp_path):
     args = ["--dataset", "kitti", "--root", str(root)]
     res = runner.invoke(app, ["fewshot", *args, "--out", str(tmp_path / "no_cad")])
     assert res.exit_code != 0 and "data.cad_root" in res.output
-    # KITTI has no CAD models: the cuboid comes from a PASCAL3D+-layout set's.
+    # KITTI has no CAD models: the cuboid comes from a PASCAL3D+-layout set's. Crops from the
+    # boxes alone (the detection-box protocol).
     metrics = _fewshot_metrics(
-        [*args, "-s", f"data.cad_root={tiny_synthetic}"], root, tmp_path / "run"
+        [*args, "-s", f"data.cad_root={tiny_synthetic}", "-s", "data.crop_protocol=bbox"],
+        root,
+        tmp_path / "run",
     )
+    assert metrics["protocol"] == "bbox"
     # Test fold: frames 0, 4, ..., 20, two cars each, flags 0 / 1 / 2 in turn.
     for row in ("nemo", "nemo_same_steps", "self_training", "nvsm"):
         assert {lv: m["n"] for lv, m in metrics[row].items()} == {"L0": 4, "L1": 4, "L2": 4}

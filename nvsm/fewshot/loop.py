@@ -1394,6 +1394,7 @@ def _top_level(
     }
     return {
         **{name: summary_levels(rows[name]["test"]) for name in ROWS if name in rows},
+        "protocol": config.data.crop_protocol,  # test crops: gt-normalized | bbox
         "anchor_seed": config.seed,
         "anchor_strategy": config.labels.anchors,
         "annotations": config.labels.annotations,
