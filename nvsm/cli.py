@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -30,9 +31,18 @@ console = Console()
 
 
 @app.callback()
-def _startup() -> None:
+def _startup(ctx: typer.Context) -> None:
     # Before any command allocates: see keep_freed_memory for the page-fault cost it removes.
     keep_freed_memory()
+    # Only `train` shares its work among torchrun's processes; any other command would run in
+    # full once per process, every copy writing the same files.
+    world = os.environ.get("WORLD_SIZE", "1")
+    if ctx.invoked_subcommand != "train" and world != "1":
+        _fail(
+            f"nvsm {ctx.invoked_subcommand} runs in one process, but torchrun started "
+            f"{world} (WORLD_SIZE={world}): launch it without torchrun (only nvsm train runs "
+            "on several processes)"
+        )
 
 
 RecipeOpt = Annotated[str | None, typer.Option("--recipe", "-r", help="Recipe name or YAML path.")]

@@ -28,6 +28,16 @@ def test_errors_print_the_user_input_whole(tmp_path):
     assert res.exit_code == 2 and f"got '[bold]{'y' * 90}'" in res.output
 
 
+def test_only_train_runs_under_torchrun(tmp_path):
+    # Every other command would run once per process, racing on the same run folder.
+    res = runner.invoke(app, ["fewshot", "--tiny", "--out", str(tmp_path / "run")],
+                        env={"WORLD_SIZE": "2"})
+    assert res.exit_code == 2 and "nvsm fewshot runs in one process" in res.output
+    assert not (tmp_path / "run").exists()
+    res = runner.invoke(app, ["recipes", "list"], env={"WORLD_SIZE": "1"})
+    assert res.exit_code == 0
+
+
 def test_every_command_has_help_with_an_example():
     for cmd in (
         ["train"],
