@@ -350,7 +350,7 @@ def fewshot(
             -s data.cad_root=/data/PASCAL3D+_release1.1
         nvsm fewshot -r synthetic-car-7shot -s fewshot.matcher=faiss -s fewshot.rounds=3
     """
-    from nvsm.fewshot.loop import run_fewshot
+    from nvsm.fewshot.loop import prepare_fewshot_data, run_fewshot, validate_fewshot_config
     from nvsm.io import write_run_info
 
     if dataset is not None and dataset not in FEWSHOT_DATASETS:
@@ -375,13 +375,17 @@ def fewshot(
     if cfg.fewshot.rounds < 1:
         _fail(f"--rounds must be >= 1, got {cfg.fewshot.rounds}")
     folder = _run_dir(out, "fewshot")
+    try:  # a bad config or dataset fails here, before the run folder exists
+        validate_fewshot_config(cfg.fewshot)
+        data = prepare_fewshot_data(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
     folder.mkdir(parents=True, exist_ok=True)
     write_run_info(folder, config_to_dict(cfg), cfg.seed)
     try:
-        result = run_fewshot(cfg, folder, resume=resume, log=console.print)
+        result = run_fewshot(cfg, folder, resume=resume, data=data, log=console.print)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
-        return
     title = (
         f"{cfg.name}: {cfg.labels.annotations} labels ({cfg.labels.anchors}, seed {cfg.seed}), "
         f"{cfg.data.crop_protocol} test crops"

@@ -227,6 +227,7 @@ def test_fewshot_on_a_pascal3d_release_with_occluded_pascal3d_elsewhere(tiny_syn
     res = runner.invoke(app, ["fewshot", *args, "--out", str(tmp_path / "no_occluded")])
     assert res.exit_code != 0
     assert "data.occluded_root" in res.output and str(release / "OccludedPASCAL3D") in res.output
+    assert not (tmp_path / "no_occluded").exists()
     metrics = _fewshot_metrics(
         [*args, "-s", f"data.occluded_root={occluded}"], release, tmp_path / "run"
     )
@@ -270,6 +271,7 @@ def test_fewshot_on_kitti(tiny_synthetic, tmp_path):
     args = ["--dataset", "kitti", "--root", str(root)]
     res = runner.invoke(app, ["fewshot", *args, "--out", str(tmp_path / "no_cad")])
     assert res.exit_code != 0 and "data.cad_root" in res.output
+    assert not (tmp_path / "no_cad").exists()
     # KITTI has no CAD models: the cuboid comes from a PASCAL3D+-layout set's. Crops from the
     # boxes alone (the detection-box protocol).
     metrics = _fewshot_metrics(

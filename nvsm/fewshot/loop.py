@@ -1243,6 +1243,26 @@ def _single_stage(
     return run.finish(folder, model, info, timer)
 
 
+def validate_fewshot_config(fs: FewShotConfig) -> None:
+    """Raise ``ValueError`` naming the first ``fewshot.*`` value the loop cannot run with, so
+    that it fails before any data is cropped or round 0 trained."""
+    _require_choice("fewshot.mstep_init", fs.mstep_init, ("continue", "restart"))
+    _require_choice("fewshot.score_area", fs.score_area, SCORE_AREAS)
+    round_shifts(fs, 1)  # an empty shift list
+    if fs.hubness_k < 0 or fs.hubness_sample < 1:
+        raise ValueError(
+            "fewshot.hubness_k must be >= 0 (0: off) and fewshot.hubness_sample >= 1, got "
+            f"{fs.hubness_k} and {fs.hubness_sample}"
+        )
+    bad = [x for x in fs.mstep_image_shifts_deg if not (math.isfinite(x) and 0 < abs(x) <= 90)]
+    if bad:
+        raise ValueError(
+            "fewshot.mstep_image_shifts_deg: every azimuth shift must be non-zero and within "
+            f"±90°, got {bad}"
+        )
+    acceptance_schedule(fs)
+
+
 def run_fewshot(
     config: RunConfig,
     run_dir: Path,
@@ -1273,20 +1293,7 @@ def run_fewshot(
         log: optional progress messages.
     """
     fs = config.fewshot
-    _require_choice("fewshot.mstep_init", fs.mstep_init, ("continue", "restart"))
-    _require_choice("fewshot.score_area", fs.score_area, SCORE_AREAS)
-    round_shifts(fs, 1)  # an empty shift list fails here, not after round 0 has trained
-    if fs.hubness_k < 0 or fs.hubness_sample < 1:
-        raise ValueError(
-            "fewshot.hubness_k must be >= 0 (0: off) and fewshot.hubness_sample >= 1, got "
-            f"{fs.hubness_k} and {fs.hubness_sample}"
-        )
-    bad = [x for x in fs.mstep_image_shifts_deg if not (math.isfinite(x) and 0 < abs(x) <= 90)]
-    if bad:
-        raise ValueError(
-            "fewshot.mstep_image_shifts_deg: every azimuth shift must be non-zero and within "
-            f"±90°, got {bad}"
-        )
+    validate_fewshot_config(fs)
     schedule = schedule or acceptance_schedule(fs)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
