@@ -158,7 +158,10 @@ def train(
 
     extra = [f"model.backbone_weights={backbone_weights}"] if backbone_weights else []
     cfg = _config(recipe, [*(overrides or []), *extra])
-    metrics = train_and_evaluate(cfg, _run_dir(out, "train"), resume=resume, evaluate=evaluate)
+    try:
+        metrics = train_and_evaluate(cfg, _run_dir(out, "train"), resume=resume, evaluate=evaluate)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
     if metrics is not None:
         print_metrics_table(metrics, f"{cfg.name}: test")
 

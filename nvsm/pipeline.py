@@ -250,9 +250,6 @@ def _train_and_evaluate(
     torch.manual_seed(config.seed)
     device = info.device
     run_dir = ddp.broadcast_object(Path(run_dir))  # e.g. a timestamped default: rank 0's
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_info(run_dir, config_to_dict(config), config.seed)
     if not info.is_main:
         ddp.barrier()  # rank 0 first: it may generate the built-in synthetic dataset
     splits = load_splits(config, (0,) if evaluate else ())
@@ -271,7 +268,11 @@ def _train_and_evaluate(
                 cad_root(config, splits.root), config.data.categories, config.model.n_vertices
             ),
         )
-    # Cropped after the model is built, so that a missing CAD folder fails before the cropping.
+    # The run folder once the dataset and the CAD models have been read (a run that cannot start
+    # leaves none behind), the cropping after it.
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_info(run_dir, config_to_dict(config), config.seed)
     data = cropsets(config, labelled, "cropping train")
     # The trainer broadcasts rank 0's backbone and banks; the step count follows rank 0.
     done_steps = ddp.broadcast_object(done_steps)

@@ -25,6 +25,10 @@ def test_errors_print_the_user_input_whole(tmp_path):
                               str(tmp_path / "run")])
     assert res.exit_code == 2 and str(root / "Image_sets" / "car_imagenet_train.txt") in res.output
     assert not (tmp_path / "run").exists()  # nothing written for a run that could not start
+    res = runner.invoke(app, ["train", "-r", "synthetic-car-7labels", "-s", f"data.root={root}",
+                              "--out", str(tmp_path / "train")])
+    assert res.exit_code == 2 and str(root / "Image_sets" / "car_imagenet_train.txt") in res.output
+    assert not (tmp_path / "train").exists()
     res = runner.invoke(app, ["fewshot", "--anchors", f"[bold]{'y' * 90}"])
     assert res.exit_code == 2 and f"got '[bold]{'y' * 90}'" in res.output
 
