@@ -257,8 +257,9 @@ def test_checkpoint_errors_name_the_file(tmp_path):
         load_checkpoint(foreign)
     unsafe = tmp_path / "unsafe.pt"
     torch.save({"format": "nvsm-checkpoint", "obj": nn.Linear(1, 1)}, unsafe)
-    with pytest.raises(CheckpointError, match=r"unsafe\.pt"):  # weights_only refuses modules
+    with pytest.raises(CheckpointError, match=r"unsafe\.pt") as err:  # weights_only refuses modules
         load_checkpoint(unsafe)
+    assert "weights_only" not in str(err.value)  # no advice to load it unsafely
     with pytest.raises(TypeError, match="JSON"):
         save_checkpoint(tmp_path / "x.pt", {"w": torch.zeros(1)}, {"bad": object()})
     with pytest.raises(TypeError, match="not a tensor"):

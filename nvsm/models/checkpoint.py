@@ -133,8 +133,12 @@ def load_checkpoint(
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
+        # torch's first sentence only: the rest of its weights-only message advises loading
+        # with weights_only=False, which nvsm never does.
+        first = str(exc).strip().split("\n")[0].split(". ")[0]
         raise CheckpointError(
-            f"{path}: corrupt or unreadable checkpoint ({type(exc).__name__}: {exc})"
+            f"{path}: corrupt or unreadable checkpoint, not one nvsm wrote "
+            f"({type(exc).__name__}: {first})"
         ) from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
