@@ -37,7 +37,7 @@ def _startup(ctx: typer.Context) -> None:
     # Only `train` shares its work among torchrun's processes; any other command would run in
     # full once per process, every copy writing the same files.
     world = os.environ.get("WORLD_SIZE", "1")
-    if ctx.invoked_subcommand != "train" and world != "1":
+    if ctx.invoked_subcommand not in (None, "train") and world != "1":
         _fail(
             f"nvsm {ctx.invoked_subcommand} runs in one process, but torchrun started "
             f"{world} (WORLD_SIZE={world}): launch it without torchrun (only nvsm train runs "

@@ -206,10 +206,15 @@ def test_fewshot_cli_end_to_end(tmp_path, monkeypatch):
     assert same["train"]["steps"] == 4 and same["train"]["labelled_images"] == 3
 
 
-def _fewshot_metrics(args: list[str], root: Path, run: Path) -> dict:
-    """``nvsm fewshot ARGS`` with the tiny overrides (one round); the run's metrics.json."""
+def _tiny_fewshot(args: list[str], root: Path, run: Path):
+    """``nvsm fewshot ARGS --out RUN`` with the tiny overrides (one round)."""
     overrides = [x for o in _tiny_overrides(root, 1) for x in ("-s", o)]
-    res = runner.invoke(app, ["fewshot", *args, *overrides, "--out", str(run)])
+    return runner.invoke(app, ["fewshot", *args, *overrides, "--out", str(run)])
+
+
+def _fewshot_metrics(args: list[str], root: Path, run: Path) -> dict:
+    """``_tiny_fewshot``, which must succeed; the run's metrics.json."""
+    res = _tiny_fewshot(args, root, run)
     assert res.exit_code == 0, res.output
     return json.loads((run / "metrics.json").read_text())
 
@@ -224,7 +229,7 @@ def test_fewshot_on_a_pascal3d_release_with_occluded_pascal3d_elsewhere(tiny_syn
         (release / name).symlink_to(tiny_synthetic / name)
     occluded.symlink_to(tiny_synthetic / "OccludedPASCAL3D")
     args = ["--dataset", "pascal3d", "--root", str(release)]
-    res = runner.invoke(app, ["fewshot", *args, "--out", str(tmp_path / "no_occluded")])
+    res = _tiny_fewshot(args, release, tmp_path / "no_occluded")
     assert res.exit_code != 0
     assert "data.occluded_root" in res.output and str(release / "OccludedPASCAL3D") in res.output
     assert not (tmp_path / "no_occluded").exists()
@@ -269,7 +274,7 @@ def test_fewshot_on_kitti(tiny_synthetic, tmp_path):
     root = tmp_path / "kitti" / "object"
     _write_kitti_frames(root, 24)
     args = ["--dataset", "kitti", "--root", str(root)]
-    res = runner.invoke(app, ["fewshot", *args, "--out", str(tmp_path / "no_cad")])
+    res = _tiny_fewshot(args, root, tmp_path / "no_cad")
     assert res.exit_code != 0 and "data.cad_root" in res.output
     assert not (tmp_path / "no_cad").exists()
     # KITTI has no CAD models: the cuboid comes from a PASCAL3D+-layout set's. Crops from the
