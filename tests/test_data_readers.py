@@ -580,6 +580,23 @@ def test_cli_verify_and_help(p3d_root: Path) -> None:
     assert wrong.exit_code != 0
 
 
+def test_cli_data_keeps_bracketed_paths_whole(tmp_path: Path, p3d_root: Path) -> None:
+    # rich reads "[...]" as markup: a path holding one must still be printed as it is.
+    root = p3d_root.rename(tmp_path / "P3D[v1.1]")
+    (root / "Images/car_imagenet/n0002.JPEG").unlink()
+    runner = CliRunner()
+    bad = runner.invoke(app, ["verify", "--dataset", "pascal3d", "--root", str(root),
+                              "--category", "car"], env={"COLUMNS": "400"})
+    assert bad.exit_code == 1 and "P3D[v1.1]" in bad.output, bad.output
+    missing = tmp_path / "gone[2]" / "PASCAL3D+_release1.1"
+    res = runner.invoke(app, ["split", "--dataset", "pascal3d", "--root", str(missing),
+                              "--annotations", "2", "--out", str(tmp_path / "splits")],
+                        env={"COLUMNS": "60"})
+    assert res.exit_code == 1
+    assert res.output.startswith("error: ") and f"--root {missing}'" in res.output, res.output
+    assert not (tmp_path / "splits").exists()
+
+
 def test_cli_split_writes_lists(tmp_path: Path, p3d_root: Path) -> None:
     for i in range(4, 12):
         _p3d(p3d_root, "car", f"n{i:04d}", [_obj(viewpoint=_vp(az=30.0 * i))])

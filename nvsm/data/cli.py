@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from nvsm.data.datasets import DATASET_NAMES, train_test_records
@@ -14,9 +15,17 @@ from nvsm.data.errors import DataFormatError
 from nvsm.data.splits import SPLIT_STRATEGIES, few_shot_splits, write_few_shot_split
 from nvsm.data.synth import synth_command
 from nvsm.data.verify import verify_dataset
+from nvsm.runtime import exit_with_error
 
 app = typer.Typer(
-    help="Datasets: check a local copy against its manifest, write few-shot split lists.",
+    help="""Datasets: check a local copy against its manifest, write few-shot split lists,
+    render the synthetic set.
+
+    Examples:
+        nvsm data verify --dataset pascal3d --root /data/PASCAL3D+_release1.1
+        nvsm data split -d pascal3d -r /data/PASCAL3D+_release1.1 -n 7 --out splits/p3d
+        nvsm data synth --out data/synthetic --tiny
+    """,
     no_args_is_help=True,
     add_completion=False,
 )
@@ -58,13 +67,14 @@ def verify(
     problems = verify_dataset(dataset, root, categories=category or None, decode_images=decode,
                               pascal3d_root=pascal3d_root)
     if not problems:
-        console.print(f"[green]{dataset}: {root} matches the manifest[/green]")
+        console.print(f"[green]{dataset}: {escape(str(root))} matches the manifest[/green]")
         return
-    table = Table(title=f"{dataset}: {len(problems)} problem(s) in {root}")
+    # Paths are escaped: rich would read a "[...]" in them as markup and drop it.
+    table = Table(title=f"{dataset}: {len(problems)} problem(s) in {escape(str(root))}")
     for col in ("kind", "path", "field", "message"):
         table.add_column(col, overflow="fold")
     for p in problems[:limit]:
-        table.add_row(p.kind, str(p.path), p.field or "", p.message)
+        table.add_row(p.kind, escape(str(p.path)), escape(p.field or ""), escape(p.message))
     console.print(table)
     if len(problems) > limit:
         console.print(f"... and {len(problems) - limit} more (raise --limit to see them)")
@@ -115,15 +125,13 @@ def split(
     try:
         train, test = train_test_records(dataset, root, category or None, test_fold=test_fold)
     except DataFormatError as exc:
-        console.print(f"[red]{exc}[/red]\nRun 'nvsm data verify --dataset {dataset} --root "
-                      f"{root}' to list every problem.")
-        raise typer.Exit(code=1) from exc
+        exit_with_error(console, f"{exc}\nRun 'nvsm data verify --dataset {dataset} --root "
+                        f"{root}' to list every problem.", 1)
     try:
         splits = few_shot_splits(train.records, test.records, sizes,
                                  strategy, seed, nested=not independent)  # type: ignore[arg-type]
     except ValueError as exc:
-        console.print(f"[red]cannot split {dataset}: {exc}[/red]")
-        raise typer.Exit(code=2) from exc
+        exit_with_error(console, f"cannot split {dataset}: {exc}", 2)
     table = Table(title=f"{dataset} few-shot splits (seed {seed}, {strategy})")
     for col in ("category", "N", "labelled", "unlabelled", "test", "azimuth bins covered (of 8)",
                 "max gap °", "folder"):
@@ -132,7 +140,7 @@ def split(
         folder = write_few_shot_split(sp, out, dataset)
         table.add_row(cat, str(n), str(len(sp.labelled)), str(len(sp.unlabelled)),
                       str(len(sp.test)), str(sp.coverage.covered_bins),
-                      f"{sp.coverage.max_gap_deg:.0f}", str(folder))
+                      f"{sp.coverage.max_gap_deg:.0f}", escape(str(folder)))
     console.print(table)
     if train.skipped:
         console.print(f"{len(train.skipped)} training objects skipped: "
