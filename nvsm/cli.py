@@ -19,12 +19,29 @@ from nvsm.data.cli import app as data_app
 from nvsm.runtime import exit_with_error, keep_freed_memory
 
 app = typer.Typer(
-    help="nvsm: few-shot category-level 3D pose (Neural View Synthesis and Matching on NeMo).",
+    help="""nvsm: few-shot category-level 3D pose (Neural View Synthesis and Matching on NeMo).
+
+    Examples:
+        nvsm fewshot --annotations 7
+        nvsm fewshot --tiny --with-oracle --out /tmp/smoke
+        nvsm train --recipe synthetic-car-supervised --out runs/sup
+        nvsm evaluate --model runs/sup/model.pt
+        nvsm recipes list
+        nvsm COMMAND --help
+    """,
     no_args_is_help=True,
     add_completion=False,
 )
 app.add_typer(data_app, name="data")
-recipes_app = typer.Typer(help="List and show the named recipes in recipes/.", no_args_is_help=True)
+recipes_app = typer.Typer(
+    help="""List and show the named recipes in recipes/.
+
+    Examples:
+        nvsm recipes list
+        nvsm recipes show synthetic-car-7shot -s fewshot.rounds=3
+    """,
+    no_args_is_help=True,
+)
 app.add_typer(recipes_app, name="recipes")
 app.add_typer(pseudo_labels_app, name="pseudo-labels")
 console = Console()

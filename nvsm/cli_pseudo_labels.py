@@ -14,8 +14,13 @@ from rich.markup import escape
 from nvsm.runtime import exit_with_error
 
 app = typer.Typer(
-    help="Export a few-shot run's pseudo-labels (CSV / JSON lines) or inspect them in an "
-    "offline HTML report.",
+    help="""Export a few-shot run's pseudo-labels (CSV / JSON lines) or inspect them in an
+    offline HTML report.
+
+    Examples:
+        nvsm pseudo-labels export runs/nvsm7 --format csv --out labels.csv
+        nvsm pseudo-labels inspect runs/nvsm7
+    """,
     no_args_is_help=True,
     add_completion=False,
 )

@@ -45,17 +45,28 @@ def test_only_train_runs_under_torchrun(tmp_path):
 
 def test_every_command_has_help_with_an_example():
     for cmd in (
+        [],
+        ["fewshot"],
         ["train"],
         ["evaluate"],
+        ["infer"],
+        ["info"],
+        ["recipes"],
+        ["recipes", "list"],
         ["recipes", "show"],
+        ["data"],
         ["data", "verify"],
         ["data", "split"],
         ["data", "synth"],
-        ["info"],
+        ["pseudo-labels"],
+        ["pseudo-labels", "export"],
+        ["pseudo-labels", "inspect"],
     ):
-        res = runner.invoke(app, [*cmd, "--help"])
+        res = runner.invoke(app, [*cmd, "--help"], terminal_width=200)
         assert res.exit_code == 0, cmd
-        assert "nvsm " in res.output, f"{cmd} --help has no example"
+        # The usage line names the command too: look for an invocation after "Example".
+        _, sep, examples = res.output.partition("Example")
+        assert sep and f"nvsm {' '.join(cmd)}".strip() in examples, f"{cmd} --help has no example"
 
 
 @pytest.mark.slow
