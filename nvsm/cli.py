@@ -79,8 +79,7 @@ def _config(recipe: str | None, overrides: list[str] | None) -> RunConfig:
     try:
         return load_config(recipe, overrides or [])
     except ConfigError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        _fail(str(exc))
 
 
 def _run_dir(out: Path | None, prefix: str) -> Path:

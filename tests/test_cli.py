@@ -31,6 +31,11 @@ def test_errors_print_the_user_input_whole(tmp_path):
     assert not (tmp_path / "train").exists()
     res = runner.invoke(app, ["fewshot", "--anchors", f"[bold]{'y' * 90}"])
     assert res.exit_code == 2 and f"got '[bold]{'y' * 90}'" in res.output
+    recipe = root / "my.yaml"  # a config error names the recipe file
+    recipe.parent.mkdir(parents=True)
+    recipe.write_text("trian: {steps: 5}\n")
+    res = runner.invoke(app, ["recipes", "show", str(recipe)])
+    assert res.exit_code == 2 and f"{recipe}: unknown key(s) ['trian']" in res.output
 
 
 def test_only_train_runs_under_torchrun(tmp_path):
