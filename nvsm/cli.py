@@ -389,10 +389,8 @@ def fewshot(
     extra += ["fewshot.oracle=true"] if with_oracle else []
     extra += [] if baselines else ["fewshot.baselines=false"]
     cfg = _config(name, [*(overrides or []), *extra])
-    if cfg.labels.annotations is None or cfg.labels.annotations < 1:
+    if cfg.labels.annotations is None:
         _fail("the few-shot loop needs --annotations N (N >= 1)")
-    if cfg.fewshot.rounds < 1:
-        _fail(f"--rounds must be >= 1, got {cfg.fewshot.rounds}")
     folder = _run_dir(out, "fewshot")
     try:  # a bad config or dataset fails here, before the run folder exists
         validate_fewshot_config(cfg.fewshot)

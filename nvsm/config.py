@@ -8,13 +8,14 @@ file and the key. ``nvsm recipes list`` / ``nvsm recipes show NAME`` expose them
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
 
@@ -26,6 +27,39 @@ RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 class ConfigError(ValueError):
     """A recipe or override that does not fit the configuration schema."""
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Where a number (each item, for a list; ``None`` passes) may lie. It is attached to a
+    field's type with ``Annotated`` and checked on every load (``load_config``) and by
+    ``check_bounds``, so that a bad value fails naming its key, before any work."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def admits(self, x: float) -> bool:
+        return (
+            (self.ge is None or x >= self.ge)
+            and (self.gt is None or x > self.gt)
+            and (self.le is None or x <= self.le)
+            and (self.lt is None or x < self.lt)
+        )
+
+    def __str__(self) -> str:
+        ops = ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+        parts = [f"{op} {v:g}" for op, v in ops if v is not None]
+        return "a value " + " and ".join(parts)
+
+
+PositiveInt = Annotated[int, Bounds(ge=1)]
+NonNegativeInt = Annotated[int, Bounds(ge=0)]
+PositiveFloat = Annotated[float, Bounds(gt=0)]
+NonNegativeFloat = Annotated[float, Bounds(ge=0)]
+UnitFloat = Annotated[float, Bounds(ge=0, le=1)]  # a probability, weight or momentum
+Fraction = Annotated[float, Bounds(gt=0, le=1)]  # a non-empty share
 
 
 @dataclass
@@ -40,9 +74,9 @@ class DataConfig:
     occluded_root: str | None = None
     categories: list[str] = field(default_factory=lambda: ["car"])
     crop_protocol: str = "gt-normalized"  # gt-normalized | bbox
-    crop_size: list[int] | None = None  # (H, W); None: the per-category default
+    crop_size: list[PositiveInt] | None = None  # (H, W); None: the per-category default
     synth_size: str = "default"  # tiny | default (built-in dataset only)
-    crop_scale: float = 1.0  # crops and normalised focal ×this (1 = NeMo's 3000 px)
+    crop_scale: PositiveFloat = 1.0  # crops and normalised focal ×this (1 = NeMo's 3000 px)
 
 
 @dataclass
@@ -51,8 +85,8 @@ class ModelConfig:
 
     backbone: str = "efficientnet-lite0"
     backbone_weights: str | None = None
-    feature_dim: int = 128
-    n_vertices: int = 1000
+    feature_dim: PositiveInt = 128
+    n_vertices: Annotated[int, Bounds(ge=8)] = 1000
     rasterizer: str = "auto"  # auto | torch | pytorch3d
     channels_last: bool = True  # NHWC convolutions, faster on CPU (set_memory_format)
 
@@ -62,33 +96,33 @@ class AugmentConfig:
     """Training augmentations (``nvsm.train.cropset``); each keeps the camera exact."""
 
     flip: bool = True
-    color_jitter: float = 0.3
-    scale_jitter: float = 0.1
-    translate_jitter: float = 0.05
-    occluders: float = 0.0  # probability of pasting one occluder per image
+    color_jitter: UnitFloat = 0.3
+    scale_jitter: Annotated[float, Bounds(ge=0, lt=1)] = 0.1
+    translate_jitter: UnitFloat = 0.05
+    occluders: UnitFloat = 0.0  # probability of pasting one occluder per image
 
 
 @dataclass
 class TrainConfig:
     """NeMo contrastive training of the backbone and the vertex feature banks."""
 
-    steps: int = 600
-    batch_size: int = 8
-    lr_head: float = 1e-3
-    lr_backbone: float = 1e-4
-    weight_decay: float = 1e-4
-    warmup_steps: int = 20
-    bank_momentum: float = 0.9
-    clutter_size: int = 512
-    clutter_per_image: int = 16
-    temperature: float = 0.07
-    clutter_weight: float = 5e-3
-    regulariser_weight: float = 0.1
+    steps: PositiveInt = 600
+    batch_size: PositiveInt = 8
+    lr_head: NonNegativeFloat = 1e-3
+    lr_backbone: NonNegativeFloat = 1e-4
+    weight_decay: NonNegativeFloat = 1e-4
+    warmup_steps: NonNegativeInt = 20
+    bank_momentum: UnitFloat = 0.9
+    clutter_size: PositiveInt = 512
+    clutter_per_image: NonNegativeInt = 16
+    temperature: PositiveFloat = 0.07
+    clutter_weight: NonNegativeFloat = 5e-3
+    regulariser_weight: NonNegativeFloat = 0.1
     near_mode: str = "3d"  # 3d: object-space radius | 2d: projected radius (the reference's)
-    near_radius: float = 0.1  # 3d: object units; vertices this close are not negatives
-    near_radius_px: float = 6.0  # 2d: feature cells (the reference's 48 crop px at stride 8)
+    near_radius: NonNegativeFloat = 0.1  # 3d: object units; vertices this close are not negatives
+    near_radius_px: NonNegativeFloat = 6.0  # 2d: feature cells (the reference's 48 px at stride 8)
     sample_mode: str = "bilinear"  # bilinear | nearest
-    checkpoint_every: int = 200
+    checkpoint_every: PositiveInt = 200
     amp: bool = True  # mixed precision on CUDA only
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -97,7 +131,7 @@ class TrainConfig:
 class LabelConfig:
     """Which training images keep their pose labels (few-shot settings)."""
 
-    annotations: int | None = None  # None: every training image is labelled
+    annotations: PositiveInt | None = None  # None: every training image is labelled
     anchors: str = "stratified"  # stratified | random (over azimuth)
 
 
@@ -106,7 +140,7 @@ class InferConfig:
     """Render-and-compare inference (``nvsm.infer``)."""
 
     schedule: str = "fast"  # fast | reference
-    batch_size: int = 16
+    batch_size: PositiveInt = 16
 
 
 @dataclass
@@ -119,22 +153,22 @@ class FewShotConfig:
     matched poses, accepts by a linearly loosened rule and retrains for ``mstep_steps``.
     """
 
-    rounds: int = 2
-    mstep_steps: int = 300
+    rounds: PositiveInt = 2
+    mstep_steps: PositiveInt = 300
     mstep_init: str = "continue"  # continue | restart (from the labelled-only model)
-    occlusion_levels: list[int] = field(default_factory=lambda: [0])
-    unlabelled_limit: int | None = None  # None: every unlabelled training image
-    max_pseudo_anchors: int = 64  # accepted pseudo-labels reused as anchors (most confident)
-    shift_step_deg: float = 10.0
-    shift_base_deg: float = 30.0
-    shift_growth_deg: float = 30.0
+    occlusion_levels: list[Annotated[int, Bounds(ge=0, le=3)]] = field(default_factory=lambda: [0])
+    unlabelled_limit: PositiveInt | None = None  # None: every unlabelled training image
+    max_pseudo_anchors: NonNegativeInt = 64  # accepted pseudo-labels reused as anchors (the surest)
+    shift_step_deg: PositiveFloat = 10.0
+    shift_base_deg: NonNegativeFloat = 30.0
+    shift_growth_deg: NonNegativeFloat = 30.0
     shift_elevations_deg: list[float] = field(default_factory=lambda: [-10.0, 0.0, 10.0])
     shift_thetas_deg: list[float] = field(default_factory=lambda: [0.0])  # in-plane Δθ
     matcher: str = "torch"  # torch | faiss
     faiss_index: str = "flat"  # flat | ivf (fewshot.matcher=faiss)
-    faiss_nlist: int = 64
-    faiss_nprobe: int = 8
-    faiss_pca_dim: int | None = None  # compress the view/target encodings (re-scored exactly)
+    faiss_nlist: PositiveInt = 64
+    faiss_nprobe: PositiveInt = 8
+    faiss_pca_dim: PositiveInt | None = None  # compress view/target encodings (re-scored exactly)
     faiss_gpu: bool = False  # needs faiss-gpu (extra `gpu`) and a visible GPU
     clutter_aware: bool = True
     # Denominator of the NVSM score (nvsm.fewshot.matching): the view's whole silhouette, holes
@@ -143,24 +177,24 @@ class FewShotConfig:
     score_area: str = "silhouette"  # silhouette | usable
     # CSLS hubness correction of the score (nvsm.fewshot.matching): s − r_m / 2, r_m the mean of
     # view m's hubness_k best scores over (up to hubness_sample, evenly spaced) pool images.
-    hubness_k: int = 0  # 0: off
-    hubness_sample: int = 4096
-    candidates: int = 64  # top-k views kept per image (margin and flip score among them)
-    view_chunk: int = 512  # views synthesised and matched per chunk (memory bound)
-    target_chunk: int = 1024  # unlabelled feature maps read and matched per chunk
-    min_separation_deg: float = 30.0
-    refine_steps: int = 10  # render-and-compare steps on each accepted match (0: none)
-    refine_lr: float = 0.05
-    accept_top_fraction_first: float = 0.3  # EM round 1 accepts this top fraction of the pool,
-    accept_top_fraction_step: float = 0.2  # + this per later round,
-    accept_top_fraction_max: float = 0.6  # up to this (independent of ``rounds``: resumable)
+    hubness_k: NonNegativeInt = 0  # 0: off
+    hubness_sample: PositiveInt = 4096
+    candidates: PositiveInt = 64  # top-k views kept per image (margin and flip score among them)
+    view_chunk: PositiveInt = 512  # views synthesised and matched per chunk (memory bound)
+    target_chunk: PositiveInt = 1024  # unlabelled feature maps read and matched per chunk
+    min_separation_deg: Annotated[float, Bounds(gt=0, le=180)] = 30.0
+    refine_steps: NonNegativeInt = 10  # render-and-compare steps on each accepted match (0: none)
+    refine_lr: NonNegativeFloat = 0.05
+    accept_top_fraction_first: Fraction = 0.3  # EM round 1 accepts this top fraction of the pool,
+    accept_top_fraction_step: NonNegativeFloat = 0.2  # + this per later round,
+    accept_top_fraction_max: Fraction = 0.6  # up to this (independent of ``rounds``: resumable)
     accept_min_margin: float | None = None
     accept_min_flip_margin: float | None = None
     accept_rank_with_flip: bool = True  # rank the top fraction by score and flip margin
-    accept_flip_rank_weight: float = 1.0  # the flip margin's weight in that ranking
-    accept_score_rank_weight: float = 1.0  # the score's weight in it (0: flip margin alone)
-    accept_azimuth_bins: int = 1  # > 1: the top fraction per bin of the pseudo-pose azimuth
-    min_weight: float = 0.1  # floor of a pseudo-label's confidence weight
+    accept_flip_rank_weight: PositiveFloat = 1.0  # the flip margin's weight in that ranking
+    accept_score_rank_weight: NonNegativeFloat = 1.0  # the score's weight (0: flip margin alone)
+    accept_azimuth_bins: PositiveInt = 1  # > 1: the top fraction per bin of the pseudo-pose azimuth
+    min_weight: UnitFloat = 0.1  # floor of a pseudo-label's confidence weight
     mirror_anchors: bool = True  # add every anchor's mirror image (mirrored pose) to the views
     # Image-level view synthesis in the EM M-steps (NVSM and self-training alike): every
     # labelled and accepted image is also trained on re-rendered at its pose + Δa for each of
@@ -177,7 +211,7 @@ class RunConfig:
 
     name: str = "custom"
     description: str = ""
-    seed: int = 0
+    seed: NonNegativeInt = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -192,8 +226,16 @@ _DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 def _check_type(value: Any, tp: Any, where: str) -> Any:
-    """Validate (and lightly coerce) ``value`` against the annotation ``tp``."""
+    """Validate (and lightly coerce) ``value`` against the annotation ``tp`` (``Bounds``
+    included)."""
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        base, *extras = typing.get_args(tp)
+        value = _check_type(value, base, where)
+        for bounds in extras:
+            if isinstance(bounds, Bounds) and value is not None and not bounds.admits(value):
+                raise ConfigError(f"{where}: expected {bounds}, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -216,11 +258,17 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return _from_dict(tp, value, where)
-    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
-        # YAML 1.1 (PyYAML) reads exponents without a dot, such as 3e-5, as strings.
-        return float(value)
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+            # YAML 1.1 (PyYAML) reads exponents without a dot, such as 3e-5, as strings.
+            number = float(value)
+        else:
+            raise ConfigError(f"{where}: expected float, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -231,7 +279,7 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
 
 
 def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
     if unknown:
@@ -248,6 +296,19 @@ def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
             else:
                 kwargs[name] = _check_type(value, hints[name], f"{where}.{name}")
     return dataclasses.replace(base, **kwargs)  # type: ignore[type-var]
+
+
+def check_config(cfg: Any, where: str) -> None:
+    """Raise ``ConfigError`` naming the first field of the config dataclass ``cfg`` (nested
+    ones included) whose value does not fit its type and ``Bounds``. Loading checks this by
+    itself; this is for configs built in code."""
+    hints = typing.get_type_hints(type(cfg), include_extras=True)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_config(value, f"{where}.{f.name}")
+        else:
+            _check_type(value, hints[f.name], f"{where}.{f.name}")
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
@@ -307,15 +368,17 @@ def load_config(
     overrides: list[str] | tuple[str, ...] = (),
     recipe_dir: Path = RECIPE_DIR,
 ) -> RunConfig:
-    """Defaults ← recipe YAML ← ``key=value`` overrides, validated against the dataclasses."""
-    data: dict[str, Any] = {}
-    source = "defaults"
-    if recipe is not None:
-        path = recipe_path(recipe, recipe_dir)
-        source = str(path)
-        data = _read_recipe(path)
-        data.setdefault("name", path.stem)
-    return config_from_dict(apply_overrides(data, overrides), source)
+    """Defaults ← recipe YAML ← ``key=value`` overrides, validated against the dataclasses.
+
+    An error in the recipe names its file; one that only the overrides bring names
+    ``overrides`` (``overrides.train.steps: expected a value >= 1, got 0``)."""
+    if recipe is None:
+        return config_from_dict(apply_overrides({}, overrides), "overrides")
+    path = recipe_path(recipe, recipe_dir)
+    data = _read_recipe(path)
+    data.setdefault("name", path.stem)
+    config = config_from_dict(data, str(path))
+    return override_config(config, overrides, "overrides") if overrides else config
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:

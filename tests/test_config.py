@@ -3,6 +3,7 @@ import pytest
 from nvsm.config import (
     ConfigError,
     RunConfig,
+    check_config,
     config_from_dict,
     config_to_dict,
     list_recipes,
@@ -50,6 +51,32 @@ def test_bad_recipes_name_file_and_key(tmp_path):
         load_config("nope", recipe_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"expected KEY\.PATH=VALUE"):
         load_config(None, ["seed"])
+
+
+def test_numbers_out_of_range_name_file_and_key(tmp_path):
+    (tmp_path / "neg.yaml").write_text("train:\n  steps: -1\n")
+    with pytest.raises(ConfigError, match=r"neg\.yaml\.train\.steps: expected a value >= 1"):
+        load_config("neg", recipe_dir=tmp_path)
+    for override, message in (
+        ("train.temperature=0", r"train\.temperature: expected a value > 0, got 0"),
+        ("train.bank_momentum=1.5", r"train\.bank_momentum: expected a value >= 0 and <= 1"),
+        ("train.lr_head=.inf", r"train\.lr_head: expected a finite number, got inf"),
+        ("fewshot.occlusion_levels=[0, 4]", r"fewshot\.occlusion_levels\[1\]: expected a value"),
+        ("data.crop_size=[0, 64]", r"data\.crop_size\[0\]: expected a value >= 1, got 0"),
+        ("labels.annotations=0", r"labels\.annotations: expected a value >= 1, got 0"),
+        ("seed=-1", r"seed: expected a value >= 0, got -1"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [override])
+    # The edges are allowed, and None still means "not set".
+    cfg = load_config(None, ["train.bank_momentum=1", "fewshot.hubness_k=0", "seed=0"])
+    assert cfg.train.bank_momentum == 1.0 and cfg.labels.annotations is None
+
+
+def test_defaults_and_recipes_are_within_bounds():
+    check_config(RunConfig(), "defaults")
+    for name in list_recipes():
+        check_config(load_config(name), name)
 
 
 def test_every_shipped_recipe_loads():

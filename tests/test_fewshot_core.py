@@ -670,32 +670,38 @@ def test_view_areas_follow_fewshot_score_area() -> None:
 
 
 def test_run_fewshot_refuses_bad_fewshot_options_before_any_work(tmp_path: Path) -> None:
-    from nvsm.config import RunConfig, override_config
+    from nvsm.config import ConfigError, RunConfig, override_config
     from nvsm.fewshot.loop import run_fewshot
 
     config = override_config(RunConfig(), ["fewshot.score_area=mask", "labels.annotations=7"])
     with pytest.raises(ValueError, match=re.escape("fewshot.score_area must be silhouette")):
         run_fewshot(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
-    config = override_config(
-        RunConfig(), ["fewshot.accept_flip_rank_weight=0", "labels.annotations=7"]
-    )
-    with pytest.raises(ValueError, match=re.escape("fewshot.accept_flip_rank_weight must be > 0")):
-        run_fewshot(config, tmp_path / "run")
-    assert not (tmp_path / "run").exists()
     for option, message in (
-        ("fewshot.accept_score_rank_weight=-1", "fewshot.accept_score_rank_weight must be >= 0"),
-        ("fewshot.accept_azimuth_bins=0", "fewshot.accept_azimuth_bins must be an integer >= 1"),
-        ("fewshot.hubness_k=-1", "fewshot.hubness_k must be >= 0 (0: off)"),
-        ("fewshot.hubness_sample=0", "fewshot.hubness_sample >= 1, got 0 and 0"),
         ("fewshot.mstep_image_shifts_deg=[30,0]", "must be non-zero and within ±90°, got [0.0]"),
         ("fewshot.mstep_image_shifts_deg=[120]", "must be non-zero and within ±90°, got [120.0]"),
-        ("fewshot.mstep_image_shifts_deg=[.nan]", "must be non-zero and within ±90°, got [nan]"),
     ):
         config = override_config(RunConfig(), [option, "labels.annotations=7"])
         with pytest.raises(ValueError, match=re.escape(message)):
             run_fewshot(config, tmp_path / "run")
         assert not (tmp_path / "run").exists()
+    # Out-of-range numbers fail on loading, naming the key ...
+    for option, message in (
+        ("fewshot.accept_flip_rank_weight=0", "accept_flip_rank_weight: expected a value > 0"),
+        ("fewshot.accept_score_rank_weight=-1", "accept_score_rank_weight: expected a value >= 0"),
+        ("fewshot.accept_azimuth_bins=0", "fewshot.accept_azimuth_bins: expected a value >= 1"),
+        ("fewshot.hubness_k=-1", "fewshot.hubness_k: expected a value >= 0, got -1"),
+        ("fewshot.hubness_sample=0", "fewshot.hubness_sample: expected a value >= 1, got 0"),
+        ("fewshot.mstep_image_shifts_deg=[.nan]", "mstep_image_shifts_deg[0]: expected a finite"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            override_config(RunConfig(), [option])
+    # ... and a config built in code is checked by the loop itself before any work.
+    config = override_config(RunConfig(), ["labels.annotations=7"])
+    bad = dataclasses.replace(config, fewshot=dataclasses.replace(config.fewshot, hubness_k=-1))
+    with pytest.raises(ConfigError, match=re.escape("fewshot.hubness_k: expected a value >= 0")):
+        run_fewshot(bad, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_acceptance_per_azimuth_bin() -> None:

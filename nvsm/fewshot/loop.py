@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nvsm.config import FewShotConfig, RunConfig, TrainConfig, config_to_dict
+from nvsm.config import FewShotConfig, RunConfig, TrainConfig, check_config, config_to_dict
 from nvsm.data.splits import azimuth_coverage
 from nvsm.fewshot.matching import (
     FaissMatcher,
@@ -245,16 +245,6 @@ def acceptance_schedule(fs: FewShotConfig) -> AcceptanceSchedule:
     """Rule of EM round k (index k − 1): the top fraction min(max, first + (k − 1)·step) of the
     pool by score, plus the optional fixed margin and flip thresholds. It does not depend on
     ``fs.rounds``, so extending a run with ``resume`` gives the rounds a longer run would."""
-    weight = fs.accept_flip_rank_weight
-    if not (math.isfinite(weight) and weight > 0):
-        raise ValueError(f"fewshot.accept_flip_rank_weight must be > 0, got {weight!r}")
-    score_weight = fs.accept_score_rank_weight
-    if not (math.isfinite(score_weight) and score_weight >= 0):
-        raise ValueError(f"fewshot.accept_score_rank_weight must be >= 0, got {score_weight!r}")
-    if not (isinstance(fs.accept_azimuth_bins, int) and fs.accept_azimuth_bins >= 1):
-        raise ValueError(
-            f"fewshot.accept_azimuth_bins must be an integer >= 1, got {fs.accept_azimuth_bins!r}"
-        )
     first = AcceptanceRule(
         min_margin=fs.accept_min_margin,
         min_flip_margin=fs.accept_min_flip_margin,
@@ -1246,15 +1236,11 @@ def _single_stage(
 def validate_fewshot_config(fs: FewShotConfig) -> None:
     """Raise ``ValueError`` naming the first ``fewshot.*`` value the loop cannot run with, so
     that it fails before any data is cropped or round 0 trained."""
+    check_config(fs, "fewshot")  # types and Bounds, for a config built in code
     _require_choice("fewshot.mstep_init", fs.mstep_init, ("continue", "restart"))
     _require_choice("fewshot.score_area", fs.score_area, SCORE_AREAS)
     round_shifts(fs, 1)  # an empty shift list
-    if fs.hubness_k < 0 or fs.hubness_sample < 1:
-        raise ValueError(
-            "fewshot.hubness_k must be >= 0 (0: off) and fewshot.hubness_sample >= 1, got "
-            f"{fs.hubness_k} and {fs.hubness_sample}"
-        )
-    bad = [x for x in fs.mstep_image_shifts_deg if not (math.isfinite(x) and 0 < abs(x) <= 90)]
+    bad = [x for x in fs.mstep_image_shifts_deg if not 0 < abs(x) <= 90]
     if bad:
         raise ValueError(
             "fewshot.mstep_image_shifts_deg: every azimuth shift must be non-zero and within "
