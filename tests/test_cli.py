@@ -38,6 +38,14 @@ def test_errors_print_the_user_input_whole(tmp_path):
     assert res.exit_code == 2 and f"{recipe}: unknown key(s) ['trian']" in res.output
 
 
+def test_out_of_range_values_stop_before_the_run_folder(tmp_path):
+    # train.steps=0 used to reach the trainer and die there (ZeroDivisionError), leaving a folder.
+    for cmd in (["train", "-s", "train.steps=0"], ["fewshot", "--tiny", "--rounds", "0"]):
+        res = runner.invoke(app, [*cmd, "--out", str(tmp_path / "run")])
+        assert res.exit_code == 2 and "expected a value >= 1, got 0" in res.output, res.output
+        assert not (tmp_path / "run").exists()
+
+
 def test_only_train_runs_under_torchrun(tmp_path):
     # Every other command would run once per process, racing on the same run folder.
     res = runner.invoke(app, ["fewshot", "--tiny", "--out", str(tmp_path / "run")],
