@@ -56,6 +56,21 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def read_json_object(
+    path: str | os.PathLike[str], error: type[Exception] = ValueError
+) -> dict[str, Any]:
+    """The JSON object in ``path``; otherwise ``error`` naming the file and what was wrong."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise error(f"{path}: expected a JSON object, got invalid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 _PACKAGES = ("torch", "torchvision", "kornia", "numpy", "scipy", "faiss-cpu", "easypytorch3d")
 
 

@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -345,6 +346,13 @@ def test_resume_equals_uninterrupted_run(tiny_synthetic, tiny_data, tmp_path):
     )
     with pytest.raises(ValueError, match=r"fewshot\.mstep_steps"):
         run_fewshot(cfg_other, part, resume=True, data=tiny_data, show_progress=False)
+    # A damaged stage file is named, with the way out; deleting the stage recomputes it.
+    (part / "round_2" / "metrics.json").write_text("{truncated")
+    with pytest.raises(ValueError, match=r"round_2/metrics\.json: expected a JSON object.*delete"):
+        run_fewshot(cfg2, part, resume=True, data=tiny_data, show_progress=False)
+    shutil.rmtree(part / "round_2")
+    again = run_fewshot(cfg2, part, resume=True, data=tiny_data, show_progress=False)
+    assert again.metrics["nvsm"] == full.metrics["nvsm"]
 
 
 @pytest.mark.slow

@@ -76,7 +76,7 @@ from nvsm.infer.solve import (
     refine_poses,
     score_templates,
 )
-from nvsm.io import atomic_write_json, atomic_write_text
+from nvsm.io import atomic_write_json, atomic_write_text, read_json_object
 from nvsm.mesh import Mesh
 from nvsm.models import normalize_images
 from nvsm.models.common import STRIDE
@@ -933,14 +933,19 @@ class _Run:
             return None
         if not (folder / "model.pt").is_file():
             return None
-        saved_config = json.loads((folder / "config.json").read_text())
+        try:
+            saved_config = read_json_object(folder / "config.json")
+            saved = read_json_object(folder / "metrics.json")
+        except ValueError as exc:
+            raise ValueError(
+                f"cannot resume {self.run_dir}: {exc}; delete {folder} to compute that stage again"
+            ) from exc
         diff = config_differences(saved_config, self.config_json)
         if diff:
             raise ValueError(
                 f"cannot resume {self.run_dir}: {folder}/config.json differs from this run's "
                 f"config in {diff}"
             )
-        saved = json.loads((folder / "metrics.json").read_text())
         name = folder.relative_to(self.run_dir)
         if steps is not None:
             train = saved.get("train", {})

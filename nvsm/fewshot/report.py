@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -46,7 +45,7 @@ from nvsm.fewshot.loop import (
 )
 from nvsm.fewshot.pseudo_labels import PseudoLabel
 from nvsm.infer.overlay import draw_overlay
-from nvsm.io import atomic_write_text
+from nvsm.io import atomic_write_text, read_json_object
 from nvsm.mesh import Mesh
 from nvsm.pose.metrics import pose_errors
 
@@ -182,15 +181,7 @@ def load_labels(path: Path) -> list[PseudoLabel]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise RunFolderError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    except ValueError as exc:
-        raise RunFolderError(f"{path}: expected a JSON object, got invalid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise RunFolderError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, RunFolderError)
 
 
 def round_metrics(run_dir: Path) -> dict[int, dict[str, Any]]:
