@@ -7,7 +7,7 @@ at ((u − offset_x)/s, (v − offset_y)/s). The warp is ``torch.nn.functional.g
 mapping exact; outside the image the crop is zero.
 
 Crop sizes are (H, W) and should be multiples of the backbone stride (8: the feature map is
-(H/8, W/8); its camera is ``CropCamera.feature_k(8)``).
+(H/8, W/8); its camera is ``feature_intrinsics(camera.k, 8)``).
 """
 
 from __future__ import annotations

@@ -55,10 +55,6 @@ class CropCamera:
             [[self.scale, 0.0, self.offset[0]], [0.0, self.scale, self.offset[1]]], dtype=np.float64
         )
 
-    def feature_k(self, stride: int) -> np.ndarray:
-        """Intrinsics of this crop's stride-``stride`` feature map (``feature_intrinsics``)."""
-        return feature_intrinsics(self.k, stride)
-
     def reference_distance(self) -> float:
         """Distance at which an object of the normalised size appears in this crop.
 
