@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 class Bounds:
     """Where a number (each item, for a list; ``None`` passes) may lie. It is attached to a
     field's type with ``Annotated`` and checked on every load (``load_config``) and by
-    ``check_bounds``, so that a bad value fails naming its key, before any work."""
+    ``check_config``, so that a bad value fails naming its key, before any work."""
 
     ge: float | None = None
     gt: float | None = None
@@ -41,6 +41,7 @@ class Bounds:
     lt: float | None = None
 
     def admits(self, x: float) -> bool:
+        """Whether ``x`` lies within every bound set."""
         return (
             (self.ge is None or x >= self.ge)
             and (self.gt is None or x > self.gt)
