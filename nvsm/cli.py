@@ -11,6 +11,7 @@ from typing import Annotated, NoReturn
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from nvsm.cli_pseudo_labels import app as pseudo_labels_app
@@ -408,6 +409,12 @@ def fewshot(
         f"{cfg.data.crop_protocol} test crops"
     )
     print_fewshot_table(result.metrics, f"{title} → {folder}")
+    console.print(
+        f"pseudo-labels: nvsm pseudo-labels inspect {folder} (an HTML report), "
+        f"nvsm pseudo-labels export {folder} --format csv",
+        markup=False,
+        soft_wrap=True,
+    )
 
 
 def print_fewshot_table(metrics: dict, title: str) -> None:
@@ -415,7 +422,7 @@ def print_fewshot_table(metrics: dict, title: str) -> None:
     self_training per EM round) per occlusion level."""
     from nvsm.fewshot.loop import ROWS
 
-    table = Table(title=title)
+    table = Table(title=escape(title))  # the title names the run folder: no markup in it
     for col in ("method", "level", "n", "Acc@π/6", "Acc@π/18", "MedErr°", "failures"):
         table.add_column(col)
     rounds = {

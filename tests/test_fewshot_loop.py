@@ -159,9 +159,12 @@ def _check_csv_jsonl(folder: Path) -> list[PseudoLabel]:
 @pytest.mark.slow
 def test_fewshot_cli_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("NVSM_DATA", str(tmp_path / "data"))  # --tiny generates its data here
-    run = tmp_path / "run"
+    run = tmp_path / "run[1]"  # brackets: printed as they are, not read as rich markup
     res = runner.invoke(app, ["fewshot", "--tiny", "--with-oracle", "--out", str(run)])
     assert res.exit_code == 0, res.output
+    # The table's title names the folder, then a line says how to look at the pseudo-labels.
+    assert res.output.count("run[1]") == 3, res.output
+    assert f"nvsm pseudo-labels inspect {run} (an HTML report)" in res.output
     for row in ("nemo", "nemo_same_steps", "self_training r1", "nvsm r2", "oracle"):
         assert row in res.output, row
     assert (run / "run_info.json").is_file()
