@@ -297,7 +297,9 @@ def infer(
         f"{summary['images']} image(s), {summary['failures']} failure(s), category "
         f"{summary['category']}, protocol {summary['protocol']} → {folder}/predictions.csv, "
         f"{folder}/predictions.jsonl"
-        + (f", {summary['overlays']} overlay(s) in {folder}/overlays" if overlays else "")
+        + (f", {summary['overlays']} overlay(s) in {folder}/overlays" if overlays else ""),
+        markup=False,
+        soft_wrap=True,
     )
 
 
@@ -450,7 +452,7 @@ def print_fewshot_table(metrics: dict, title: str) -> None:
 
 def print_metrics_table(metrics: dict, title: str) -> None:
     """Rich table of ``nvsm.infer.evaluate.score`` output."""
-    table = Table(title=title)
+    table = Table(title=escape(title))
     for col in ("category", "level", "n", "Acc@π/6", "Acc@π/18", "MedErr°", "failures", "s/img"):
         table.add_column(col)
     rows = [(cat, lv, m) for cat, by in metrics["per_category"].items() for lv, m in by.items()]

@@ -299,10 +299,11 @@ def test_cli_command(tmp_path: Path) -> None:
     app = typer.Typer()
     app.command("synth")(synth_command)
     app.command("noop")(lambda: None)  # keep "synth" a sub-command
-    out = tmp_path / "cli"
+    out = tmp_path / "cli[a]"  # printed as it is, not read as rich markup
     result = CliRunner().invoke(app, ["synth", "--out", str(out), "--tiny", "-c", "chair",
                                       "--counts", "chair=1:0", "--workers", "1"])
     assert result.exit_code == 0, result.output
+    assert f"files to {out} in" in result.output
     assert _ids(out, "chair", "train") == [f"{SYNSETS['chair']}_100001"]
     again = CliRunner().invoke(app, ["synth", "--out", str(out), "--tiny", "-c", "chair"])
     assert again.exit_code == 2 and "not empty" in again.output

@@ -303,9 +303,10 @@ def test_infer_end_to_end(tiny_synthetic, tmp_path):
     for src in sorted((tiny_synthetic).rglob("*.JPEG"))[:2]:
         shutil.copy(src, photos / src.name)
     (photos / "zz_broken.jpg").write_bytes(b"not an image")
-    out = tmp_path / "pred"
+    out = tmp_path / "pred[a]"  # printed as it is, not read as rich markup
     res = runner.invoke(app, ["infer", "-m", ckpt, str(photos), "--overlays", "--out", str(out)])
     assert res.exit_code == 0, res.output
+    assert f"{out}/predictions.csv, {out}/predictions.jsonl" in res.output
     rows = read_predictions_csv(out / "predictions.csv")
     same = [
         (a[k] == b[k]) or (isinstance(a[k], float) and math.isnan(a[k]) and math.isnan(b[k]))

@@ -635,4 +635,5 @@ def synth_command(
     for cat, c in summary.counts.items():
         console.print(f"{cat}: {c['train']} train, {c['val']} val, "
                       f"{summary.cad_models[cat]} CAD models")
-    console.print(f"wrote {summary.files} files to {summary.out} in {summary.seconds:.1f} s")
+    console.print(f"wrote {summary.files} files to {summary.out} in {summary.seconds:.1f} s",
+                  markup=False, soft_wrap=True)
