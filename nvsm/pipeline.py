@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from nvsm.config import RunConfig, config_to_dict, override_config
+from nvsm.config import RunConfig, check_config, config_to_dict, override_config
 from nvsm.data.cad import load_cad_models
 from nvsm.data.datasets import load_dataset
 from nvsm.data.record import ObjectRecord
@@ -228,6 +228,7 @@ def train_and_evaluate(
     on its own batches with DDP; only rank 0 writes files (run_info, checkpoints, summary,
     metrics) and evaluates, and the other ranks return None.
     """
+    check_config(config, "config")  # a config built in code: bad values fail here, named
     owns_group = ddp.launched_by_torchrun() and not ddp.is_initialized()
     info = ddp.init_distributed(config.device)  # no-op without torchrun
     try:

@@ -102,3 +102,15 @@ def test_unreadable_recipe_is_named_in_the_listing(tmp_path):
     (tmp_path / "broken.yaml").write_text("description: a: b\n")
     with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML"):
         list_recipes(tmp_path)
+
+
+def test_a_config_built_in_code_is_checked_before_training(tmp_path):
+    import dataclasses
+
+    from nvsm.pipeline import train_and_evaluate
+
+    base = RunConfig()
+    cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, steps=0))
+    with pytest.raises(ConfigError, match=r"config\.train\.steps: expected a value >= 1, got 0"):
+        train_and_evaluate(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
