@@ -13,6 +13,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -366,7 +367,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def load_config(
     recipe: str | os.PathLike[str] | None = None,
-    overrides: list[str] | tuple[str, ...] = (),
+    overrides: Sequence[str] = (),
     recipe_dir: Path = RECIPE_DIR,
 ) -> RunConfig:
     """Defaults ← recipe YAML ← ``key=value`` overrides, validated against the dataclasses.
@@ -382,7 +383,7 @@ def load_config(
     return override_config(config, overrides, "overrides") if overrides else config
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Set each ``KEY.PATH=VALUE`` override in the nested mapping ``data`` (in place)."""
     for text in overrides:
         keys, value = parse_override(text)
@@ -396,7 +397,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
 
 
 def override_config(
-    config: RunConfig, overrides: list[str] | tuple[str, ...], source: str = "config"
+    config: RunConfig, overrides: Sequence[str], source: str = "config"
 ) -> RunConfig:
     """A copy of ``config`` with ``KEY.PATH=VALUE`` overrides applied and validated."""
     return config_from_dict(apply_overrides(config_to_dict(config), overrides), source)

@@ -51,8 +51,9 @@ __all__ = [
 _ANGLE_EPS = 1e-6
 _ROWS = 256
 #: PseudoLabel fields stored as (possibly non-finite) floats.
-_LABEL_FLOATS = ("azimuth", "elevation", "theta", "distance", "score", "margin", "flip_score")
-_LABEL_FLOATS += ("weight",)
+_LABEL_FLOATS = (
+    "azimuth", "elevation", "theta", "distance", "score", "margin", "flip_score", "weight"
+)
 
 
 def _json_float(x: float) -> float | str | None:
