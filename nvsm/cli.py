@@ -396,7 +396,7 @@ def fewshot(
         _fail("the few-shot loop needs --annotations N (N >= 1)")
     folder = _run_dir(out, "fewshot")
     try:  # a bad config or dataset fails here, before the run folder exists
-        validate_fewshot_config(cfg.fewshot)
+        validate_fewshot_config(cfg)
         data = prepare_fewshot_data(cfg)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))

@@ -16,9 +16,25 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
+
+# A string setting's choices are a ``Literal`` type, spelled once: by the module that owns them
+# where config can import it, here for the modules that import config (few-shot loop,
+# matching, inference). ``_check_type`` rejects any other value when a config is loaded.
+from nvsm.data.datasets import DatasetName
+from nvsm.data.splits import Strategy
+from nvsm.data.synth import SynthSize
+from nvsm.pose.camera import CropProtocol
+from nvsm.render.rasterizer import RasterizerName
+from nvsm.train.loss import NearMode, SampleMode
+
+ScheduleName = Literal["fast", "reference"]  # nvsm.infer.solve.SCHEDULES
+MatcherName = Literal["torch", "faiss"]  # nvsm.fewshot.loop.make_matcher
+FaissIndexType = Literal["flat", "ivf"]  # nvsm.fewshot.matching.FaissMatcher
+ScoreArea = Literal["silhouette", "usable"]  # nvsm.fewshot.loop.view_areas
+MStepInit = Literal["continue", "restart"]  # nvsm.fewshot.loop
 
 T = TypeVar("T")
 
@@ -68,16 +84,16 @@ Fraction = Annotated[float, Bounds(gt=0, le=1)]  # a non-empty share
 class DataConfig:
     """Which images, which objects, how they are cropped."""
 
-    dataset: str = "synthetic"  # synthetic | pascal3d | occluded_pascal3d | kitti | objectnet3d
+    dataset: DatasetName = "synthetic"
     root: str | None = None  # None: the built-in synthetic dataset (generated on demand)
     cad_root: str | None = None  # CAD/<category> for the cuboids; None: root (KITTI: PASCAL3D+)
     # Occluded PASCAL3D+ release (images/, annotations/, lists/) for test levels 1-3 of
     # PASCAL3D+-layout sets; None: <root>/OccludedPASCAL3D (where the synthetic set has it)
     occluded_root: str | None = None
     categories: list[str] = field(default_factory=lambda: ["car"])
-    crop_protocol: str = "gt-normalized"  # gt-normalized | bbox
+    crop_protocol: CropProtocol = "gt-normalized"
     crop_size: list[PositiveInt] | None = None  # (H, W); None: the per-category default
-    synth_size: str = "default"  # tiny | default (built-in dataset only)
+    synth_size: SynthSize = "default"  # the built-in dataset only
     crop_scale: PositiveFloat = 1.0  # crops and normalised focal ×this (1 = NeMo's 3000 px)
 
 
@@ -89,7 +105,7 @@ class ModelConfig:
     backbone_weights: str | None = None
     feature_dim: PositiveInt = 128
     n_vertices: Annotated[int, Bounds(ge=8)] = 1000
-    rasterizer: str = "auto"  # auto | torch | pytorch3d
+    rasterizer: RasterizerName = "auto"
     channels_last: bool = True  # NHWC convolutions, faster on CPU (set_memory_format)
 
 
@@ -120,10 +136,10 @@ class TrainConfig:
     temperature: PositiveFloat = 0.07
     clutter_weight: NonNegativeFloat = 5e-3
     regulariser_weight: NonNegativeFloat = 0.1
-    near_mode: str = "3d"  # 3d: object-space radius | 2d: projected radius (the reference's)
+    near_mode: NearMode = "3d"  # 3d: object-space radius | 2d: projected radius (the reference's)
     near_radius: NonNegativeFloat = 0.1  # 3d: object units; vertices this close are not negatives
     near_radius_px: NonNegativeFloat = 6.0  # 2d: feature cells (the reference's 48 px at stride 8)
-    sample_mode: str = "bilinear"  # bilinear | nearest
+    sample_mode: SampleMode = "bilinear"
     checkpoint_every: PositiveInt = 200
     amp: bool = True  # mixed precision on CUDA only
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -134,14 +150,14 @@ class LabelConfig:
     """Which training images keep their pose labels (few-shot settings)."""
 
     annotations: PositiveInt | None = None  # None: every training image is labelled
-    anchors: str = "stratified"  # stratified | random (over azimuth)
+    anchors: Strategy = "stratified"  # over azimuth
 
 
 @dataclass
 class InferConfig:
     """Render-and-compare inference (``nvsm.infer``)."""
 
-    schedule: str = "fast"  # fast | reference
+    schedule: ScheduleName = "fast"
     batch_size: PositiveInt = 16
 
 
@@ -157,7 +173,7 @@ class FewShotConfig:
 
     rounds: PositiveInt = 2
     mstep_steps: PositiveInt = 300
-    mstep_init: str = "continue"  # continue | restart (from the labelled-only model)
+    mstep_init: MStepInit = "continue"  # restart: from the labelled-only model
     occlusion_levels: list[Annotated[int, Bounds(ge=0, le=3)]] = field(default_factory=lambda: [0])
     unlabelled_limit: PositiveInt | None = None  # None: every unlabelled training image
     max_pseudo_anchors: NonNegativeInt = 64  # accepted pseudo-labels reused as anchors (the surest)
@@ -166,8 +182,8 @@ class FewShotConfig:
     shift_growth_deg: NonNegativeFloat = 30.0
     shift_elevations_deg: list[float] = field(default_factory=lambda: [-10.0, 0.0, 10.0])
     shift_thetas_deg: list[float] = field(default_factory=lambda: [0.0])  # in-plane Δθ
-    matcher: str = "torch"  # torch | faiss
-    faiss_index: str = "flat"  # flat | ivf (fewshot.matcher=faiss)
+    matcher: MatcherName = "torch"
+    faiss_index: FaissIndexType = "flat"  # with fewshot.matcher=faiss
     faiss_nlist: PositiveInt = 64
     faiss_nprobe: PositiveInt = 8
     faiss_pca_dim: PositiveInt | None = None  # compress view/target encodings (re-scored exactly)
@@ -176,7 +192,7 @@ class FewShotConfig:
     # Denominator of the NVSM score (nvsm.fewshot.matching): the view's whole silhouette, holes
     # included (default), or only its usable pixels (the score before it, which lets mostly-hole
     # views from large shifts win matches).
-    score_area: str = "silhouette"  # silhouette | usable
+    score_area: ScoreArea = "silhouette"
     # CSLS hubness correction of the score (nvsm.fewshot.matching): s − r_m / 2, r_m the mean of
     # view m's hubness_k best scores over (up to hubness_sample, evenly spaced) pool images.
     hubness_k: NonNegativeInt = 0  # 0: off
@@ -271,6 +287,11 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         if not math.isfinite(number):
             raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return number
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, str) and value in choices:
+            return value
+        raise ConfigError(f"{where}: expected one of {' | '.join(choices)}, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -14,7 +14,7 @@ from nvsm.config import RunConfig, check_config, config_to_dict, override_config
 from nvsm.data.cad import load_cad_models
 from nvsm.data.datasets import load_dataset
 from nvsm.data.record import ObjectRecord
-from nvsm.data.splits import select_labelled
+from nvsm.data.splits import Strategy, select_labelled
 from nvsm.mesh import Mesh, single_cuboid
 from nvsm.train import distributed as ddp
 from nvsm.train.cropset import CropSet, build_cropset
@@ -30,10 +30,50 @@ def data_home() -> Path:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA if available, else CPU; anything else is passed to torch."""
+    """``auto`` → CUDA if available, else CPU; ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` when this
+    machine has it. Raises ``ValueError`` naming ``device`` otherwise (before any work, rather
+    than torch's error from inside the first copy to the device)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    expected = "auto, cpu, cuda, cuda:N or mps"
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"device: expected {expected}, got {name!r}") from exc
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) < count:
+            return device
+        raise ValueError(f"device: {name!r} is not available here ({count} CUDA device(s) "
+                         "visible); use device=auto or device=cpu")
+    if device.type == "mps":
+        if torch.backends.mps.is_available():
+            return device
+        raise ValueError(f"device: {name!r} is not available here; use device=auto or device=cpu")
+    raise ValueError(f"device: expected {expected}, got {name!r}")
+
+
+def check_run_config(config: RunConfig) -> torch.device:
+    """Fail, before any work, on a config that cannot run here, naming the key: a value outside
+    its type, choices or bounds (``check_config``; a config built in code has not been through
+    ``load_config``), a backbone that nobody registered, a device this machine lacks or a
+    rasteriser it cannot import. Returns the resolved device."""
+    from nvsm.models import available_backbones
+    from nvsm.render import get_rasterizer
+
+    check_config(config, "config")
+    backbones = available_backbones()
+    if config.model.backbone not in backbones:
+        raise ValueError(f"model.backbone: expected one of {' | '.join(backbones)}, got "
+                         f"{config.model.backbone!r}")
+    device = resolve_device(config.device)
+    try:
+        get_rasterizer(config.model.rasterizer, device)
+    except ImportError as exc:
+        raise ValueError(f"model.rasterizer: {exc}") from exc
+    return device
 
 
 def ensure_synthetic(size: str, seed: int = 0) -> Path:
@@ -151,13 +191,13 @@ def load_splits(config: RunConfig, occlusion_levels: tuple[int, ...] = (0,)) -> 
 
 
 def labelled_subset(
-    records: list[ObjectRecord], n: int, strategy: str, seed: int
+    records: list[ObjectRecord], n: int, strategy: Strategy, seed: int
 ) -> list[ObjectRecord]:
     """The ``n`` labelled records per category chosen by the deterministic split."""
     out = []
     for cat in sorted({r.category for r in records}):
         recs = [r for r in records if r.category == cat]
-        ids = set(select_labelled(recs, n, strategy, seed, tag=cat))  # type: ignore[arg-type]
+        ids = set(select_labelled(recs, n, strategy, seed, tag=cat))
         out += [r for r in recs if r.uid in ids]
     return out
 
@@ -228,7 +268,7 @@ def train_and_evaluate(
     on its own batches with DDP; only rank 0 writes files (run_info, checkpoints, summary,
     metrics) and evaluates, and the other ranks return None.
     """
-    check_config(config, "config")  # a config built in code: bad values fail here, named
+    check_run_config(config)
     owns_group = ddp.launched_by_torchrun() and not ddp.is_initialized()
     info = ddp.init_distributed(config.device)  # no-op without torchrun
     try:
@@ -318,7 +358,7 @@ def evaluate_checkpoint(
 
     model, _ = NeMoModel.load(checkpoint)
     config = override_config(model.config, overrides, f"{checkpoint}: config")
-    device = resolve_device(config.device)
+    device = check_run_config(config)
     model = model.to(device)
     splits = load_splits(config, levels)
     test, subset = splits.test, "all"

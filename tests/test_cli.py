@@ -44,6 +44,17 @@ def test_out_of_range_values_stop_before_the_run_folder(tmp_path):
         res = runner.invoke(app, [*cmd, "--out", str(tmp_path / "run")])
         assert res.exit_code == 2 and "expected a value >= 1, got 0" in res.output, res.output
         assert not (tmp_path / "run").exists()
+    # A setting out of its choices, or one this machine cannot honour, used to fail after the
+    # cropping (or the training, or torch's own traceback), with a run folder already written.
+    for setting, message in (
+        ("model.backbone=vgg", "model.backbone: expected one of efficientnet-lite0"),
+        ("infer.schedule=slow", "infer.schedule: expected one of fast | reference, got 'slow'"),
+        ("device=gpu", "device: expected auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+    ):
+        for cmd in (["train"], ["fewshot", "--tiny"]):
+            res = runner.invoke(app, [*cmd, "-s", setting, "--out", str(tmp_path / "run")])
+            assert res.exit_code == 2 and message in res.output, res.output
+            assert not (tmp_path / "run").exists()
 
 
 def test_only_train_runs_under_torchrun(tmp_path):

@@ -1,8 +1,14 @@
+import dataclasses
+import re
+import typing
+from typing import Literal
+
 import pytest
 
 from nvsm.config import (
     ConfigError,
     RunConfig,
+    ScheduleName,
     check_config,
     config_from_dict,
     config_to_dict,
@@ -114,3 +120,50 @@ def test_a_config_built_in_code_is_checked_before_training(tmp_path):
     with pytest.raises(ConfigError, match=r"config\.train\.steps: expected a value >= 1, got 0"):
         train_and_evaluate(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def _choice_settings(cls: type = RunConfig, prefix: str = "") -> dict[str, tuple[str, ...]]:
+    """Key → choices of every ``Literal``-typed setting, nested sections included."""
+    out: dict[str, tuple[str, ...]] = {}
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.update(_choice_settings(tp, f"{prefix}{f.name}."))
+        elif typing.get_origin(tp) is Literal:
+            out[f"{prefix}{f.name}"] = typing.get_args(tp)
+    return out
+
+
+def test_string_settings_take_only_their_choices(tmp_path):
+    # These were plain strings: a typo failed deep inside a run (after cropping or training,
+    # leaving a run folder), or was never noticed (fewshot.faiss_index with the torch matcher).
+    settings = _choice_settings()
+    assert set(settings) == {
+        "data.dataset", "data.crop_protocol", "data.synth_size", "model.rasterizer",
+        "train.near_mode", "train.sample_mode", "labels.anchors", "infer.schedule",
+        "fewshot.mstep_init", "fewshot.matcher", "fewshot.faiss_index", "fewshot.score_area",
+    }
+    for key, choices in settings.items():
+        section, name = key.split(".")
+        for choice in choices:
+            assert getattr(getattr(load_config(None, [f"{key}={choice}"]), section), name) == choice
+        message = f"overrides.{key}: expected one of {' | '.join(choices)}, got 'bogus'"
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(None, [f"{key}=bogus"])
+        with pytest.raises(ConfigError, match=re.escape(f"{key}: expected one of")):
+            load_config(None, [f"{key}=3"])  # not a string at all
+    (tmp_path / "r.yaml").write_text("data:\n  crop_protocol: box\n")
+    message = "r.yaml.data.crop_protocol: expected one of gt-normalized | bbox, got 'box'"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("r", recipe_dir=tmp_path)
+
+
+def test_choices_match_what_their_modules_implement():
+    from nvsm.config import DataConfig
+    from nvsm.data.synth import SIZE_PRESETS
+    from nvsm.infer.solve import SCHEDULES
+
+    synth_sizes = typing.get_args(typing.get_type_hints(DataConfig)["synth_size"])
+    assert set(synth_sizes) == set(SIZE_PRESETS)
+    assert set(typing.get_args(ScheduleName)) == set(SCHEDULES)

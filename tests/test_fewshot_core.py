@@ -664,7 +664,7 @@ def test_view_areas_follow_fewshot_score_area() -> None:
     views = SimpleNamespace(silhouette=sil)
     assert torch.equal(view_areas(views, "silhouette"), torch.tensor([10, 1]))  # type: ignore[arg-type]
     assert view_areas(views, "usable") is None  # type: ignore[arg-type]
-    message = re.escape("fewshot.score_area must be silhouette | usable, got 'mask'")
+    message = re.escape("fewshot.score_area: expected one of silhouette | usable, got 'mask'")
     with pytest.raises(ValueError, match=message):
         view_areas(views, "mask")  # type: ignore[arg-type]
 
@@ -673,9 +673,11 @@ def test_run_fewshot_refuses_bad_fewshot_options_before_any_work(tmp_path: Path)
     from nvsm.config import ConfigError, RunConfig, override_config
     from nvsm.fewshot.loop import run_fewshot
 
-    config = override_config(RunConfig(), ["fewshot.score_area=mask", "labels.annotations=7"])
-    with pytest.raises(ValueError, match=re.escape("fewshot.score_area must be silhouette")):
-        run_fewshot(config, tmp_path / "run")
+    config = override_config(RunConfig(), ["labels.annotations=7"])
+    bad = dataclasses.replace(config, fewshot=dataclasses.replace(config.fewshot, score_area="x"))
+    message = "config.fewshot.score_area: expected one of silhouette | usable, got 'x'"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run_fewshot(bad, tmp_path / "run")
     assert not (tmp_path / "run").exists()
     for option, message in (
         ("fewshot.mstep_image_shifts_deg=[30,0]", "must be non-zero and within ±90°, got [0.0]"),
@@ -699,7 +701,7 @@ def test_run_fewshot_refuses_bad_fewshot_options_before_any_work(tmp_path: Path)
     # ... and a config built in code is checked by the loop itself before any work.
     config = override_config(RunConfig(), ["labels.annotations=7"])
     bad = dataclasses.replace(config, fewshot=dataclasses.replace(config.fewshot, hubness_k=-1))
-    with pytest.raises(ConfigError, match=re.escape("fewshot.hubness_k: expected a value >= 0")):
+    with pytest.raises(ConfigError, match=re.escape("config.fewshot.hubness_k: expected a value")):
         run_fewshot(bad, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 

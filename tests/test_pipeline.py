@@ -1,7 +1,12 @@
+import dataclasses
+
 import pytest
+import torch
 
 import nvsm.data.synth as synth
-from nvsm.pipeline import ensure_synthetic
+import nvsm.render.rasterizer
+from nvsm.config import RunConfig
+from nvsm.pipeline import check_run_config, ensure_synthetic, resolve_device
 
 
 def test_built_in_dataset_is_generated_atomically(tmp_path, monkeypatch):
@@ -47,3 +52,36 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
     os.umask(umask)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~umask
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_a_device_this_machine_lacks_is_named_before_any_work(monkeypatch):
+    # These reached torch inside the run: a RuntimeError traceback after the run folder existed.
+    assert resolve_device("cpu") == torch.device("cpu")
+    for name in ("gpu", "cuda:x", "xpu"):
+        with pytest.raises(ValueError, match=f"device: expected auto, cpu, cuda, cuda:N or mps, "
+                                             f"got '{name}'"):
+            resolve_device(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"device: 'cuda' is not available here \(0 CUDA"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match=r"device: 'cuda:2' is not available here \(2 CUDA"):
+        resolve_device("cuda:2")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device: 'mps' is not available here"):
+        resolve_device("mps")
+
+
+def test_check_run_config_names_what_cannot_run_here(monkeypatch):
+    base = RunConfig()
+    assert check_run_config(base) == resolve_device("auto")
+    bad = dataclasses.replace(base, model=dataclasses.replace(base.model, backbone="vgg"))
+    with pytest.raises(ValueError, match=r"model\.backbone: expected one of efficientnet-lite0 "):
+        check_run_config(bad)
+    p3d = dataclasses.replace(base, model=dataclasses.replace(base.model, rasterizer="pytorch3d"))
+    monkeypatch.setattr(nvsm.render.rasterizer, "pytorch3d_available", lambda: False)
+    with pytest.raises(ValueError, match=r"model\.rasterizer: rasterizer 'pytorch3d' was"):
+        check_run_config(p3d)

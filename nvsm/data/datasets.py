@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from nvsm.data.categories import register_categories
 from nvsm.data.kitti import KittiConfig, kitti_folds, load_kitti
@@ -15,9 +15,8 @@ from nvsm.data.pascal3d import load_pascal3d
 
 __all__ = ["DATASET_NAMES", "load_dataset", "synthetic_categories", "train_test_records"]
 
-DATASET_NAMES: tuple[str, ...] = (
-    "pascal3d", "occluded_pascal3d", "kitti", "objectnet3d", "synthetic",
-)
+DatasetName = Literal["pascal3d", "occluded_pascal3d", "kitti", "objectnet3d", "synthetic"]
+DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
 
 
 def synthetic_categories(root: Path) -> list[str]:

@@ -29,7 +29,7 @@ import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 Strategy = Literal["random", "stratified"]
-SPLIT_STRATEGIES: tuple[str, ...] = ("random", "stratified")
+SPLIT_STRATEGIES: tuple[str, ...] = get_args(Strategy)
 UNSEEN_AZIMUTH_PATTERN = "TFFTTFFT"
 _TWO_PI = 2 * math.pi
 

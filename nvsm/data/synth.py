@@ -61,7 +61,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import typer
@@ -107,8 +107,9 @@ JPEG_QUALITY = 92
 SYNSETS: dict[str, str] = {"car": "n02958343", "aeroplane": "n02691156", "chair": "n03001627"}
 #: Occlusion level k → range of the occluded fraction of the object mask.
 OCCLUSION_LEVELS: dict[int, tuple[float, float]] = {1: (0.2, 0.4), 2: (0.4, 0.6), 3: (0.6, 0.8)}
-#: Named sizes: category → (train images, val images).
-SIZE_PRESETS: dict[str, dict[str, tuple[int, int]]] = {
+SynthSize = Literal["tiny", "default"]
+#: Named sizes (``SynthSize``): category → (train images, val images).
+SIZE_PRESETS: dict[SynthSize, dict[str, tuple[int, int]]] = {
     "tiny": {"car": (6, 4), "aeroplane": (2, 1), "chair": (2, 1)},
     "default": {"car": (400, 150), "aeroplane": (150, 60), "chair": (150, 60)},
 }
@@ -387,6 +388,7 @@ def _run_task(task: _Task) -> dict[str, bytes]:
 def _resolve_counts(
     size: str | Mapping[str, tuple[int, int]], categories: Sequence[str]
 ) -> tuple[str, dict[str, tuple[int, int]]]:
+    name: str
     if isinstance(size, str):
         if size not in SIZE_PRESETS:
             raise ValueError(f"unknown size {size!r}; expected one of {', '.join(SIZE_PRESETS)} "

@@ -37,12 +37,19 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 
-from nvsm.config import FewShotConfig, RunConfig, TrainConfig, check_config, config_to_dict
+from nvsm.config import (
+    FewShotConfig,
+    MatcherName,
+    RunConfig,
+    ScoreArea,
+    TrainConfig,
+    config_to_dict,
+)
 from nvsm.data.splits import azimuth_coverage
 from nvsm.fewshot.matching import (
     FaissMatcher,
@@ -92,7 +99,6 @@ __all__ = [
     "CSV_FIELDS",
     "FLIP_ERROR_DEG",
     "ROWS",
-    "SCORE_AREAS",
     "FewShotData",
     "FewShotResult",
     "StageTimer",
@@ -232,13 +238,15 @@ def make_matcher(fs: FewShotConfig) -> Matcher:
         return TorchMatcher()
     if fs.matcher == "faiss":
         return FaissMatcher(
-            index_type=fs.faiss_index,  # type: ignore[arg-type]
+            index_type=fs.faiss_index,
             nlist=fs.faiss_nlist,
             nprobe=fs.faiss_nprobe,
             pca_dim=fs.faiss_pca_dim,
             use_gpu=fs.faiss_gpu,
         )
-    raise ValueError(f"unknown fewshot.matcher {fs.matcher!r}; expected torch | faiss")
+    raise ValueError(
+        f"fewshot.matcher: expected one of {' | '.join(get_args(MatcherName))}, got {fs.matcher!r}"
+    )
 
 
 def acceptance_schedule(fs: FewShotConfig) -> AcceptanceSchedule:
@@ -314,19 +322,12 @@ def confidence_weights(labels: Sequence[PseudoLabel], min_weight: float) -> np.n
     return w
 
 
-#: Values of ``fewshot.score_area``: the NVSM score's denominator (``nvsm.fewshot.matching``).
-SCORE_AREAS = ("silhouette", "usable")
-
-
-def _require_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{key} must be {' | '.join(choices)}, got {value!r}")
-
-
-def view_areas(views: SynthesizedViews, score_area: str) -> torch.Tensor | None:
-    """(M,) denominators of the NVSM score for ``score_area`` (``SCORE_AREAS``): each view's
-    silhouette pixel count, or None for the matcher's default (its usable pixels)."""
-    _require_choice("fewshot.score_area", score_area, SCORE_AREAS)
+def view_areas(views: SynthesizedViews, score_area: ScoreArea) -> torch.Tensor | None:
+    """(M,) denominators of the NVSM score (``nvsm.fewshot.matching``) for ``score_area``: each
+    view's silhouette pixel count, or None for the matcher's default (its usable pixels)."""
+    if score_area not in get_args(ScoreArea):
+        raise ValueError(f"fewshot.score_area: expected one of {' | '.join(get_args(ScoreArea))}, "
+                         f"got {score_area!r}")
     if score_area == "usable":
         return None
     return views.silhouette.flatten(1).sum(1)
@@ -1238,12 +1239,15 @@ def _single_stage(
     return run.finish(folder, model, info, timer)
 
 
-def validate_fewshot_config(fs: FewShotConfig) -> None:
-    """Raise ``ValueError`` naming the first ``fewshot.*`` value the loop cannot run with, so
-    that it fails before any data is cropped or round 0 trained."""
-    check_config(fs, "fewshot")  # types and Bounds, for a config built in code
-    _require_choice("fewshot.mstep_init", fs.mstep_init, ("continue", "restart"))
-    _require_choice("fewshot.score_area", fs.score_area, SCORE_AREAS)
+def validate_fewshot_config(config: RunConfig) -> torch.device:
+    """Raise ``ValueError`` naming the first value the loop cannot run with
+    (``nvsm.pipeline.check_run_config``, then the ``fewshot.*`` values that only make sense
+    together), so that it fails before any data is cropped or round 0 trained. Returns the
+    device to run on."""
+    from nvsm.pipeline import check_run_config
+
+    device = check_run_config(config)
+    fs = config.fewshot
     round_shifts(fs, 1)  # an empty shift list
     bad = [x for x in fs.mstep_image_shifts_deg if not 0 < abs(x) <= 90]
     if bad:
@@ -1252,6 +1256,7 @@ def validate_fewshot_config(fs: FewShotConfig) -> None:
             f"±90°, got {bad}"
         )
     acceptance_schedule(fs)
+    return device
 
 
 def run_fewshot(
@@ -1284,14 +1289,11 @@ def run_fewshot(
         log: optional progress messages.
     """
     fs = config.fewshot
-    validate_fewshot_config(fs)
+    device = validate_fewshot_config(config)
     schedule = schedule or acceptance_schedule(fs)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = data or prepare_fewshot_data(config)
-    from nvsm.pipeline import resolve_device
-
-    device = resolve_device(config.device)
     pool, hidden_gt = hide_poses(data.unlabelled)
     run = _Run(
         config=config,

@@ -49,11 +49,13 @@ Returned indices are −1 (and scores −inf) where fewer than k views can be ma
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, get_args, runtime_checkable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from nvsm.config import FaissIndexType
 
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
@@ -601,7 +603,7 @@ class FaissMatcher:
         chunk_elements: element budget of the torch intermediates.
     """
 
-    index_type: Literal["flat", "ivf"] = "flat"
+    index_type: FaissIndexType = "flat"
     nlist: int = 64
     nprobe: int = 8
     use_gpu: bool = False
@@ -614,7 +616,7 @@ class FaissMatcher:
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
 
     def __post_init__(self) -> None:
-        if self.index_type not in ("flat", "ivf"):
+        if self.index_type not in get_args(FaissIndexType):
             raise ValueError(f"index_type must be 'flat' or 'ivf', got {self.index_type!r}")
         if self.nlist < 1 or self.nprobe < 1 or self.shortlist < 1 or self.query_batch < 1:
             raise ValueError("nlist, nprobe, shortlist and query_batch must be >= 1")

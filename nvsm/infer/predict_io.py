@@ -321,7 +321,7 @@ def run_inference(
     from nvsm.config import override_config
     from nvsm.infer.evaluate import predict, resolve_schedule
     from nvsm.infer.overlay import render_overlays
-    from nvsm.pipeline import load_splits, resolve_device
+    from nvsm.pipeline import check_run_config, load_splits
     from nvsm.render import get_rasterizer
     from nvsm.train.cropset import build_cropset, crop_size_for
     from nvsm.train.model import NeMoModel
@@ -334,7 +334,7 @@ def run_inference(
     split = {"val": "test"}.get(dataset_split, dataset_split)
     if not paths and split not in ("test", "train"):
         raise ValueError(f"dataset split must be test, val or train, got {dataset_split!r}")
-    device = resolve_device(config.device)
+    device = check_run_config(config)
     model = model.to(device)
     rasterizer = get_rasterizer(config.model.rasterizer, device)
     crop_scale = config.data.crop_scale

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from nvsm.config import ScheduleName
 from nvsm.mesh import Mesh
 from nvsm.pose.camera import feature_intrinsics
 from nvsm.pose.convention import NORMALIZED_DISTANCE, PASCAL3D_VIEWPORT, intrinsics
@@ -83,7 +84,9 @@ FAST_SCHEDULE = InferenceSchedule(
     patience=5,
 )
 
-SCHEDULES: dict[str, InferenceSchedule] = {"reference": REFERENCE_SCHEDULE, "fast": FAST_SCHEDULE}
+SCHEDULES: dict[ScheduleName, InferenceSchedule] = {
+    "reference": REFERENCE_SCHEDULE, "fast": FAST_SCHEDULE,
+}
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ Screen-space convention (shared by every backend):
 from __future__ import annotations
 
 import importlib.util
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, get_args, runtime_checkable
 
 import torch
 
@@ -29,7 +29,7 @@ import torch
 NEAR_PLANE = 1e-4
 
 RasterizerName = Literal["torch", "pytorch3d", "auto"]
-RASTERIZER_NAMES: tuple[str, ...] = ("torch", "pytorch3d", "auto")
+RASTERIZER_NAMES: tuple[str, ...] = get_args(RasterizerName)
 
 
 @runtime_checkable

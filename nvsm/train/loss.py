@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 SampleMode = Literal["bilinear", "nearest"]
+#: Which vertices are too near to be negatives: within a radius in object space or in the image.
+NearMode = Literal["3d", "2d"]
 
 
 def _check_map(feature_map: torch.Tensor) -> tuple[int, int, int, int]:

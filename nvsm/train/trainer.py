@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from nvsm.config import TrainConfig
+from nvsm.config import TrainConfig, check_config
 from nvsm.mesh import facing_visibility
 from nvsm.models import normalize_images
 from nvsm.models.common import STRIDE
@@ -135,6 +135,7 @@ class NeMoTrainer:
         rasterizer: Rasterizer | None = None,
         seed: int = 0,
     ) -> None:
+        check_config(config, "train")  # a config built in code: a bad value fails here, named
         self.model = model.to(device)
         self.config = config
         self.device = torch.device(device)
@@ -163,8 +164,6 @@ class NeMoTrainer:
         )
         for group in self.optimizer.param_groups:
             group["base_lr"] = group["lr"]
-        if config.near_mode not in ("3d", "2d"):
-            raise ValueError(f"train.near_mode must be '3d' or '2d', got {config.near_mode!r}")
         # 3D neighbours are fixed per mesh; 2D ones depend on the pose (computed per batch).
         self.near = {
             cat: near_vertex_mask_3d(mesh.vertices, config.near_radius).to(self.device)
@@ -205,7 +204,7 @@ class NeMoTrainer:
         inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
         under = occluded[torch.arange(len(ix))[:, None], iy.clamp(0, h - 1), ix.clamp(0, w - 1)]
         visible = visible & inside & ~under.to(self.device)
-        feats = sample_vertex_features(fmap, vpx, visible, mode=cfg.sample_mode)  # type: ignore[arg-type]
+        feats = sample_vertex_features(fmap, vpx, visible, mode=cfg.sample_mode)
         # Clutter comes from outside the rendered cuboid silhouette (dilated by one cell).
         with torch.no_grad():
             r_cv, t_cv = opencv_extrinsics(p[:, 0], p[:, 1], p[:, 2], p[:, 3])
