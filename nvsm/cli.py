@@ -17,7 +17,7 @@ from rich.table import Table
 from nvsm.cli_pseudo_labels import app as pseudo_labels_app
 from nvsm.config import RunConfig, config_to_dict
 from nvsm.data.cli import app as data_app
-from nvsm.runtime import exit_with_error, keep_freed_memory
+from nvsm.runtime import exit_with_error, flow_help, keep_freed_memory
 
 app = typer.Typer(
     help="""nvsm: few-shot category-level 3D pose (Neural View Synthesis and Matching on NeMo).
@@ -352,9 +352,11 @@ def fewshot(
     ] = False,
     overrides: SetOpt = None,
 ) -> None:
-    """Few-shot NVSM: NeMo on N labels (round 0), then EM rounds of view synthesis, matching,
-    pseudo-labels and retraining; prints one table of nemo, nemo_same_steps, self_training,
-    nvsm (each round) and oracle per occlusion level.
+    """Few-shot NVSM: NeMo on N labels, then EM rounds of synthesis, matching and retraining.
+
+    Round 0 trains NeMo on the N labels; each EM round synthesises views, matches them to the
+    unlabelled images, accepts pseudo-labels and retrains. Prints one table of nemo,
+    nemo_same_steps, self_training, nvsm (each round) and oracle per occlusion level.
 
     Writes RUN/round_<k>/ (model.pt, config.json, metrics.json, pseudo_labels.csv/.jsonl),
     RUN/nemo_same_steps/, RUN/self_training/round_<k>/, RUN/oracle/ and RUN/metrics.json.
@@ -473,6 +475,9 @@ def print_metrics_table(metrics: dict, title: str) -> None:
         f"protocol: {metrics.get('protocol', '?')}  ·  "
         + json.dumps({"seconds_per_image": round(metrics["seconds_per_image"], 4)})
     )
+
+
+flow_help(app)
 
 
 def main() -> None:

@@ -14,8 +14,9 @@ from rich.markup import escape
 from nvsm.runtime import exit_with_error
 
 app = typer.Typer(
-    help="""Export a few-shot run's pseudo-labels (CSV / JSON lines) or inspect them in an
-    offline HTML report.
+    help="""Export a few-shot run's pseudo-labels (CSV, JSON lines) or inspect them (HTML).
+
+    The report is one self-contained file that opens offline.
 
     Examples:
         nvsm pseudo-labels export runs/nvsm7 --format csv --out labels.csv

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import inspect
 import os
 from typing import NoReturn
 
@@ -62,3 +63,38 @@ def exit_with_error(console: Console, message: str, code: int) -> NoReturn:
     as markup, so that the paths it names stay whole, brackets and all, for copying."""
     console.print("[red]error:[/red]", escape(message), soft_wrap=True)
     raise typer.Exit(code)
+
+
+def flowing_help(text: str) -> str:
+    """``text`` (a docstring) with each prose paragraph joined into one line, for the terminal
+    to wrap. Typer's rich help keeps a paragraph's line breaks, so a paragraph wrapped in the
+    source printed as ragged lines in a terminal narrower than the source. Example paragraphs
+    and indented lines (command lines) stay as written."""
+    paragraphs = []
+    for paragraph in inspect.cleandoc(text).split("\n\n"):
+        lines = paragraph.split("\n")
+        if paragraph.startswith("Example"):
+            paragraphs.append(paragraph)
+            continue
+        joined = [lines[0]]
+        for line in lines[1:]:
+            if line[:1].isspace() or joined[-1][:1].isspace():
+                joined.append(line)
+            else:
+                joined[-1] += " " + line
+        paragraphs.append("\n".join(joined))
+    return "\n\n".join(paragraphs)
+
+
+def flow_help(app: typer.Typer) -> None:
+    """Apply ``flowing_help`` to the help of ``app``, of its commands and of its sub-apps, in
+    place; call it once every command is registered."""
+    if isinstance(app.info.help, str):
+        app.info.help = flowing_help(app.info.help)
+    for command in app.registered_commands:
+        doc = command.help or inspect.getdoc(command.callback)
+        if doc:
+            command.help = flowing_help(doc)
+    for group in app.registered_groups:
+        if group.typer_instance is not None:
+            flow_help(group.typer_instance)

@@ -93,6 +93,38 @@ def test_every_command_has_help_with_an_example():
         assert sep and f"nvsm {' '.join(cmd)}".strip() in examples, f"{cmd} --help has no example"
 
 
+def test_help_prose_flows_and_examples_keep_their_lines():
+    # Typer's rich help keeps a paragraph's line breaks: prose wrapped in the source printed as
+    # ragged lines in a terminal narrower than the source (the command list shows each
+    # summary so too).
+    import inspect
+
+    import typer
+
+    def helps(command, name):
+        yield name, inspect.cleandoc(command.help or "")
+        for sub_name, sub in getattr(command, "commands", {}).items():
+            yield from helps(sub, f"{name} {sub_name}")
+
+    found = dict(helps(typer.main.get_command(app), "nvsm"))
+    assert len(found) == 16 and all(found.values())
+    ragged = [
+        (name, paragraph)
+        for name, text in found.items()
+        for paragraph in text.split("\n\n")
+        if not paragraph.startswith("Example")
+        and any(not line[:1].isspace() for line in paragraph.split("\n")[1:])
+    ]
+    assert ragged == []
+    res = runner.invoke(app, ["fewshot", "--help"], env={"COLUMNS": "80"})
+    lines = [line.strip() for line in res.output.splitlines()]
+    assert "nvsm fewshot --annotations 20 --with-oracle" in lines  # an example keeps its line
+    # A wrapped paragraph fills its lines: none ends far short of the 80 columns (the ragged
+    # breaks did: "... matches" / "them to the" / "unlabelled images, ...").
+    start = next(i for i, line in enumerate(lines) if line.startswith("Round 0 trains NeMo"))
+    assert all(len(line) > 60 for line in lines[start : start + 3]), lines[start : start + 4]
+
+
 @pytest.mark.slow
 def test_train_evaluate_end_to_end(tiny_synthetic, tmp_path):
     run = tmp_path / "run"

@@ -18,8 +18,9 @@ from nvsm.data.verify import verify_dataset
 from nvsm.runtime import exit_with_error
 
 app = typer.Typer(
-    help="""Datasets: check a local copy against its manifest, write few-shot split lists,
-    render the synthetic set.
+    help="""Datasets: verify a local copy, write few-shot split lists, render the synthetic set.
+
+    `verify` checks a copy against its manifest in data_manifests/.
 
     Examples:
         nvsm data verify --dataset pascal3d --root /data/PASCAL3D+_release1.1
