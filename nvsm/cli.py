@@ -374,13 +374,14 @@ def fewshot(
             -s data.cad_root=/data/PASCAL3D+_release1.1
         nvsm fewshot -r synthetic-car-7shot -s fewshot.matcher=faiss -s fewshot.rounds=3
     """
+    from nvsm.data.splits import SPLIT_STRATEGIES
     from nvsm.fewshot.loop import prepare_fewshot_data, run_fewshot, validate_fewshot_config
     from nvsm.io import write_run_info
 
     if dataset is not None and dataset not in FEWSHOT_DATASETS:
         _fail(f"--dataset must be one of {', '.join(FEWSHOT_DATASETS)}, got {dataset!r}")
-    if anchors is not None and anchors not in ("stratified", "random"):
-        _fail(f"--anchors must be stratified or random, got {anchors!r}")
+    if anchors is not None and anchors not in SPLIT_STRATEGIES:
+        _fail(f"--anchors must be one of {', '.join(SPLIT_STRATEGIES)}, got {anchors!r}")
     if dataset not in (None, "synthetic") and root is None and recipe is None:
         _fail(f"--dataset {dataset} needs --root PATH (the dataset on disk)")
     if tiny and (recipe is not None or dataset not in (None, "synthetic")):
