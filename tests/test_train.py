@@ -1,5 +1,6 @@
 import dataclasses
 import math
+import re
 
 import numpy as np
 import pytest
@@ -142,3 +143,40 @@ def test_near_mode_2d_trains_and_bad_mode_is_rejected(tiny_synthetic):
     message = r"train\.near_mode: expected one of 3d \| 2d, got 'sideways'"
     with pytest.raises(ConfigError, match=message):
         NeMoTrainer(build_model(cfg, meshes), bad)
+
+
+def test_a_checkpoint_with_the_wrong_contents_is_named(tiny_synthetic, tmp_path):
+    # Each of these is nvsm's own file format holding parts that do not fit the model; loading
+    # used to end in torch's RuntimeError, a KeyError or an IndexError from inside.
+    from nvsm.models import CheckpointError, load_checkpoint, save_checkpoint
+
+    cfg = _cfg()
+    build_model(cfg, category_meshes(tiny_synthetic, ["car"], 200)).save(tmp_path / "good.pt")
+    good = load_checkpoint(tmp_path / "good.pt")
+    stem = next(iter(good.tensors["backbone"]))
+    bank = good.tensors["banks"]["car"]
+    cases = {
+        "backbone": ({**good.tensors, "backbone": {**good.tensors["backbone"],
+                                                   stem: torch.zeros(3)}}, good.metadata,
+                     "entry 'backbone' does not fit"),
+        "no_config": (good.tensors, {"step": 1}, "metadata lacks the run's config"),
+        "mesh": ({**good.tensors, "meshes": {"car": {"vertices": torch.zeros(5)}}},
+                 good.metadata, "entry 'meshes.car' must hold 'vertices' and 'faces'"),
+        "mesh_shape": ({**good.tensors, "meshes": {"car": {"vertices": torch.zeros(5),
+                                                           "faces": torch.zeros(1, 3)}}},
+                       good.metadata, "entry 'meshes.car': "),
+        "bank_category": ({**good.tensors, "banks": {"bus": bank}}, good.metadata,
+                          "the banks' categories ['bus'] must be the meshes' ['car']"),
+        "bank_shape": ({**good.tensors, "banks": {"car": {**bank, "memory": torch.zeros(3, 2)}}},
+                       good.metadata, "entry 'banks.car' does not fit the model's bank"),
+        "other_config": (good.tensors, {"config": {}}, "entry 'backbone' does not fit"),
+    }
+    for name, (tensors, meta, message) in cases.items():
+        path = save_checkpoint(tmp_path / f"{name}.pt", tensors, meta)
+        with pytest.raises(CheckpointError, match=re.escape(f"{path}: {message}")):
+            NeMoModel.load(path)
+    # Metadata that is JSON but not a mapping (save_checkpoint itself writes only mappings).
+    payload = torch.load(tmp_path / "good.pt", weights_only=True)
+    torch.save({**payload, "metadata": "[1, 2]"}, tmp_path / "list_meta.pt")
+    with pytest.raises(CheckpointError, match=r"list_meta\.pt: metadata lacks the run's config"):
+        NeMoModel.load(tmp_path / "list_meta.pt")

@@ -11,7 +11,14 @@ from torch import nn
 
 from nvsm.config import RunConfig, config_from_dict, config_to_dict
 from nvsm.mesh import Mesh
-from nvsm.models import FeatureBackbone, build_backbone, load_checkpoint, save_checkpoint
+from nvsm.models import (
+    CheckpointError,
+    FeatureBackbone,
+    build_backbone,
+    load_checkpoint,
+    load_module_state,
+    save_checkpoint,
+)
 from nvsm.train.bank import BankSet
 
 
@@ -71,12 +78,37 @@ class NeMoModel(nn.Module):
         ckpt = load_checkpoint(
             path, required=("backbone", "banks", "meshes"), map_location=map_location
         )
+        # The file is nvsm's own format but may hold anything: every part that does not fit
+        # the model is reported naming the file and the entry, not as torch's error from inside.
+        if not isinstance(ckpt.metadata, dict) or not isinstance(ckpt.metadata.get("config"), dict):
+            raise CheckpointError(f"{path}: metadata lacks the run's config (a 'config' mapping)")
         config = config_from_dict(ckpt.metadata["config"], f"{path}: metadata.config")
-        meshes = {cat: Mesh(m["vertices"], m["faces"]) for cat, m in ckpt.tensors["meshes"].items()}
-        model = cls(configured_backbone(config, pretrained=False), meshes, config)
-        model.backbone.load_state_dict(ckpt.tensors["backbone"])
-        for cat, state in ckpt.tensors["banks"].items():
-            model.banks[cat].load_state_dict(state)
+        meshes = {}
+        for cat, m in ckpt.tensors["meshes"].items():
+            if set(m) != {"vertices", "faces"}:
+                raise CheckpointError(f"{path}: entry 'meshes.{cat}' must hold 'vertices' and "
+                                      f"'faces', has {sorted(m)}")
+            try:
+                meshes[cat] = Mesh(m["vertices"], m["faces"])
+            except ValueError as exc:
+                raise CheckpointError(f"{path}: entry 'meshes.{cat}': {exc}") from exc
+        banks = ckpt.tensors["banks"]
+        if not meshes or set(banks) != set(meshes):
+            raise CheckpointError(f"{path}: the banks' categories {sorted(banks)} must be the "
+                                  f"meshes' {sorted(meshes)}, and not none")
+        try:
+            backbone = configured_backbone(config, pretrained=False)
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: metadata.config.model: {exc}") from exc
+        model = cls(backbone, meshes, config)
+        load_module_state(model.backbone, ckpt, "backbone")
+        for cat, state in banks.items():
+            try:
+                model.banks[cat].load_state_dict(state)
+            except RuntimeError as exc:
+                raise CheckpointError(f"{path}: entry 'banks.{cat}' does not fit the model's "
+                                      f"bank ({config.model.feature_dim} features per vertex): "
+                                      f"{exc}") from exc
         return model, ckpt.metadata
 
 
