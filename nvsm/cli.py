@@ -376,7 +376,7 @@ def fewshot(
     """
     from nvsm.data.splits import SPLIT_STRATEGIES
     from nvsm.fewshot.loop import prepare_fewshot_data, run_fewshot, validate_fewshot_config
-    from nvsm.io import write_run_info
+    from nvsm.io import check_run_folder, write_run_info
 
     if dataset is not None and dataset not in FEWSHOT_DATASETS:
         _fail(f"--dataset must be one of {', '.join(FEWSHOT_DATASETS)}, got {dataset!r}")
@@ -398,8 +398,9 @@ def fewshot(
     if cfg.labels.annotations is None:
         _fail("the few-shot loop needs --annotations N (N >= 1)")
     folder = _run_dir(out, "fewshot")
-    try:  # a bad config or dataset fails here, before the run folder exists
+    try:  # a bad config, run folder or dataset fails here, before the run folder exists
         validate_fewshot_config(cfg)
+        check_run_folder(folder, resume)
         data = prepare_fewshot_data(cfg)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))

@@ -118,3 +118,24 @@ def write_run_info(run_dir: str | os.PathLike[str], config: dict[str, Any], seed
         },
     )
     return path
+
+
+def check_output_folder(folder: str | os.PathLike[str]) -> None:
+    """Raise ``ValueError`` unless ``folder`` is, or can be made, a folder: a command checks
+    its output folder before any work, rather than failing in its first write afterwards."""
+    folder = Path(folder)
+    for path in (folder, *folder.parents):
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"cannot write into {folder}: {path} is a file, not a folder")
+
+
+def check_run_folder(folder: str | os.PathLike[str], resume: bool) -> None:
+    """``check_output_folder``, and, unless resuming, that ``folder`` holds no run already (no
+    ``run_info.json``): a new run there would leave the old run's other stages beside its own
+    (a run of fewer rounds kept the old later rounds, which the exports then read)."""
+    check_output_folder(folder)
+    if not resume and (Path(folder) / "run_info.json").exists():
+        raise ValueError(
+            f"{folder} holds a run already: resume it (--resume), or choose another folder "
+            "(--out) or delete it"
+        )

@@ -268,7 +268,10 @@ def train_and_evaluate(
     on its own batches with DDP; only rank 0 writes files (run_info, checkpoints, summary,
     metrics) and evaluates, and the other ranks return None.
     """
+    from nvsm.io import check_run_folder
+
     check_run_config(config)
+    check_run_folder(run_dir, resume)
     owns_group = ddp.launched_by_torchrun() and not ddp.is_initialized()
     info = ddp.init_distributed(config.device)  # no-op without torchrun
     try:
@@ -353,9 +356,13 @@ def evaluate_checkpoint(
     (``nvsm.data.splits.unseen_azimuth_split``: 45° bins ``TFFTTFFT``, T = seen) are scored,
     and the metrics say ``"subset": "unseen-azimuth"`` (else ``"all"``).
     """
-    from nvsm.io import atomic_write_json
+    from nvsm.infer.evaluate import resolve_schedule
+    from nvsm.io import atomic_write_json, check_output_folder
     from nvsm.train.model import NeMoModel
 
+    resolve_schedule(schedule)  # before the cropping
+    if out is not None:
+        check_output_folder(out)
     model, _ = NeMoModel.load(checkpoint)
     config = override_config(model.config, overrides, f"{checkpoint}: config")
     device = check_run_config(config)

@@ -57,6 +57,26 @@ def test_out_of_range_values_stop_before_the_run_folder(tmp_path):
             assert not (tmp_path / "run").exists()
 
 
+def test_a_run_folder_that_cannot_take_the_run_is_refused_before_any_work(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for cmd in (["train"], ["fewshot", "--tiny"]):
+        for target in (blocker, blocker / "run"):
+            res = runner.invoke(app, [*cmd, "--out", str(target)])
+            assert res.exit_code == 2, res.output
+            assert f"cannot write into {target}: {blocker} is a file" in res.output
+    # A new run into a folder that holds one would leave the old run's other stages beside its
+    # own (a fewshot run of fewer rounds kept the old later rounds, which the exports read).
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "run_info.json").write_text("{}")
+    for cmd in (["train"], ["fewshot", "--tiny"]):
+        res = runner.invoke(app, [*cmd, "--out", str(old)])
+        assert res.exit_code == 2 and f"{old} holds a run already: resume it" in res.output
+    assert sorted(p.name for p in old.iterdir()) == ["run_info.json"]
+    assert blocker.read_text() == "x"
+
+
 def test_only_train_runs_under_torchrun(tmp_path):
     # Every other command would run once per process, racing on the same run folder.
     res = runner.invoke(app, ["fewshot", "--tiny", "--out", str(tmp_path / "run")],

@@ -337,6 +337,19 @@ def test_infer_end_to_end(tiny_synthetic, tmp_path):
     ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert ev["subset"] == "unseen-azimuth" and ev["pooled"]["L0"]["n"] == 3
 
+    # An output path that is a file, or lies under one, is refused before any work (this was
+    # torch's or the OS's traceback, for evaluate and infer after all the inference).
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for cmd in (["infer", "-m", ckpt, str(photos)], ["evaluate", "-m", ckpt]):
+        for target in (blocker, blocker / "sub"):
+            res = runner.invoke(app, [*cmd, "--out", str(target)])
+            assert res.exit_code == 2, res.output
+            assert f"cannot write into {target}: {blocker} is a file" in res.output
+    assert blocker.read_text() == "x"
+    res = runner.invoke(app, ["evaluate", "-m", ckpt, "--schedule", "slow"])
+    assert res.exit_code == 2 and "unknown inference schedule 'slow'" in res.output
+
 
 def test_templates_are_cached_per_model_until_the_bank_changes():
     from nvsm.infer.evaluate import category_templates

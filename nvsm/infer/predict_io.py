@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from nvsm.infer.evaluate import Predictions
-from nvsm.io import atomic_open, atomic_write_bytes, atomic_write_json
+from nvsm.io import atomic_open, atomic_write_bytes, atomic_write_json, check_output_folder
 from nvsm.pose.camera import bbox_crop
 from nvsm.pose.convention import PASCAL3D_VIEWPORT, pose_from_rotation, rotation_matrix
 from nvsm.train.cropset import CropSet
@@ -327,6 +327,7 @@ def run_inference(
     from nvsm.train.model import NeMoModel
 
     sched = resolve_schedule(schedule)
+    check_output_folder(out)
     model, _ = NeMoModel.load(checkpoint)
     config = override_config(model.config, overrides, f"{checkpoint}: config")
     if category is not None and category not in model.meshes:
