@@ -631,6 +631,18 @@ def test_images_and_masks_helpers(tmp_path: Path) -> None:
     (tmp_path / "b.jpg").write_bytes(b"garbage")
     with pytest.raises(DataFormatError, match=r"b\.jpg"):
         load_image(tmp_path / "b.jpg")
+    # 16-bit greyscale is scaled to 8 bits (convert("RGB") clipped it: a white image).
+    wide = np.array([[0, 257, 32896], [65535, 514, 1000]], np.uint16)
+    Image.fromarray(wide).save(tmp_path / "g16.png")
+    got = load_image(tmp_path / "g16.png")
+    assert got.shape == (2, 3, 3) and (got == got[..., :1]).all()
+    assert got[..., 0].tolist() == [[0, 1, 128], [255, 2, 4]]
+    Image.fromarray(np.full((2, 2), 70000, np.int32)).save(tmp_path / "i32.tif")
+    with pytest.raises(DataFormatError, match=r"i32\.tif.*values 70000\.\.70000"):
+        load_image(tmp_path / "i32.tif")
+    Image.fromarray(np.ones((2, 2), np.float32)).save(tmp_path / "f.tif")
+    with pytest.raises(DataFormatError, match=r"f\.tif: field 'image': expected 8- or 16-bit"):
+        load_image(tmp_path / "f.tif")
 
 
 def test_synthetic_layout_and_kitti_split(tmp_path: Path, p3d_root: Path) -> None:

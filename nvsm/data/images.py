@@ -16,23 +16,40 @@ __all__ = ["check_image", "load_image", "load_mask", "load_masks"]
 #: Integer masks (e.g. Occluded PASCAL3D+'s JPEG-derived object masks, 0..255) are foreground
 #: where the value exceeds this (the generator's own threshold); float/bool masks above 0.5.
 INT_MASK_THRESHOLD = 10
+#: Pillow's modes of integer greyscale wider than 8 bits (16-bit PNG and TIFF, 32-bit TIFF):
+#: ``convert("RGB")`` clips their values to 255, so that a 16-bit photograph comes out white.
+_WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def load_image(path: Path) -> np.ndarray:
-    """Read an image as (H, W, 3) uint8 RGB (greyscale, CMYK, palette converted).
+    """Read an image as (H, W, 3) uint8 RGB (greyscale, CMYK, palette converted; 16-bit
+    greyscale scaled to 8 bits).
 
     Raises:
-        DataFormatError: missing or undecodable file.
+        DataFormatError: missing or undecodable file, floating-point pixels, or integer pixels
+            outside 16 bits.
     """
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(path, "image", "an existing image file", "missing")
     try:
         with Image.open(path) as im:
-            return np.array(im.convert("RGB"), dtype=np.uint8)
+            mode = im.mode
+            if mode not in (*_WIDE_GREY_MODES, "F"):
+                return np.array(im.convert("RGB"), dtype=np.uint8)
+            grey = np.asarray(im)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         raise DataFormatError(path, "image", "a decodable image", f"{type(exc).__name__}: {exc}") \
             from exc
+    if mode == "F":
+        raise DataFormatError(path, "image", "8- or 16-bit pixels",
+                              "32-bit floating-point pixels (mode F)")
+    grey = grey.astype(np.int64)
+    if grey.size and (grey.min() < 0 or grey.max() > 65535):
+        raise DataFormatError(path, "image", "8- or 16-bit pixels",
+                              f"values {grey.min()}..{grey.max()} (mode {mode})")
+    grey8 = np.rint(grey / 257.0).astype(np.uint8)  # 65535 → 255
+    return np.repeat(grey8[..., None], 3, axis=2)
 
 
 def check_image(path: Path, decode: bool = False) -> tuple[int, int]:
