@@ -301,6 +301,11 @@ def infer(
         markup=False,
         soft_wrap=True,
     )
+    for row in summary["failed"]:
+        console.print(f"failed: {row['image']} ({row['uid']}): {row['error']}", markup=False,
+                      soft_wrap=True)
+    if summary["failed"] and len(summary["failed"]) == summary["images"]:
+        exit_with_error(console, "no image could be read; their rows say why", 1)
 
 
 FEWSHOT_DATASETS = ("synthetic", "pascal3d", "kitti")

@@ -323,6 +323,23 @@ def test_infer_end_to_end(tiny_synthetic, tmp_path):
         assert im.size == (2 * 120, 64)
     info = json.loads((out / "infer_info.json").read_text())
     assert info["protocol"] == "bbox" and info["category"] == "inferred" and info["failures"] == 1
+    broken = str(photos / "zz_broken.jpg")
+    assert [f["image"] for f in info["failed"]] == [broken]
+    assert f"failed: {broken} (zz_broken:0): DataFormatError" in res.output
+    # When no image can be read the command fails (it exited 0, the reasons only in the CSV).
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.png").write_bytes(b"")
+    res = runner.invoke(app, ["infer", "-m", ckpt, str(junk), "--out", str(tmp_path / "pj")])
+    assert res.exit_code == 1 and "no image could be read" in res.output
+    assert f"failed: {junk / 'a.png'} (a:0)" in res.output
+    # A folder where a file is to be written stops the command before any work (it failed in
+    # the second write, the first file and the overlays already written).
+    (tmp_path / "pb" / "predictions.jsonl").mkdir(parents=True)
+    res = runner.invoke(app, ["infer", "-m", ckpt, str(photos), "--overlays", "--out",
+                              str(tmp_path / "pb")])
+    assert res.exit_code == 2 and "predictions.jsonl would be replaced" in res.output
+    assert [p.name for p in (tmp_path / "pb").iterdir()] == ["predictions.jsonl"]
 
     # The checkpoint's test split (category given), then the unseen-azimuth evaluation.
     res = runner.invoke(app, ["infer", "-m", ckpt, "--dataset-split", "val", "--out", str(out)])

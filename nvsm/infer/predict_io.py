@@ -284,6 +284,23 @@ class InferencePart:
     infer_category: bool
 
 
+#: What ``run_inference`` writes into its output folder (``overlays/`` with --overlays).
+OUTPUT_FILES = ("predictions.csv", "predictions.jsonl", "infer_info.json")
+
+
+def _check_output_names(out: Path, overlays: bool) -> None:
+    """Refuse, before any work, an output folder where a file nvsm writes is a folder (or the
+    overlays folder a file): the first write would fail after the inference, the other files
+    already written."""
+    check_output_folder(out)
+    blocked = [out / name for name in OUTPUT_FILES if (out / name).is_dir()]
+    if overlays and (out / "overlays").exists() and not (out / "overlays").is_dir():
+        blocked.append(out / "overlays")
+    if blocked:
+        raise ValueError(f"cannot write into {out}: {', '.join(map(str, blocked))} would be "
+                         "replaced (a folder where nvsm writes a file, or the reverse)")
+
+
 def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "image"
 
@@ -327,7 +344,7 @@ def run_inference(
     from nvsm.train.model import NeMoModel
 
     sched = resolve_schedule(schedule)
-    check_output_folder(out)
+    _check_output_names(Path(out), overlays)
     model, _ = NeMoModel.load(checkpoint)
     config = override_config(model.config, overrides, f"{checkpoint}: config")
     if category is not None and category not in model.meshes:
@@ -409,6 +426,7 @@ def run_inference(
         "category": "inferred" if any(p.infer_category for p in parts) else "given",
         "images": len(rows),
         "failures": sum(bool(r["error"]) for r in rows),
+        "failed": [{k: r[k] for k in ("image", "uid", "error")} for r in rows if r["error"]],
         "overlays": n_overlays,
         "units": {"angles": "degrees", "distance": "object units", "score": "1 - loss"},
         "files": ["predictions.csv", "predictions.jsonl"],
