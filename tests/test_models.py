@@ -202,6 +202,15 @@ def test_resnet_loads_local_torchvision_weights(tmp_path):
     torch.save({"conv1.weight": state["conv1.weight"]}, bad)
     with pytest.raises(ValueError, match=r"bad\.pth"):
         ResNet50UNetBackbone(weights=bad)
+    # A pickle the weights-only loader refuses: torch's first sentence, not its advice to load
+    # with weights_only=False (which nvsm never does).
+    import datetime
+
+    unsafe = tmp_path / "unsafe.pth"
+    torch.save({"when": datetime.date(2020, 1, 1)}, unsafe)
+    with pytest.raises(ValueError, match=r"unsafe\.pth \(UnpicklingError: ") as info:
+        ResNet50UNetBackbone(weights=unsafe)
+    assert "weights_only" not in str(info.value) and "\n" not in str(info.value)
 
 
 def test_normalize_images_and_upsample_aligned():

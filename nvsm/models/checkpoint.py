@@ -111,6 +111,12 @@ def _check_tree(tree: Any, where: str, path: Path) -> None:
             raise CheckpointError(f"{path}: entry {name!r} is {type(value).__name__}, not a tensor")
 
 
+def load_error_summary(exc: BaseException) -> str:
+    """``torch.load``'s error, its first sentence only: the rest of its weights-only message
+    advises loading with ``weights_only=False``, which nvsm never does."""
+    return f"{type(exc).__name__}: {str(exc).strip().split(chr(10))[0].split('. ')[0]}"
+
+
 def load_checkpoint(
     path: str | os.PathLike[str],
     required: Iterable[str] = (),
@@ -133,12 +139,9 @@ def load_checkpoint(
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        # torch's first sentence only: the rest of its weights-only message advises loading
-        # with weights_only=False, which nvsm never does.
-        first = str(exc).strip().split("\n")[0].split(". ")[0]
         raise CheckpointError(
             f"{path}: corrupt or unreadable checkpoint, not one nvsm wrote "
-            f"({type(exc).__name__}: {first})"
+            f"({load_error_summary(exc)})"
         ) from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(

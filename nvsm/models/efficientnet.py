@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nvsm.models.checkpoint import load_error_summary
 from nvsm.models.common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -98,7 +99,8 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"cannot read backbone weights {path}: {exc}") from exc
+        raise ValueError(f"cannot read backbone weights {path} ({load_error_summary(exc)})") \
+            from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
