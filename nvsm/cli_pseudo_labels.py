@@ -76,6 +76,9 @@ def export(
     from nvsm.fewshot.report import RunFolderError, export_labels
     from nvsm.io import atomic_write_text
 
+    if out is not None and out.resolve().is_relative_to(run.resolve()):
+        # An export onto round_<k>/pseudo_labels.jsonl replaced the round's own record.
+        _fail(f"--out {out} lies inside the run folder {run}; write the export elsewhere")
     try:
         k, n, text = export_labels(run, round_index, fmt.value, accepted_only)
     except RunFolderError as exc:

@@ -260,6 +260,8 @@ def test_checkpoint_errors_name_the_file(tmp_path):
         load_checkpoint(garbage)
     with pytest.raises(CheckpointError, match=r"missing\.pt"):
         load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match="is a folder; pass the checkpoint file in it"):
+        load_checkpoint(tmp_path)  # it said "checkpoint not found"
     foreign = tmp_path / "foreign.pt"
     torch.save({"w": torch.zeros(1)}, foreign)
     with pytest.raises(CheckpointError, match=r"foreign\.pt.*not an nvsm checkpoint"):

@@ -123,6 +123,13 @@ def test_export_filters_and_writes(tmp_path):
     assert _no_temp_files(tmp_path)
     res = runner.invoke(app, ["pseudo-labels", "export", str(run), "-f", "jsonl", "-k", "1"])
     assert [json.loads(x)["uid"] for x in res.stdout.splitlines()] == ["a", "b"]
+    # An export into the run folder is refused: onto its own source it replaced the round's
+    # record (exit 0), breaking the run.
+    source = run / "round_2" / "pseudo_labels.jsonl"
+    before = source.read_bytes()
+    res = runner.invoke(app, ["pseudo-labels", "export", str(run), "-f", "csv", "-o", str(source)])
+    assert res.exit_code == 1 and "lies inside the run folder" in res.output
+    assert source.read_bytes() == before
 
 
 def test_export_errors_name_the_path(tmp_path):

@@ -134,6 +134,8 @@ def load_checkpoint(
             missing required entry. The message names the file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; pass the checkpoint file in it (model.pt)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
