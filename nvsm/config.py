@@ -356,7 +356,14 @@ def list_recipes(recipe_dir: Path = RECIPE_DIR) -> dict[str, str]:
 def _read_recipe(path: Path) -> dict[str, Any]:
     """A recipe file's top-level mapping (ConfigError naming the file otherwise)."""
     try:
-        loaded = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (invalid byte 0x{exc.object[exc.start]:02x} at offset "
+            f"{exc.start}); expected a YAML recipe"
+        ) from exc
+    try:
+        loaded = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
     if not isinstance(loaded, dict):

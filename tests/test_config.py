@@ -167,3 +167,15 @@ def test_choices_match_what_their_modules_implement():
     synth_sizes = typing.get_args(typing.get_type_hints(DataConfig)["synth_size"])
     assert set(synth_sizes) == set(SIZE_PRESETS)
     assert set(typing.get_args(ScheduleName)) == set(SCHEDULES)
+
+
+def test_non_utf8_recipe_names_its_file(tmp_path):
+    # Before: path.read_text() raised a bare UnicodeDecodeError (not a ConfigError) that named
+    # no file, from load_config and list_recipes alike.
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(b"seed: 3\ndescription: \xff\xfe\n")
+    message = f"{path}: not UTF-8 text (invalid byte 0xff at offset 21)"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("bad", recipe_dir=tmp_path)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        list_recipes(tmp_path)

@@ -733,3 +733,85 @@ def test_acceptance_per_azimuth_bin() -> None:
             AcceptanceRule(azimuth_bins=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="azimuth_bins"):
         AcceptanceSchedule.linear(binned, AcceptanceRule(top_fraction=0.7), 2)
+
+
+# ------------------------------------------------------------------------------------------
+# Reading pseudo-labels back: strict field types, accepted poses finite, UTF-8
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("accepted", "false", "expected true or false, got 'false'"),
+        ("accepted", 0.5, "expected true or false, got 0.5"),
+        ("accepted", 1, "expected true or false, got 1"),
+        ("round", 7.9, "expected an integer, got 7.9"),
+        ("round", True, "expected an integer, got True"),
+        ("round", -1, "expected an integer >= 0, got -1"),
+        ("uid", 5, "expected a string, got 5"),
+        ("source_uid", None, "expected a string, got None"),
+        ("azimuth", True, 'expected a number, null (NaN) or "inf" / "-inf", got True'),
+        ("score", "0.5", 'expected a number, null (NaN) or "inf" / "-inf", got \'0.5\''),
+        ("score", "nan", 'expected a number, null (NaN) or "inf" / "-inf", got \'nan\''),
+        ("weight", [1.0], 'expected a number, null (NaN) or "inf" / "-inf", got [1.0]'),
+        ("shift", "abc", "expected a list of 3 numbers, got 'abc'"),
+        ("shift", [0.0, False, 0.0], 'expected a number, null (NaN) or "inf" / "-inf", got False'),
+    ],
+)
+def test_pseudo_label_from_dict_rejects_wrong_types(
+    field: str, value: object, expected: str
+) -> None:
+    # Before: bool()/int()/str()/float() coerced these ("false" → accepted, 7.9 → round 7, ...).
+    data = {**dataclasses.replace(_label("a", "car", 0.9, 0.2, 0.3), accepted=True).to_dict()}
+    data[field] = value
+    with pytest.raises(ValueError, match=re.escape(f"field {field!r}: {expected}")):
+        PseudoLabel.from_dict(data)
+
+
+def test_pseudo_label_from_dict_accepted_pose_must_be_finite() -> None:
+    # The loop accepts only matched labels, whose poses are finite; a rejected label without a
+    # match legitimately has a NaN pose and must still round-trip exactly.
+    base = _label("a", "car", 0.9, 0.2, 0.3)
+    for name in ("azimuth", "elevation", "theta", "distance"):
+        for bad in (None, "inf", "-inf"):
+            data = {**base.to_dict(), "accepted": True, name: bad}
+            with pytest.raises(ValueError, match=f"accepted pseudo-label with non-finite {name}"):
+                PseudoLabel.from_dict(data)
+    nan = math.nan
+    rejected = dataclasses.replace(
+        base, azimuth=nan, elevation=nan, theta=nan, distance=nan, shift=(nan, nan, nan),
+        score=-math.inf,
+    )
+    back = PseudoLabel.from_dict(json.loads(json.dumps(rejected.to_dict(), allow_nan=False)))
+    assert back.to_dict() == rejected.to_dict() and math.isnan(back.azimuth)
+    partial = {k: v for k, v in base.to_dict().items() if k not in ("uid", "shift")}
+    with pytest.raises(ValueError, match=re.escape("missing fields ['uid', 'shift']")):
+        PseudoLabel.from_dict(partial)
+    with pytest.raises(ValueError, match="expected a JSON object, got list"):
+        PseudoLabel.from_dict([base.to_dict()])
+
+
+def test_read_pseudo_labels_names_file_line_and_field(tmp_path: Path) -> None:
+    from nvsm.fewshot.loop import pseudo_labels_jsonl, read_pseudo_labels
+
+    good = dataclasses.replace(_label("a", "car", 0.9, 0.2, 0.3), accepted=True, weight=1.0)
+    path = tmp_path / "pseudo_labels.jsonl"
+    text = pseudo_labels_jsonl([good, dataclasses.replace(good, uid="b", accepted=False)])
+    path.write_text(text)
+    assert read_pseudo_labels(path)[1].uid == "b"
+
+    def fails(content: bytes, message: str) -> None:
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=re.escape(f"{path} line 2: {message}")):
+            read_pseudo_labels(path)
+
+    first = text.splitlines()[0].encode()
+    fails(first + b"\n" + first.replace(b'"accepted": true', b'"accepted": "false"'),
+          "field 'accepted': expected true or false, got 'false'")
+    fails(first + b"\n" + first.replace(b'"round": 0', b'"round": 7.9'),
+          "field 'round': expected an integer, got 7.9")
+    fails(first + b"\n" + re.sub(rb'"azimuth": [^,]+', b'"azimuth": null', first),
+          "accepted pseudo-label with non-finite azimuth (nan)")
+    # Before: the file was decoded outside the try, so the error named neither file nor line.
+    fails(first + b"\n" + first + b"\xff", "not UTF-8 text (invalid byte 0xff at offset")

@@ -776,19 +776,33 @@ def read_pseudo_labels(path: Path) -> list[PseudoLabel]:
     """Labels from a ``pseudo_labels.jsonl``.
 
     Raises:
-        ValueError: naming the file and line that is not a ``PseudoLabel.to_dict`` object.
+        ValueError: naming the file and line that is not UTF-8, not JSON, or not a
+            ``PseudoLabel.to_dict`` object (then also the field, ``PseudoLabel.from_dict``).
     """
     out = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+    # Lines are split as bytes and decoded one by one so that a non-UTF-8 byte is reported
+    # with its line like any other damage.
+    for number, raw in enumerate(Path(path).read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"{path} line {number}: not UTF-8 text (invalid byte 0x{raw[exc.start]:02x} "
+                f"at offset {exc.start} of the line)"
+            ) from exc
         if not line.strip():
             continue
         try:
-            out.append(PseudoLabel.from_dict(json.loads(line)))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            data = json.loads(line)
+        except ValueError as exc:
             raise ValueError(
                 f"{path} line {number}: expected one pseudo-label JSON object per line "
-                f"(PseudoLabel.to_dict), got an error: {exc}"
+                f"(PseudoLabel.to_dict), got invalid JSON: {exc}"
             ) from exc
+        try:
+            out.append(PseudoLabel.from_dict(data))
+        except ValueError as exc:
+            raise ValueError(f"{path} line {number}: {exc}") from exc
     return out
 
 

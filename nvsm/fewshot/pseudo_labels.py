@@ -65,8 +65,37 @@ def _json_float(x: float) -> float | str | None:
     return float(x)
 
 
-def _from_json_float(x: Any) -> float:
-    return math.nan if x is None else float(x)
+#: ``_json_float``'s spellings of ±inf (NaN is null).
+_JSON_INF = {"inf": math.inf, "-inf": -math.inf}
+#: PseudoLabel fields that an accepted label must have finite: the pose it trains on. The loop
+#: only accepts matched labels (finite score), whose poses come from finite view poses or from
+#: refining them, so a non-finite one here is a damaged file, not a legitimate label.
+_ACCEPTED_FINITE = ("azimuth", "elevation", "theta", "distance")
+
+
+def _from_json_float(x: Any, name: str) -> float:
+    """Inverse of ``_json_float`` for field ``name``; ValueError unless x is a JSON number,
+    null (NaN) or "inf" / "-inf" (bool is a number to Python but not to JSON)."""
+    if x is None:
+        return math.nan
+    if isinstance(x, str) and x in _JSON_INF:
+        return _JSON_INF[x]
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        try:
+            return float(x)
+        except OverflowError:  # a JSON integer beyond float range
+            raise ValueError(f"field {name!r}: number {x} is out of float range") from None
+    raise ValueError(
+        f'field {name!r}: expected a number, null (NaN) or "inf" / "-inf", got {x!r}'
+    )
+
+
+def _typed(data: dict[str, Any], name: str, kind: type, expected: str) -> Any:
+    """data[name] if it is of ``kind`` (bool never passes for int); ValueError otherwise."""
+    value = data[name]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"field {name!r}: expected {expected}, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -111,27 +140,45 @@ class PseudoLabel:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PseudoLabel:
-        """Inverse of ``to_dict`` (unknown keys are rejected)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
+    def from_dict(cls, data: Any) -> PseudoLabel:
+        """Inverse of ``to_dict``, with every field's JSON type checked (no coercion).
+
+        ``accepted``, ``weight`` and ``round`` may be missing (their defaults).
+
+        Raises:
+            ValueError: naming the field: not a JSON object, unknown or missing fields, a value
+                of the wrong type, or an accepted label with a non-finite pose.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        fields = dataclasses.fields(cls)
+        unknown = set(data) - {f.name for f in fields}
         if unknown:
-            raise ValueError(f"PseudoLabel.from_dict: unknown keys {sorted(unknown)}")
-        kw: dict[str, Any] = dict(data)
-        for name in _LABEL_FLOATS:
-            if name in kw:
-                kw[name] = _from_json_float(kw[name])
-        shift = [_from_json_float(v) for v in kw["shift"]]
+            raise ValueError(f"unknown fields {sorted(unknown)}")
+        missing = [
+            f.name for f in fields if f.name not in data and f.default is dataclasses.MISSING
+        ]
+        if missing:
+            raise ValueError(f"missing fields {missing}")
+        kw: dict[str, Any] = {
+            name: _from_json_float(data[name], name) for name in _LABEL_FLOATS if name in data
+        }
+        for name in ("uid", "category", "source_uid"):
+            kw[name] = _typed(data, name, str, "a string")
+        shift = _typed(data, "shift", list, "a list of 3 numbers")
         if len(shift) != 3:
-            raise ValueError(f"PseudoLabel.from_dict: shift needs 3 values, got {len(shift)}")
-        kw["shift"] = (shift[0], shift[1], shift[2])
-        kw["uid"], kw["category"], kw["source_uid"] = (
-            str(kw["uid"]),
-            str(kw["category"]),
-            str(kw["source_uid"]),
-        )
-        kw["accepted"] = bool(kw.get("accepted", False))
-        kw["round"] = int(kw.get("round", 0))
+            raise ValueError(f"field 'shift': expected 3 values, got {len(shift)}")
+        kw["shift"] = tuple(_from_json_float(v, "shift") for v in shift)
+        if "accepted" in data:
+            kw["accepted"] = _typed(data, "accepted", bool, "true or false")
+        if "round" in data:
+            kw["round"] = _typed(data, "round", int, "an integer")
+            if kw["round"] < 0:
+                raise ValueError(f"field 'round': expected an integer >= 0, got {kw['round']}")
+        if kw.get("accepted", False):
+            for name in _ACCEPTED_FINITE:
+                if not math.isfinite(kw[name]):
+                    raise ValueError(f"accepted pseudo-label with non-finite {name} ({kw[name]})")
         return cls(**kw)
 
 
