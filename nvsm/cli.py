@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from nvsm.cli_pseudo_labels import app as pseudo_labels_app
-from nvsm.config import RunConfig, config_to_dict
+from nvsm.config import RunConfig
 from nvsm.data.cli import app as data_app
 from nvsm.runtime import exit_with_error, flow_help, keep_freed_memory
 
@@ -381,7 +381,7 @@ def fewshot(
     """
     from nvsm.data.splits import SPLIT_STRATEGIES
     from nvsm.fewshot.loop import prepare_fewshot_data, run_fewshot, validate_fewshot_config
-    from nvsm.io import check_run_folder, write_run_info
+    from nvsm.io import check_run_folder
 
     if dataset is not None and dataset not in FEWSHOT_DATASETS:
         _fail(f"--dataset must be one of {', '.join(FEWSHOT_DATASETS)}, got {dataset!r}")
@@ -409,8 +409,6 @@ def fewshot(
         data = prepare_fewshot_data(cfg)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
-    folder.mkdir(parents=True, exist_ok=True)
-    write_run_info(folder, config_to_dict(cfg), cfg.seed)
     try:
         result = run_fewshot(cfg, folder, resume=resume, data=data, log=console.print)
     except (ValueError, FileNotFoundError) as exc:

@@ -8,12 +8,13 @@ file and the key. ``nvsm recipes list`` / ``nvsm recipes show NAME`` expose them
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -342,6 +343,32 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """Nested plain-Python dictionary of a config dataclass (YAML/JSON-able)."""
     return dataclasses.asdict(cfg)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_differences(
+    saved: dict[str, Any], current: dict[str, Any], ignore: Collection[str] = ()
+) -> list[str]:
+    """Dotted keys whose values differ between two config dicts, those in ``ignore`` aside: what
+    forbids resuming a run saved with ``saved`` under ``current``.
+
+    A key that ``saved`` lacks but ``RunConfig`` has (an option added to nvsm after that run
+    was made) is compared at its default, because a new option defaults to the behaviour
+    before it existed."""
+    a, b = _flat(json.loads(json.dumps(saved))), _flat(json.loads(json.dumps(current)))
+    defaults = _flat(json.loads(json.dumps(config_to_dict(RunConfig()))))
+    a = {**{k: v for k, v in defaults.items() if k not in a}, **a}
+    return sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
 
 
 def list_recipes(recipe_dir: Path = RECIPE_DIR) -> dict[str, str]:

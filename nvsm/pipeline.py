@@ -10,7 +10,13 @@ from pathlib import Path
 
 import torch
 
-from nvsm.config import RunConfig, check_config, config_to_dict, override_config
+from nvsm.config import (
+    RunConfig,
+    check_config,
+    config_differences,
+    config_to_dict,
+    override_config,
+)
 from nvsm.data.cad import load_cad_models
 from nvsm.data.datasets import load_dataset
 from nvsm.data.record import ObjectRecord
@@ -27,6 +33,12 @@ DATA_HOME_ENV = "NVSM_DATA"
 def data_home() -> Path:
     """``$NVSM_DATA`` or ``~/.cache/nvsm``."""
     return Path(os.environ.get(DATA_HOME_ENV, "~/.cache/nvsm")).expanduser()
+
+
+#: Config keys ``nvsm train --resume`` may change: more steps, another device or name.
+TRAIN_RESUMABLE_KEYS = frozenset(
+    {"train.steps", "train.checkpoint_every", "device", "name", "description"}
+)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -304,6 +316,12 @@ def _train_and_evaluate(
     done_steps = 0
     if resume and ckpt.is_file():
         model, meta = NeMoModel.load(ckpt)
+        diff = config_differences(
+            config_to_dict(model.config), config_to_dict(config), TRAIN_RESUMABLE_KEYS
+        )
+        if diff:  # resuming went on with the checkpoint's model, recording this config
+            raise ValueError(f"cannot resume {run_dir}: {ckpt} was trained with another config, "
+                             f"which differs from this run's in {diff}")
         done_steps = int(meta.get("step", 0))
     else:
         model = build_model(

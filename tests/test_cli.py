@@ -210,3 +210,13 @@ def test_train_resume_continues_step_count(tiny_synthetic, tmp_path):
     second, meta = NeMoModel.load(run / "model.pt")
     assert meta["step"] == 4
     assert not torch.equal(first.banks["car"].memory, second.banks["car"].memory)
+    # Resuming under another config went on with the checkpoint's model (feature_dim 16),
+    # exit 0, while run_info.json recorded the new config.
+    info = (run / "run_info.json").read_bytes()
+    res = runner.invoke(app, [*base, "-s", "train.steps=6", "-s", "model.feature_dim=32",
+                              "-s", "seed=9", "--resume"])
+    assert res.exit_code == 2, res.output
+    assert "was trained with another config, which differs from this run's in" in res.output
+    assert "['model.feature_dim', 'seed']" in res.output
+    assert (run / "run_info.json").read_bytes() == info
+    assert NeMoModel.load(run / "model.pt")[1]["step"] == 4

@@ -13,12 +13,12 @@ import torch
 from typer.testing import CliRunner
 
 from nvsm.cli import app
-from nvsm.config import config_to_dict, load_config
+from nvsm.config import config_differences, config_to_dict, load_config
 from nvsm.fewshot.loop import (
     CSV_FIELDS,
+    RESUMABLE_KEYS,
     acceptance_schedule,
     confidence_weights,
-    config_differences,
     hide_poses,
     prepare_fewshot_data,
     pseudo_label_diagnostics,
@@ -96,13 +96,18 @@ def test_config_differences_reads_missing_keys_as_their_defaults():
     current = config_to_dict(load_config("synthetic-car-7shot"))
     older = json.loads(json.dumps(current))
     del older["fewshot"]["accept_flip_rank_weight"]  # a run made before the option existed
-    assert config_differences(older, current) == []
+    assert config_differences(older, current, RESUMABLE_KEYS) == []
     changed = json.loads(json.dumps(current))
     changed["fewshot"]["accept_flip_rank_weight"] = 2.0
     changed["fewshot"]["rounds"] = 9  # resumable
-    assert config_differences(changed, current) == ["fewshot.accept_flip_rank_weight"]
+    assert config_differences(changed, current, RESUMABLE_KEYS) == [
+        "fewshot.accept_flip_rank_weight"
+    ]
+    assert config_differences(changed, current) == [
+        "fewshot.accept_flip_rank_weight", "fewshot.rounds"
+    ]
     older["fewshot"]["shift_step_deg"] = 5.0
-    assert config_differences(older, current) == ["fewshot.shift_step_deg"]
+    assert config_differences(older, current, RESUMABLE_KEYS) == ["fewshot.shift_step_deg"]
 
 
 def test_diagnostics_and_csv_agree_with_jsonl():
@@ -347,8 +352,13 @@ def test_resume_equals_uninterrupted_run(tiny_synthetic, tiny_data, tmp_path):
     cfg_other = load_config(
         "synthetic-car-7shot", [*_tiny_overrides(tiny_synthetic, 3), "fewshot.mstep_steps=5"]
     )
-    with pytest.raises(ValueError, match=r"fewshot\.mstep_steps"):
+    info = (part / "run_info.json").read_bytes()
+    with pytest.raises(ValueError, match=r"run_info\.json records another config.*mstep_steps"):
         run_fewshot(cfg_other, part, resume=True, data=tiny_data, show_progress=False)
+    assert (part / "run_info.json").read_bytes() == info  # it recorded the refused config
+    # Without resume, a folder that holds a run is refused (its later rounds would stay).
+    with pytest.raises(ValueError, match="holds a run already"):
+        run_fewshot(cfg1, part, data=tiny_data, show_progress=False)
     # A damaged stage file is named, with the way out; deleting the stage recomputes it.
     (part / "round_2" / "metrics.json").write_text("{truncated")
     with pytest.raises(ValueError, match=r"round_2/metrics\.json: expected a JSON object.*delete"):

@@ -48,6 +48,7 @@ from nvsm.config import (
     RunConfig,
     ScoreArea,
     TrainConfig,
+    config_differences,
     config_to_dict,
 )
 from nvsm.data.splits import azimuth_coverage
@@ -83,7 +84,13 @@ from nvsm.infer.solve import (
     refine_poses,
     score_templates,
 )
-from nvsm.io import atomic_write_json, atomic_write_text, read_json_object
+from nvsm.io import (
+    atomic_write_json,
+    atomic_write_text,
+    check_run_folder,
+    read_json_object,
+    write_run_info,
+)
 from nvsm.mesh import Mesh
 from nvsm.models import normalize_images
 from nvsm.models.common import STRIDE
@@ -105,7 +112,6 @@ __all__ = [
     "accept_and_weight",
     "acceptance_schedule",
     "confidence_weights",
-    "config_differences",
     "e_step",
     "extract_features",
     "flip_margins",
@@ -853,29 +859,6 @@ RESUMABLE_KEYS = frozenset(
 )
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two config dicts (``RESUMABLE_KEYS`` ignored).
-
-    A key that ``saved`` lacks but ``RunConfig`` has (an option added to nvsm after that run
-    was made) is compared at its default, because a new option defaults to the behaviour
-    before it existed."""
-    a, b = _flat(json.loads(json.dumps(saved))), _flat(json.loads(json.dumps(current)))
-    defaults = _flat(json.loads(json.dumps(config_to_dict(RunConfig()))))
-    a = {**{k: v for k, v in defaults.items() if k not in a}, **a}
-    return sorted(k for k in set(a) | set(b) if k not in RESUMABLE_KEYS and a.get(k) != b.get(k))
-
-
 def round_seed(seed: int, round_index: int) -> int:
     """Seed of EM round ``round_index``'s M-step (trainer, augmentation, clutter streams)."""
     return seed + ROUND_SEED_STRIDE * round_index
@@ -955,7 +938,7 @@ class _Run:
             raise ValueError(
                 f"cannot resume {self.run_dir}: {exc}; delete {folder} to compute that stage again"
             ) from exc
-        diff = config_differences(saved_config, self.config_json)
+        diff = config_differences(saved_config, self.config_json, RESUMABLE_KEYS)
         if diff:
             raise ValueError(
                 f"cannot resume {self.run_dir}: {folder}/config.json differs from this run's "
@@ -1306,8 +1289,20 @@ def run_fewshot(
     device = validate_fewshot_config(config)
     schedule = schedule or acceptance_schedule(fs)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_run_folder(run_dir, resume)
+    config_json = config_to_dict(config)
+    if resume and (run_dir / "run_info.json").is_file():
+        # Before anything is written: the stage checks below would refuse too, but only after
+        # run_info.json had been overwritten with the refused config.
+        saved = read_json_object(run_dir / "run_info.json").get("config")
+        diff = config_differences(saved if isinstance(saved, dict) else {}, config_json,
+                                  RESUMABLE_KEYS)
+        if diff:
+            raise ValueError(f"cannot resume {run_dir}: its run_info.json records another "
+                             f"config, which differs from this run's in {diff}")
     data = data or prepare_fewshot_data(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_run_info(run_dir, config_json, config.seed)
     pool, hidden_gt = hide_poses(data.unlabelled)
     run = _Run(
         config=config,
@@ -1322,7 +1317,7 @@ def run_fewshot(
         rasterizer=get_rasterizer(config.model.rasterizer, device),
         show_progress=show_progress,
         say=log or (lambda _msg: None),
-        config_json=config_to_dict(config),
+        config_json=config_json,
     )
     nemo = _single_stage(
         run, run_dir / "round_0", "nemo", None, data.labelled, config.train.steps, config.seed
