@@ -4,7 +4,6 @@ train, evaluate. Each function is a thin composition of the library's pure parts
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,9 +90,9 @@ def check_run_config(config: RunConfig) -> torch.device:
 def ensure_synthetic(size: str, seed: int = 0) -> Path:
     """Root of the built-in synthetic dataset of this size, generated on first use.
 
-    The dataset is generated into a hidden sibling folder and renamed into place when complete,
-    so an interrupted generation never leaves a half-written dataset behind (a later call
-    starts again; a stale ``.<name>.partial-<pid>`` folder of a killed run may be deleted).
+    ``generate_synthetic_dataset`` moves the dataset into place only when complete, so an
+    interrupted generation leaves none behind (a later call starts again; a stale
+    ``.<name>.partial-<pid>`` folder of a killed process may be deleted).
     """
     from nvsm.data.synth import MANIFEST_NAME, generate_synthetic_dataset
 
@@ -105,15 +104,11 @@ def ensure_synthetic(size: str, seed: int = 0) -> Path:
             f"{root} exists but holds no {MANIFEST_NAME} (not a complete nvsm synthetic "
             "dataset); remove it or set $NVSM_DATA to another folder"
         )
-    partial = root.with_name(f".{root.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    generate_synthetic_dataset(partial, size=size, seed=seed, workers=2)
     try:
-        partial.rename(root)
-    except OSError:
+        generate_synthetic_dataset(root, size=size, seed=seed, workers=2)
+    except FileExistsError:
         if not (root / MANIFEST_NAME).is_file():  # not a concurrent run that finished first
             raise
-        shutil.rmtree(partial, ignore_errors=True)
     return root
 
 

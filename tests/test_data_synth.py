@@ -157,6 +157,39 @@ def test_refuses_non_empty_folder(tmp_path: Path) -> None:
         generate_synthetic_dataset(tmp_path / "x", "tiny", categories=["bicycle"])
 
 
+def test_a_failed_overwrite_keeps_the_earlier_dataset(tmp_path: Path, monkeypatch) -> None:
+    # --overwrite deleted the earlier dataset first, so a bad option or an interruption lost
+    # it; a bad --seed, --backgrounds or --out also left an empty folder behind.
+    import nvsm.data.synth as synth
+
+    out = tmp_path / "syn"
+    generate_synthetic_dataset(out, {"car": (1, 1)}, categories=["car"])
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    bad_bg = tmp_path / "bg"
+    bad_bg.mkdir()
+    (bad_bg / "broken.jpg").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"background photo .*broken\.jpg cannot be read"):
+        generate_synthetic_dataset(out, {"car": (1, 1)}, categories=["car"], overwrite=True,
+                                   backgrounds=bad_bg)
+    with pytest.raises(ValueError, match="seed: expected an integer >= 0, got -1"):
+        generate_synthetic_dataset(out, {"car": (1, 1)}, seed=-1, categories=["car"],
+                                   overwrite=True)
+    monkeypatch.setattr(synth, "write_off", lambda *a, **k: (_ for _ in ()).throw(OSError("x")))
+    with pytest.raises(OSError):
+        generate_synthetic_dataset(out, {"car": (2, 1)}, categories=["car"], overwrite=True)
+    monkeypatch.undo()
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bg", "syn"]  # no partial left
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        generate_synthetic_dataset(tmp_path / "file" / "syn", {"car": (1, 1)},
+                                   categories=["car"])
+    # A successful overwrite replaces it whole.
+    generate_synthetic_dataset(out, {"car": (2, 1)}, categories=["car"], overwrite=True)
+    assert len(list((out / "Images" / "car_imagenet").iterdir())) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bg", "file", "syn"]
+
+
 def test_background_folder(tmp_path: Path) -> None:
     folder = tmp_path / "bg"
     folder.mkdir()

@@ -13,14 +13,16 @@ def test_built_in_dataset_is_generated_atomically(tmp_path, monkeypatch):
     monkeypatch.setenv("NVSM_DATA", str(tmp_path))
     real = synth.generate_synthetic_dataset
 
-    def interrupted(out, **kwargs):
-        real(out, **{**kwargs, "size": {"car": (1, 1)}, "categories": ("car",)})
-        raise KeyboardInterrupt  # killed after writing files, before the rename
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # killed after the images, while writing the CAD models
 
-    monkeypatch.setattr(synth, "generate_synthetic_dataset", interrupted)
+    monkeypatch.setattr(synth, "write_off", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ensure_synthetic("tiny")
     assert not (tmp_path / "synthetic-tiny-seed0").exists()  # nothing half-written in place
+    assert list(tmp_path.iterdir()) == []  # nor left beside it
+    monkeypatch.undo()
+    monkeypatch.setenv("NVSM_DATA", str(tmp_path))
 
     def small(out, **kwargs):
         return real(out, **{**kwargs, "size": {"car": (1, 1)}, "categories": ("car",)})

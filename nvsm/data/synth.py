@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -82,7 +83,12 @@ from nvsm.data.synth_render import (
     shade,
 )
 from nvsm.data.writers import occluded_npz_bytes, pascal3d_record_bytes
-from nvsm.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from nvsm.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_folder,
+)
 from nvsm.mesh import write_off
 from nvsm.pose.convention import PASCAL3D_VIEWPORT
 
@@ -418,9 +424,10 @@ _OWNED = ("Images", "Annotations", "Masks", "CAD", "Image_sets", "OccludedPASCAL
 MANIFEST_NAME = "synthetic_manifest.json"
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Raise unless ``out`` can take the dataset: missing or empty, or, with ``overwrite``, an
+    earlier synthetic dataset. Touches nothing."""
+    check_output_folder(out)  # ValueError: out, or a folder above it, is a file
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out} is not empty; pass overwrite=True (--overwrite) to "
@@ -428,11 +435,32 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
         if not (out / MANIFEST_NAME).is_file():
             raise FileExistsError(f"{out} is not empty and holds no {MANIFEST_NAME}: refusing to "
                                   "overwrite a folder nvsm did not generate")
-        (out / MANIFEST_NAME).unlink()
-        for name in _OWNED:
-            if (out / name).is_dir():
-                shutil.rmtree(out / name)
-    out.mkdir(parents=True, exist_ok=True)
+
+
+def _move_into_place(build: Path, out: Path, overwrite: bool) -> None:
+    """Move the complete dataset in ``build`` (a sibling of ``out``) to ``out`` by renames.
+
+    With ``overwrite`` an earlier dataset's own folders are replaced; its manifest goes first
+    and the new one comes last, so ``out`` holds a manifest only when its dataset is whole.
+    Without it, ``out`` must still be missing or empty (a concurrent run may have filled it:
+    FileExistsError)."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        build.rename(out)
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} was filled while this dataset was generated")
+    (out / MANIFEST_NAME).unlink()
+    for name in _OWNED:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+    for entry in sorted(build.iterdir()):
+        if entry.name != MANIFEST_NAME:
+            entry.rename(out / entry.name)
+    (build / MANIFEST_NAME).rename(out / MANIFEST_NAME)
+    build.rmdir()
 
 
 def generate_synthetic_dataset(
@@ -476,7 +504,48 @@ def generate_synthetic_dataset(
     out = Path(out)
     categories = tuple(dict.fromkeys(categories))
     size_name, counts = _resolve_counts(size, categories)
-    _prepare_out(out, overwrite)
+    if seed < 0:
+        raise ValueError(f"seed: expected an integer >= 0, got {seed}")
+    _check_out(out, overwrite)
+    # Every option is checked before anything is written; the photos here, not mid-render.
+    bank_names = BackgroundBank.default(backgrounds, use_skimage_backgrounds, check=True).names
+    # Rendered into a hidden sibling and moved into place when complete: a failure or an
+    # interruption leaves ``out`` as it was (an earlier dataset there included).
+    build = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(build, ignore_errors=True)
+    try:
+        n_files = _render_dataset(build, seed, backgrounds, categories, counts, image_size,
+                                  occlusion, workers, use_skimage_backgrounds, progress)
+        occluded = {c: ({k: counts[c][1] for k in OCCLUSION_LEVELS} if occlusion else {})
+                    for c in categories}
+        manifest = _manifest(seed, size_name, image_size, categories, counts, occluded,
+                             bank_names, n_files + 1)
+        atomic_write_json(build / MANIFEST_NAME, manifest)
+        _move_into_place(build, out, overwrite)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    cad_models = {c: len(category_subtypes(c)) for c in categories}
+    return SynthSummary(
+        out=out, seed=int(seed), size=size_name,
+        counts={c: {"train": counts[c][0], "val": counts[c][1]} for c in categories},
+        occluded=occluded, cad_models=cad_models, seconds=time.perf_counter() - start,
+        files=n_files + 1, manifest=out / MANIFEST_NAME,
+    )
+
+
+def _render_dataset(
+    out: Path,
+    seed: int,
+    backgrounds: Path | None,
+    categories: tuple[str, ...],
+    counts: dict[str, tuple[int, int]],
+    image_size: tuple[int, int],
+    occlusion: bool,
+    workers: int,
+    use_skimage_backgrounds: bool,
+    progress: Callable[[int, int], None] | None,
+) -> int:
+    """Write every file of the dataset but its manifest into ``out``; returns their number."""
     cat_codes = {c: i for i, c in enumerate(CATEGORY_BUILDERS)}
     tasks = [
         _Task(seed, cat, cat_codes[cat], split, i, _image_id(cat, split, i),
@@ -493,10 +562,8 @@ def generate_synthetic_dataset(
         if progress is not None:
             progress(i + 1, len(tasks))
 
-    cad_models: dict[str, int] = {}
     for cat in categories:
         subtypes = category_subtypes(cat)
-        cad_models[cat] = len(subtypes)
         for sub in subtypes:
             write_off(out / "CAD" / cat / f"{sub.cad_index:02d}.off", sub.part_mesh.mesh())
         n_files += len(subtypes)
@@ -512,10 +579,21 @@ def generate_synthetic_dataset(
                                   f"{cat}FGL{level}_BGL{level}.txt",
                                   "".join(f"{x}.JPEG\n" for x in val_ids))
                 n_files += 1
-    occluded = {c: ({k: counts[c][1] for k in OCCLUSION_LEVELS} if occlusion else {})
-                for c in categories}
-    bank_names = BackgroundBank.default(backgrounds, use_skimage_backgrounds).names
-    manifest = {
+    return n_files
+
+
+def _manifest(
+    seed: int,
+    size_name: str,
+    image_size: tuple[int, int],
+    categories: tuple[str, ...],
+    counts: dict[str, tuple[int, int]],
+    occluded: dict[str, dict[int, int]],
+    bank_names: list[str],
+    files: int,
+) -> dict[str, Any]:
+    """``synthetic_manifest.json``: what was generated, how, and the conventions it follows."""
+    return {
         "generator": "nvsm.data.synth",
         "generator_version": GENERATOR_VERSION,
         "seed": int(seed),
@@ -538,16 +616,8 @@ def generate_synthetic_dataset(
             "occluded_boxes": "[y0, y1, x0, x1, H, W], 0-based, exclusive ends",
             "jpeg_quality": JPEG_QUALITY,
         },
-        "files": n_files + 1,
+        "files": files,
     }
-    manifest_path = out / MANIFEST_NAME
-    atomic_write_json(manifest_path, manifest)
-    return SynthSummary(
-        out=out, seed=int(seed), size=size_name,
-        counts={c: {"train": counts[c][0], "val": counts[c][1]} for c in categories},
-        occluded=occluded, cad_models=cad_models, seconds=time.perf_counter() - start,
-        files=n_files + 1, manifest=manifest_path,
-    )
 
 
 def _run_all(

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from scipy.ndimage import gaussian_filter
 from skimage.draw import ellipse as draw_ellipse
 from skimage.draw import polygon as draw_polygon
@@ -301,9 +301,12 @@ class BackgroundBank:
         self._cache: dict[int, Image.Image] = {}
 
     @classmethod
-    def default(cls, extra_dir: Path | None = None, use_skimage: bool = True) -> BackgroundBank:
+    def default(
+        cls, extra_dir: Path | None = None, use_skimage: bool = True, check: bool = False
+    ) -> BackgroundBank:
         """scikit-image photos (when ``use_skimage``) plus every image file under ``extra_dir``
-        (sorted by path, recursively)."""
+        (sorted by path, recursively); with ``check``, each of those files is decoded once, so
+        that an unreadable one is named before any rendering (ValueError)."""
         entries: list[tuple[str, Path, bool]] = []
         data_dir = _skimage_data_dir() if use_skimage else None
         if data_dir is not None:
@@ -320,6 +323,13 @@ class BackgroundBank:
                     f"backgrounds folder {extra} holds no images ({', '.join(IMAGE_SUFFIXES)})"
                 )
             entries += [(f"dir:{p.relative_to(extra).as_posix()}", p, True) for p in files]
+            for path in files if check else ():
+                try:
+                    with Image.open(path) as im:
+                        im.load()
+                except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+                    raise ValueError(f"background photo {path} cannot be read "
+                                     f"({type(exc).__name__}: {exc})") from exc
         return cls(entries)
 
     @property
