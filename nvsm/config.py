@@ -380,6 +380,31 @@ def list_recipes(recipe_dir: Path = RECIPE_DIR) -> dict[str, str]:
     return out
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: PyYAML
+    keeps the last value silently, so a recipe could say two things and mean one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: the problem and where (its message quotes the text)."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem is None or mark is None:
+        return " ".join(str(exc).split())
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+
+
 def _read_recipe(path: Path) -> dict[str, Any]:
     """A recipe file's top-level mapping (ConfigError naming the file otherwise)."""
     try:
@@ -390,9 +415,9 @@ def _read_recipe(path: Path) -> dict[str, Any]:
             f"{exc.start}); expected a YAML recipe"
         ) from exc
     try:
-        loaded = yaml.safe_load(text)
+        loaded = yaml.load(text, Loader=_RecipeLoader)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from exc
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return loaded
@@ -417,7 +442,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key.strip():
         raise ConfigError(f"override {text!r}: empty key")
-    return key.strip().split("."), yaml.safe_load(raw)
+    try:
+        value = yaml.load(raw, Loader=_RecipeLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML "
+                          f"({_yaml_problem(exc)})") from exc
+    return key.strip().split("."), value
 
 
 def load_config(

@@ -325,12 +325,12 @@ def _train_and_evaluate(
                 cad_root(config, splits.root), config.data.categories, config.model.n_vertices
             ),
         )
-    # The run folder once the dataset and the CAD models have been read (a run that cannot start
-    # leaves none behind), the cropping after it.
+    data = cropsets(config, labelled, "cropping train")
+    # The run folder once the dataset, the CAD models and the training images have been read: a
+    # run that cannot start (an unreadable image included) leaves none behind.
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_info(run_dir, config_to_dict(config), config.seed)
-    data = cropsets(config, labelled, "cropping train")
     # The trainer broadcasts rank 0's backbone and banks; the step count follows rank 0.
     done_steps = ddp.broadcast_object(done_steps)
     trainer = NeMoTrainer(

@@ -25,7 +25,7 @@ def test_errors_print_the_user_input_whole(tmp_path):
                               str(tmp_path / "run")])
     assert res.exit_code == 2 and str(root / "Image_sets" / "car_imagenet_train.txt") in res.output
     assert not (tmp_path / "run").exists()  # nothing written for a run that could not start
-    res = runner.invoke(app, ["train", "-r", "synthetic-car-7labels", "-s", f"data.root={root}",
+    res = runner.invoke(app, ["train", "-r", "synthetic-car-supervised", "-s", f"data.root={root}",
                               "--out", str(tmp_path / "train")])
     assert res.exit_code == 2 and str(root / "Image_sets" / "car_imagenet_train.txt") in res.output
     assert not (tmp_path / "train").exists()
@@ -220,3 +220,17 @@ def test_train_resume_continues_step_count(tiny_synthetic, tmp_path):
     assert "['model.feature_dim', 'seed']" in res.output
     assert (run / "run_info.json").read_bytes() == info
     assert NeMoModel.load(run / "model.pt")[1]["step"] == 4
+
+
+def test_an_unreadable_training_image_stops_train_before_the_run_folder(tiny_synthetic, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_synthetic, root)
+    first = (root / "Image_sets" / "car_imagenet_train.txt").read_text().split()[0]
+    image = root / "Images" / "car_imagenet" / f"{first}.JPEG"
+    image.write_bytes(b"not a JPEG")
+    res = runner.invoke(app, ["train", "-r", "synthetic-car-supervised", "-s", f"data.root={root}",
+                              "-s", "data.crop_scale=0.2", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2 and f"{image}: field 'image'" in " ".join(res.output.split())
+    assert not (tmp_path / "run").exists()  # it held run_info.json

@@ -179,3 +179,19 @@ def test_non_utf8_recipe_names_its_file(tmp_path):
         load_config("bad", recipe_dir=tmp_path)
     with pytest.raises(ConfigError, match=re.escape(message)):
         list_recipes(tmp_path)
+
+
+def test_a_key_given_twice_or_a_value_that_is_not_yaml_is_named(tmp_path):
+    # PyYAML keeps the last of two equal keys silently: the recipe said steps 3 and ran 5.
+    (tmp_path / "twice.yaml").write_text("train:\n  steps: 3\ntrain:\n  steps: 5\n")
+    message = "twice.yaml: not valid YAML (key 'train' is given twice at line 3, column 1)"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("twice", recipe_dir=tmp_path)
+    (tmp_path / "inner.yaml").write_text("train:\n  steps: 3\n  steps: 5\n")
+    with pytest.raises(ConfigError, match=re.escape("key 'steps' is given twice at line 3")):
+        load_config("inner", recipe_dir=tmp_path)
+    # An override whose value does not parse raised PyYAML's own error.
+    message = "override 'train.steps=[': the value is not valid YAML (expected the node content"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, ["train.steps=["])
+    assert load_config(None, ["data.crop_size=[64, 96]"]).data.crop_size == [64, 96]
