@@ -340,3 +340,9 @@ def test_cli_command(tmp_path: Path) -> None:
     assert _ids(out, "chair", "train") == [f"{SYNSETS['chair']}_100001"]
     again = CliRunner().invoke(app, ["synth", "--out", str(out), "--tiny", "-c", "chair"])
     assert again.exit_code == 2 and "not empty" in again.output
+    # Counts for a category that is not rendered were ignored without a word.
+    other = tmp_path / "other"
+    res = CliRunner().invoke(app, ["synth", "--out", str(other), "--tiny", "-c", "chair",
+                                   "--counts", "car=2:1", "--counts", "bike=1:1"])
+    assert res.exit_code == 2 and "--counts names bike, car, which the categories" in res.output
+    assert not other.exists()

@@ -687,10 +687,15 @@ def synth_command(
     from nvsm.runtime import exit_with_error
 
     size: str | dict[str, tuple[int, int]] = "tiny" if tiny else "default"
-    if counts:
-        size = {**SIZE_PRESETS["tiny" if tiny else "default"], **_parse_counts(counts)}
     categories = categories or ["car", "aeroplane", "chair"]
     console = Console()
+    if counts:
+        asked = _parse_counts(counts)
+        unused = sorted(set(asked) - set(categories))
+        if unused:  # they were ignored without a word
+            exit_with_error(console, f"--counts names {', '.join(unused)}, which the categories "
+                            f"rendered ({', '.join(categories)}; --category) do not include", 2)
+        size = {**SIZE_PRESETS["tiny" if tiny else "default"], **asked}
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as bar:
         job = bar.add_task("rendering", total=None)
