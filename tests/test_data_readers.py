@@ -671,3 +671,140 @@ def test_synthetic_layout_and_kitti_split(tmp_path: Path, p3d_root: Path) -> Non
     folder = out / "car" / "n1_random_seed0"
     assert (folder / "labelled.txt").read_text() == "000001:0\n"
     assert (folder / "test.txt").read_text().split() == ["000000:0", "000000:5"]
+
+
+# --------------------------------------------------------------------------- bad input
+def test_verify_reports_a_field_whose_bad_value_is_an_array(p3d_root: Path) -> None:
+    # The problem's kind was chosen with `got == "missing"`, ambiguous for an array.
+    _p3d(p3d_root, "car", "n0002", [_obj(viewpoint={**_vp(), "theta": np.array([1.0, 2.0])})],
+         image=False)
+    problems = verify_dataset("pascal3d", p3d_root, categories=["car"])
+    assert [(p.kind, p.path.name, p.field) for p in problems] == [
+        ("bad_field", "n0002.mat", "objects[0].viewpoint.theta")]
+
+
+def test_an_image_in_the_train_and_the_test_list_is_rejected(tmp_path: Path,
+                                                             p3d_root: Path) -> None:
+    from nvsm.data import train_test_records
+
+    _lists(p3d_root, "car", ["n0001", "n0002", "n0003"], ["n0003"])
+    with pytest.raises(DataFormatError, match=r"car_imagenet_train\.txt.*car_imagenet_val\.txt"
+                       r".*1 shared id\(s\): n0003$"):
+        train_test_records("pascal3d", p3d_root, ["car"])
+    problems = verify_dataset("pascal3d", p3d_root, categories=["car"])
+    assert [(p.path.name, p.field) for p in problems] == [("car_imagenet_train.txt", "ids")]
+    assert "car_imagenet_val.txt" in problems[0].message and "n0003" in problems[0].message
+    out = tmp_path / "splits"
+    res = CliRunner().invoke(app, ["split", "-d", "pascal3d", "-r", str(p3d_root), "-c", "car",
+                                   "-n", "1", "--out", str(out)], env={"COLUMNS": "400"})
+    assert res.exit_code == 1 and "n0003" in res.output, res.output
+    assert not out.exists()
+
+
+def test_an_id_listed_twice_names_the_list_and_line(p3d_root: Path) -> None:
+    _lists(p3d_root, "car", ["n0001", "n0002", "n0001"], ["n0003"])
+    with pytest.raises(DataFormatError, match=r"car_imagenet_train\.txt: field 'line 3': "
+                       r"expected each id once \('n0001' is already on line 1\)"):
+        load_pascal3d(p3d_root, ["car"], split="train")
+
+
+@pytest.mark.parametrize("cad", [float("nan"), float("inf")])
+def test_non_finite_cad_index_names_the_field(p3d_root: Path, cad: float) -> None:
+    _p3d(p3d_root, "car", "n0002", [_obj(cad=cad)], image=False)  # type: ignore[arg-type]
+    with pytest.raises(DataFormatError, match=r"n0002\.mat: field 'objects\[0\]\.cad_index'"):
+        load_pascal3d(p3d_root, ["car"], split="train")
+
+
+def test_text_imgsize_names_the_field(p3d_root: Path) -> None:
+    mat = p3d_root / "Annotations/car_imagenet/n0002.mat"
+    scipy.io.savemat(mat, {"record": {"filename": "n0002.JPEG", "imgsize": "640 480 3",
+                                      "objects": _obj()}})
+    with pytest.raises(DataFormatError, match=r"n0002\.mat: field 'record\.imgsize': expected "
+                       r"\[width height depth\] \(numbers\), got 640 480 3"):
+        load_pascal3d(p3d_root, ["car"], split="train")
+
+
+@pytest.mark.parametrize(("vertices", "faces", "field"), [
+    (np.ones((5, 2)), np.array([[1.0, 2, 3]]), r"bus\[0\]\.vertices'"),
+    ("abc", np.array([[1.0, 2, 3]]), r"bus\[0\]\.vertices'"),
+    (np.array([[0, 0, np.nan], [1, 0, 0], [0, 1, 0]]), np.array([[1.0, 2, 3]]),
+     r"bus\[0\]\.vertices\[0, 2\]': expected finite"),
+    (np.eye(3), np.array([[1.5, 2, 3]]), r"bus\[0\]\.faces\[0, 0\]': expected 1-based"),
+])
+def test_cad_mat_with_bad_arrays_names_the_field(tmp_path: Path, vertices: object,
+                                                  faces: np.ndarray, field: str) -> None:
+    structs = np.empty((1, 1), dtype=[("vertices", object), ("faces", object)])
+    structs["vertices"][0, 0], structs["faces"][0, 0] = vertices, faces
+    (tmp_path / "CAD").mkdir()
+    scipy.io.savemat(tmp_path / "CAD" / "bus.mat", {"bus": structs})
+    with pytest.raises(DataFormatError, match=rf"bus\.mat: field '{field}"):
+        load_cad_models(tmp_path, "bus")
+
+
+def test_kitti_undecodable_calib_and_non_numeric_frame(tmp_path: Path) -> None:
+    root = _kitti_tree(tmp_path)
+    calib = root / "training/calib/000001.txt"
+    calib.write_bytes(calib.read_bytes() + b"caf\xe9\n")
+    with pytest.raises(DataFormatError, match=r"000001\.txt: field '<file>': expected a readable"):
+        load_kitti(root)
+    write_kitti_calib(calib, P2)
+    base = root / "training"
+    for folder, ext in (("label_2", "txt"), ("calib", "txt"), ("image_2", "png")):
+        (base / folder / f"000001.{ext}").rename(base / folder / f"abc.{ext}")
+    with pytest.raises(DataFormatError, match=r"abc\.txt: field '<file name>': expected a frame"):
+        load_kitti(root)
+    named = [p for p in verify_dataset("kitti", root) if p.path.name == "abc.txt"]
+    assert len(named) == 1 and "frame number" in named[0].message
+
+
+def test_cli_split_refuses_requests_it_cannot_serve(tmp_path: Path) -> None:
+    root = _kitti_tree(tmp_path)
+    runner = CliRunner()
+    base = ["split", "-d", "kitti", "-r", str(root), "-n", "1", "--out", str(tmp_path / "o")]
+    for fold in ("4", "-1"):
+        res = runner.invoke(app, [*base, f"--test-fold={fold}"], env={"COLUMNS": "400"})
+        assert res.exit_code == 2 and "expected an integer in [0, 3]" in res.output, res.output
+    res = runner.invoke(app, [*base, "-c", "foo"], env={"COLUMNS": "400"})
+    assert res.exit_code == 1 and "no training records of foo" in res.output, res.output
+    res = runner.invoke(app, ["split", "-d", "occluded_pascal3d", "-r", str(tmp_path), "-n", "1",
+                              "--out", str(tmp_path / "o")], env={"COLUMNS": "400"})
+    assert res.exit_code == 2 and "test-only" in res.output, res.output
+    (tmp_path / "file").write_text("")
+    res = runner.invoke(app, [*base[:-1], str(tmp_path / "file")], env={"COLUMNS": "400"})
+    assert res.exit_code == 2 and "is a file, not a folder" in res.output, res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_split_writes_all_categories_or_none(tmp_path: Path, p3d_root: Path) -> None:
+    _p3d(p3d_root, "bus", "b0001", [_obj("bus")])
+    _p3d(p3d_root, "bus", "b0002", [_obj("bus", viewpoint=_vp(az=200.0))])
+    _lists(p3d_root, "bus", ["b0001"], ["b0002"])
+    out = tmp_path / "splits"
+    out.mkdir()
+    (out / "car").write_text("")  # bus is written first, then car cannot be
+    args = ["split", "-d", "pascal3d", "-r", str(p3d_root), "-c", "bus", "-c", "car", "-n", "1",
+            "--out", str(out)]
+    res = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    assert res.exit_code == 2 and "is a file, not a folder" in res.output, res.output
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder
+    assert [p.name for p in out.iterdir()] == ["car"]
+
+
+def test_cli_split_reports_listed_images_without_the_class(tmp_path: Path,
+                                                          p3d_root: Path) -> None:
+    _p3d(p3d_root, "car", "n0004", [_obj("bus")])
+    _lists(p3d_root, "car", ["n0001", "n0002", "n0004"], ["n0003"])
+    res = CliRunner().invoke(app, ["split", "-d", "pascal3d", "-r", str(p3d_root), "-c", "car",
+                                   "-n", "1", "--out", str(tmp_path / "o")],
+                             env={"COLUMNS": "400"})
+    assert res.exit_code == 0, res.output
+    assert "1 training images skipped: 1 x image without an object of class car" in res.output
+
+
+def test_cli_split_of_an_empty_train_list_is_an_error(tmp_path: Path, p3d_root: Path) -> None:
+    (p3d_root / "Image_sets/car_imagenet_train.txt").write_text("")
+    res = CliRunner().invoke(app, ["split", "-d", "pascal3d", "-r", str(p3d_root), "-c", "car",
+                                   "-n", "1", "--out", str(tmp_path / "o")],
+                             env={"COLUMNS": "400"})
+    assert res.exit_code == 1 and "no training records of car" in res.output, res.output
+    assert not (tmp_path / "o").exists()

@@ -18,6 +18,7 @@ from nvsm.data.splits import (
     select_labelled,
     unseen_azimuth_split,
     write_few_shot_split,
+    write_few_shot_splits,
     write_split_list,
 )
 
@@ -135,3 +136,36 @@ def test_list_files_are_written_atomically(tmp_path: Path, records: list[ObjectR
     assert sorted(p.name for p in folder.iterdir()) == [
         "labelled.txt", "split.json", "test.txt", "unlabelled.txt"]
     assert read_split_list(folder / "labelled.txt") == list(sp.labelled)
+
+
+def test_several_splits_are_written_all_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   records: list[ObjectRecord]) -> None:
+    import nvsm.data.splits as splits_module
+
+    both = [*records[:20], *(_rec(100 + i, 40.0 * i, "bus") for i in range(9))]
+    splits = [sp for _, sp in sorted(few_shot_splits(both, [], (3,), "random", 0).items())]
+    out = tmp_path / "out"
+    folders = write_few_shot_splits(splits, out, "pascal3d")
+    assert folders == [out / "bus" / "n3_random_seed0", out / "car" / "n3_random_seed0"]
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    (folders[1] / "stale.txt").write_text("from an older run\n")
+
+    real = splits_module.write_split_list
+
+    def fail_on_car(path: Path, ids: list[str]) -> Path:
+        if "car" in path.parts:
+            raise OSError("disk full")
+        return real(path, ids)
+
+    monkeypatch.setattr(splits_module, "write_split_list", fail_on_car)
+    with pytest.raises(OSError, match="disk full"):
+        write_few_shot_splits(splits, out, "pascal3d")
+    with pytest.raises(OSError, match="disk full"):
+        write_few_shot_splits(splits, tmp_path / "new", "pascal3d")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing new, no temp folder
+    assert (folders[1] / "stale.txt").exists()
+    monkeypatch.undo()
+    assert write_few_shot_splits(splits, out, "pascal3d") == folders
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    with pytest.raises(ValueError, match="no splits"):
+        write_few_shot_splits([], out)

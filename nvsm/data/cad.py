@@ -49,6 +49,29 @@ def _read_off(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return mesh.vertices.double().numpy(), mesh.faces.numpy()
 
 
+def _rows_of_three(value: object, path: Path, field: str, integer: bool) -> np.ndarray:
+    """``value`` as an (N, 3) float64 array of finite numbers (integers when ``integer``).
+
+    Raises:
+        DataFormatError: naming ``path`` and ``field`` for any other type, shape or value.
+    """
+    what = "1-based vertex indices (integers)" if integer else "finite coordinates"
+    arr = np.asarray(value)
+    if arr.size == 0:
+        return np.zeros((0, 3))
+    if arr.shape == (3,):  # squeeze_me turns a single row into a vector
+        arr = arr.reshape(1, 3)
+    if not np.issubdtype(arr.dtype, np.number) or arr.ndim != 2 or arr.shape[1] != 3:
+        raise DataFormatError(path, field, f"an (N, 3) array of {what}",
+                              f"{arr.dtype} array of shape {arr.shape}")
+    arr = arr.astype(np.float64)
+    bad = ~np.isfinite(arr) | (integer & (arr != np.round(arr)))
+    if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        raise DataFormatError(path, f"{field}[{row}, {col}]", what, float(arr[row, col]))
+    return arr
+
+
 def _index_of(path: Path) -> int:
     m = re.search(r"(\d+)$", path.stem)
     return int(m.group(1)) if m else -1
@@ -73,8 +96,9 @@ def load_cad_models(root: Path, category: str, cad_dir: str = "CAD") -> list[Cad
             if "vertices" not in names or "faces" not in names:
                 raise DataFormatError(mat, f"{category}[{i}]", "fields 'vertices' and 'faces'",
                                       f"fields {names}")
-            v = np.asarray(s.vertices, dtype=np.float64).reshape(-1, 3)
-            f = np.asarray(s.faces, dtype=np.int64).reshape(-1, 3) - 1
+            v = _rows_of_three(s.vertices, mat, f"{category}[{i}].vertices", integer=False)
+            f = _rows_of_three(s.faces, mat, f"{category}[{i}].faces",
+                               integer=True).astype(np.int64) - 1
             if f.size and (f.min() < 0 or f.max() >= len(v)):
                 raise DataFormatError(mat, f"{category}[{i}].faces",
                                       f"1-based vertex indices in [1, {len(v)}]",

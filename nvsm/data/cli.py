@@ -12,9 +12,11 @@ from rich.table import Table
 
 from nvsm.data.datasets import DATASET_NAMES, train_test_records
 from nvsm.data.errors import DataFormatError
-from nvsm.data.splits import SPLIT_STRATEGIES, few_shot_splits, write_few_shot_split
+from nvsm.data.matlab import ReadResult
+from nvsm.data.splits import SPLIT_STRATEGIES, few_shot_splits, write_few_shot_splits
 from nvsm.data.synth import synth_command
 from nvsm.data.verify import verify_dataset
+from nvsm.io import check_output_folder
 from nvsm.runtime import exit_with_error
 
 app = typer.Typer(
@@ -124,25 +126,48 @@ def split(
         raise typer.BadParameter("--annotations needs positive integers")
     console = Console()
     try:
+        check_output_folder(out)  # before reading the dataset, not at the first write
+    except ValueError as exc:
+        exit_with_error(console, str(exc), 2)
+    try:
         train, test = train_test_records(dataset, root, category or None, test_fold=test_fold)
     except DataFormatError as exc:
         exit_with_error(console, f"{exc}\nRun 'nvsm data verify --dataset {dataset} --root "
                         f"{root}' to list every problem.", 1)
+    except ValueError as exc:  # a request the dataset cannot serve (test fold, test-only set)
+        exit_with_error(console, f"cannot split {dataset}: {exc}", 2)
+    # Writing nothing (or nothing for a requested category) must not look like success.
+    found = {r.category for r in train.records}
+    missing = sorted(set(category or ()) - found)
+    if not found or missing:
+        what = ", ".join(missing) if missing else "any category"
+        exit_with_error(console, f"cannot split {dataset}: no training records of {what} in "
+                        f"{root}", 1)
     try:
         splits = few_shot_splits(train.records, test.records, sizes,
                                  strategy, seed, nested=not independent)  # type: ignore[arg-type]
+        ordered = [sp for _, sp in sorted(splits.items())]
+        folders = write_few_shot_splits(ordered, out, dataset)
     except ValueError as exc:
         exit_with_error(console, f"cannot split {dataset}: {exc}", 2)
     table = Table(title=f"{dataset} few-shot splits (seed {seed}, {strategy})")
     for col in ("category", "N", "labelled", "unlabelled", "test", "azimuth bins covered (of 8)",
                 "max gap °", "folder"):
         table.add_column(col)
-    for (cat, n), sp in sorted(splits.items()):
-        folder = write_few_shot_split(sp, out, dataset)
-        table.add_row(cat, str(n), str(len(sp.labelled)), str(len(sp.unlabelled)),
-                      str(len(sp.test)), str(sp.coverage.covered_bins),
+    for sp, folder in zip(ordered, folders, strict=True):
+        table.add_row(sp.category, str(sp.n_labelled), str(len(sp.labelled)),
+                      str(len(sp.unlabelled)), str(len(sp.test)), str(sp.coverage.covered_bins),
                       f"{sp.coverage.max_gap_deg:.0f}", escape(str(folder)))
     console.print(table)
-    if train.skipped:
-        console.print(f"{len(train.skipped)} training objects skipped: "
-                      + ", ".join(f"{n} x {r}" for r, n in sorted(train.skip_reasons().items())))
+    for side, result in (("training", train), ("test", test)):
+        _report_skipped(console, side, result)
+
+
+def _report_skipped(console: Console, side: str, result: ReadResult) -> None:
+    """One line each for the skipped objects and the skipped whole images, with reasons."""
+    for what, whole_image in (("objects", False), ("images", True)):
+        kept = ReadResult(skipped=[s for s in result.skipped
+                                   if (s.object_index is None) == whole_image])
+        if kept.skipped:
+            console.print(f"{len(kept.skipped)} {side} {what} skipped: "
+                          + ", ".join(f"{n} x {r}" for r, n in sorted(kept.skip_reasons().items())))

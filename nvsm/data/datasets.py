@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from nvsm.data.categories import register_categories
+from nvsm.data.errors import DataFormatError
 from nvsm.data.kitti import KittiConfig, kitti_folds, load_kitti
 from nvsm.data.matlab import ErrorMode, ReadResult
 from nvsm.data.objectnet3d import load_objectnet3d
 from nvsm.data.occluded import load_occluded_pascal3d
-from nvsm.data.pascal3d import load_pascal3d
+from nvsm.data.pascal3d import load_pascal3d, pascal3d_image_set
 
 __all__ = ["DATASET_NAMES", "load_dataset", "synthetic_categories", "train_test_records"]
 
@@ -69,6 +70,28 @@ def load_dataset(
     raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
 
 
+def _list_file(name: str, root: Path, category: str, split: str) -> Path:
+    """The image-set list a PASCAL3D+-layout set or ObjectNet3D reads ``split`` from."""
+    if name == "objectnet3d":
+        return Path(root) / "Image_sets" / f"{split}.txt"
+    return pascal3d_image_set(root, category, split)
+
+
+def _check_disjoint(name: str, root: Path, train: ReadResult, test: ReadResult) -> None:
+    """Raise ``DataFormatError`` when an image gives records to both sides: its objects would be
+    trained on (labelled or unlabelled) and then counted in the test scores."""
+    test_keys = {(r.category, r.image_id) for r in test.records}
+    shared = sorted({(r.category, r.image_id) for r in train.records} & test_keys)
+    if not shared:
+        return
+    category = shared[0][0]
+    ids = [image_id for cat, image_id in shared if cat == category]
+    raise DataFormatError(
+        _list_file(name, root, category, "train"), f"{category} image ids",
+        f"no id that {_list_file(name, root, category, 'val')} (the test list) also holds",
+        f"{len(ids)} shared id(s): {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}")
+
+
 def train_test_records(
     name: str,
     root: Path,
@@ -82,11 +105,18 @@ def train_test_records(
     PASCAL3D+-layout sets: the ``train`` and ``val`` lists. ObjectNet3D: ``train`` and ``val``.
     KITTI (no public test labels): frame number mod ``n_folds`` == ``test_fold`` is the test set.
     Occluded PASCAL3D+ is a test-only benchmark (its images are PASCAL3D+ val): split PASCAL3D+.
+
+    Raises:
+        DataFormatError: a malformed file, or an image listed for both training and testing.
+        ValueError: occluded_pascal3d, or ``test_fold`` outside [0, n_folds).
     """
     if name == "occluded_pascal3d":
         raise ValueError("occluded_pascal3d is test-only (PASCAL3D+ val with occluders); "
                          "make splits of pascal3d and test on the occluded levels")
     if name == "kitti":
+        if not 0 <= test_fold < n_folds:
+            raise ValueError(f"test fold: expected an integer in [0, {n_folds - 1}] (frame "
+                             f"number mod {n_folds}), got {test_fold}")
         full = load_dataset("kitti", root)
         folds = kitti_folds(full.records, n_folds)
         if categories:
@@ -94,5 +124,7 @@ def train_test_records(
         train = ReadResult([r for k, v in sorted(folds.items()) if k != test_fold for r in v],
                            list(full.skipped))
         return train, ReadResult(list(folds[test_fold]))
-    return (load_dataset(name, root, split="train", categories=categories),
-            load_dataset(name, root, split="val", categories=categories))
+    train = load_dataset(name, root, split="train", categories=categories)
+    test = load_dataset(name, root, split="val", categories=categories)
+    _check_disjoint(name, root, train, test)
+    return train, test

@@ -52,6 +52,7 @@ lines are ignored.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +75,7 @@ __all__ = [
     "kitti_camera2_offset",
     "kitti_centre",
     "kitti_folds",
+    "kitti_frame_id",
     "kitti_pose",
     "load_kitti",
     "read_kitti_calib",
@@ -211,6 +213,19 @@ def read_kitti_label(path: Path) -> list[KittiObject]:
     return objects
 
 
+def kitti_frame_id(label: Path) -> str:
+    """The frame id of a ``label_2/<frame>.txt`` file: its stem, a frame number (``"000123"``).
+
+    Raises:
+        DataFormatError: the stem is not a number (the folds are frame number mod n_folds).
+    """
+    label = Path(label)
+    if not re.fullmatch(r"[0-9]+", label.stem):
+        raise DataFormatError(label, "<file name>", "a frame number such as 000123.txt",
+                              label.name)
+    return label.stem
+
+
 def read_kitti_calib(path: Path) -> dict[str, np.ndarray]:
     """Parse a ``calib`` file into arrays (``P2`` (3, 4), ``R0_rect`` (3, 3), ...).
 
@@ -220,8 +235,12 @@ def read_kitti_calib(path: Path) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(path, "<file>", "an existing KITTI calib file", "missing")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataFormatError(path, "<file>", "a readable text file", str(exc)) from exc
     out: dict[str, np.ndarray] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         key, sep, rest = line.partition(":")
@@ -361,6 +380,7 @@ def load_kitti(
 def _read_frame(base: Path, frame: str, config: KittiConfig, classes: dict[str, str],
                 result: ReadResult) -> None:
     label = base / "label_2" / f"{frame}.txt"
+    kitti_frame_id(label)
     objects = read_kitti_label(label)
     wanted = [o for o in objects if o.type in classes]
     if not wanted:

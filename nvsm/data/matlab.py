@@ -57,7 +57,8 @@ ErrorMode = Literal["raise", "collect"]
 
 @dataclass(frozen=True)
 class SkippedObject:
-    """An object of a requested class that a reader did not turn into a record, and why."""
+    """An object of a requested class that a reader did not turn into a record, and why
+    (``object_index`` None: a whole image, e.g. one holding no object of the class)."""
 
     path: Path
     object_index: int | None
@@ -276,7 +277,12 @@ def parse_record_file(
     image_size = None
     imgsize = _field(record, "imgsize")
     if not _is_empty(imgsize):
-        arr = np.asarray(imgsize, dtype=np.float64).ravel()
+        arr = np.asarray(imgsize)
+        # Check the type before converting: a string would fail inside numpy, unexplained.
+        if not np.issubdtype(arr.dtype, np.number):
+            raise DataFormatError(mat_path, "record.imgsize", "[width height depth] (numbers)",
+                                  imgsize)
+        arr = arr.astype(np.float64).ravel()
         if arr.size < 2 or not np.all(np.isfinite(arr[:2])) or np.any(arr[:2] <= 0):
             raise DataFormatError(mat_path, "record.imgsize", "[width height depth]", imgsize)
         image_size = (int(arr[1]), int(arr[0]))
@@ -315,7 +321,8 @@ def parse_record_file(
         cad_index = None
         if not _is_empty(cad):
             number = _number(cad, mat_path, f"{prefix}.cad_index")
-            if number != int(number) or number < 1:
+            # Finite first: int() of NaN or inf raises on its own, naming no file.
+            if not math.isfinite(number) or number != int(number) or number < 1:
                 raise DataFormatError(mat_path, f"{prefix}.cad_index", "a 1-based integer", cad)
             cad_index = int(number) - 1
         box_xyxy = tuple(float(v) - MATLAB_PIXEL_OFFSET for v in box.ravel())

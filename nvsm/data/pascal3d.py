@@ -21,7 +21,13 @@ from typing import Literal
 
 from nvsm.data.categories import PASCAL3D_CATEGORIES
 from nvsm.data.errors import DataFormatError
-from nvsm.data.matlab import ErrorMode, ObjectsMode, ReadResult, parse_record_file
+from nvsm.data.matlab import (
+    ErrorMode,
+    ObjectsMode,
+    ReadResult,
+    SkippedObject,
+    parse_record_file,
+)
 
 __all__ = [
     "PASCAL3D_SUBSETS",
@@ -63,7 +69,7 @@ def read_image_set(path: Path) -> list[str]:
     (VOC per-class lists; flag −1 = class absent, such lines are dropped). Blank lines are ignored.
 
     Raises:
-        DataFormatError: missing/unreadable file or a malformed line.
+        DataFormatError: missing/unreadable file, a malformed line or an id listed twice.
     """
     path = Path(path)
     if not path.is_file():
@@ -73,17 +79,21 @@ def read_image_set(path: Path) -> list[str]:
     except (OSError, UnicodeDecodeError) as exc:
         raise DataFormatError(path, "<file>", "a readable UTF-8 text file", str(exc)) from exc
     ids: list[str] = []
+    first_line: dict[str, int] = {}
     for lineno, line in enumerate(text.splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
-        if len(parts) == 1:
-            ids.append(parts[0])
-        elif len(parts) == 2 and parts[1] in ("-1", "0", "1"):
-            if parts[1] != "-1":
-                ids.append(parts[0])
-        else:
+        if len(parts) > 2 or (len(parts) == 2 and parts[1] not in ("-1", "0", "1")):
             raise DataFormatError(path, f"line {lineno}", "'<id>' or '<id> <-1|0|1>'", line)
+        # A repeated id would make two records with one id (and count the image twice).
+        if parts[0] in first_line:
+            raise DataFormatError(path, f"line {lineno}",
+                                  f"each id once ({parts[0]!r} is already on line "
+                                  f"{first_line[parts[0]]})", line)
+        first_line[parts[0]] = lineno
+        if len(parts) == 1 or parts[1] != "-1":
+            ids.append(parts[0])
     return ids
 
 
@@ -139,7 +149,8 @@ def load_pascal3d(
         source: dataset name written into the records.
     Returns:
         ``ReadResult`` with records sorted by (category, list order, object index), the skipped
-        objects with reasons (e.g. distance == 0, coarse viewpoint only) and collected errors.
+        objects with reasons (e.g. distance == 0, coarse viewpoint only; ``object_index`` None
+        for an image holding no object of its class) and collected errors.
     """
     if subset not in PASCAL3D_SUBSETS:
         raise ValueError(f"subset must be one of {PASCAL3D_SUBSETS}, got {subset!r}")
@@ -173,6 +184,10 @@ def load_pascal3d(
                     raise
                 result.errors.append(exc)
                 continue
+            if not records and not skipped:
+                # Reported, not dropped: an image of the class folder is expected to show it.
+                skipped = [SkippedObject(ann_dir / f"{image_id}.mat", None, category,
+                                         f"image without an object of class {category}")]
             result.records.extend(records)
             result.skipped.extend(skipped)
     result.log_summary(f"{source} ({subset}, split={split})")

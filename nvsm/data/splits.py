@@ -25,6 +25,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import shutil
+import tempfile
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -34,7 +37,7 @@ from typing import Literal, get_args
 import numpy as np
 
 from nvsm.data.record import ObjectRecord
-from nvsm.io import atomic_write_text
+from nvsm.io import atomic_write_text, check_output_folder
 
 __all__ = [
     "SPLIT_STRATEGIES",
@@ -49,6 +52,7 @@ __all__ = [
     "select_labelled",
     "unseen_azimuth_split",
     "write_few_shot_split",
+    "write_few_shot_splits",
     "write_split_list",
 ]
 
@@ -250,11 +254,14 @@ def read_split_list(path: Path) -> list[str]:
     return [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
 
 
+def _split_folder(split: FewShotSplit, out_dir: Path) -> Path:
+    return Path(out_dir) / split.category / f"n{split.n_labelled}_{split.strategy}_seed{split.seed}"
+
+
 def write_few_shot_split(split: FewShotSplit, out_dir: Path, dataset: str = "") -> Path:
     """Write ``labelled.txt``, ``unlabelled.txt``, ``test.txt`` and ``split.json`` into
     ``<out_dir>/<category>/n<N>_<strategy>_seed<seed>/``; returns that folder."""
-    name = f"n{split.n_labelled}_{split.strategy}_seed{split.seed}"
-    folder = Path(out_dir) / split.category / name
+    folder = _split_folder(split, out_dir)
     for name in ("labelled", "unlabelled", "test"):
         write_split_list(folder / f"{name}.txt", getattr(split, name))
     meta = {
@@ -266,6 +273,50 @@ def write_few_shot_split(split: FewShotSplit, out_dir: Path, dataset: str = "") 
     }
     atomic_write_text(folder / "split.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return folder
+
+
+def write_few_shot_splits(
+    splits: Sequence[FewShotSplit], out_dir: Path, dataset: str = ""
+) -> list[Path]:
+    """Write several splits (``write_few_shot_split``) as one unit; returns their folders.
+
+    All are written into a temporary folder beside ``out_dir`` first, so that a failure leaves
+    ``out_dir`` as it was rather than holding the splits of some categories only. A new
+    ``out_dir`` is then renamed into place whole; in an existing one each split folder is
+    swapped in (one it held already is replaced), after checking that no file stands in the
+    way of any of them.
+
+    Raises:
+        ValueError: no splits, or ``out_dir`` or a folder inside it that a split needs is a file.
+    """
+    out_dir = Path(out_dir)
+    if not splits:
+        raise ValueError(f"no splits to write into {out_dir}")
+    check_output_folder(out_dir)
+    targets = [_split_folder(sp, out_dir) for sp in splits]
+    for target in targets:
+        for path in (target.parent, target):
+            if path.exists() and not path.is_dir():
+                raise ValueError(f"cannot write {target}: {path} is a file, not a folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        # Built one level down: mkdtemp's 0700 mode must not become the output folder's.
+        staged = tmp / "out"
+        for sp in splits:
+            write_few_shot_split(sp, staged, dataset)
+        if not out_dir.exists():
+            os.replace(staged, out_dir)
+            return targets
+        for sp, target in zip(splits, targets, strict=True):
+            target.parent.mkdir(exist_ok=True)
+            if target.exists():
+                os.replace(target, tmp / "replaced")
+            os.replace(_split_folder(sp, staged), target)
+            shutil.rmtree(tmp / "replaced", ignore_errors=True)
+        return targets
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass(frozen=True)

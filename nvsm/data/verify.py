@@ -27,7 +27,7 @@ from nvsm.data.categories import register_categories
 from nvsm.data.datasets import DATASET_NAMES, synthetic_categories
 from nvsm.data.errors import DataFormatError
 from nvsm.data.images import check_image
-from nvsm.data.kitti import read_kitti_calib, read_kitti_label
+from nvsm.data.kitti import kitti_frame_id, read_kitti_calib, read_kitti_label
 from nvsm.data.matlab import parse_record_file
 from nvsm.data.occluded import occluded_folder, read_occluded_npz
 from nvsm.data.pascal3d import pascal3d_annotation_dir, read_image_set
@@ -79,7 +79,8 @@ def load_manifest(name: str, directory: Path | None = None) -> dict[str, Any]:
 
 
 def _from_error(exc: DataFormatError) -> Problem:
-    missing = exc.got == "missing"
+    # ``got`` is whatever was found, often an array: compare only a string with the marker.
+    missing = isinstance(exc.got, str) and exc.got == "missing"
     if exc.field == "<folder>":
         kind = "missing_folder" if missing else "unreadable"
     elif exc.field in ("<file>", "image"):
@@ -178,11 +179,13 @@ def _verify_pascal_layout(root: Path, manifest: dict[str, Any], categories: list
                 out.run(load_cad_models, root, cat)
         img_dir = root / layout["image_dir"].format(category=cat)
         ann_dir = root / layout["annotation_dir"].format(category=cat)
+        listed: dict[str, tuple[Path, list[str]]] = {}
         for split, pattern in (layout.get("lists") or {}).items():
             list_path = root / pattern.format(category=cat)
             if not list_path.is_file():
                 continue  # reported above
             ids = out.run(read_image_set, list_path) or []
+            listed[split] = (list_path, ids)
             for image_id in ids:
                 result = out.run(parse_record_file, ann_dir / f"{image_id}.mat", img_dir,
                                  categories=[cat], source=source, image_id=image_id)
@@ -193,6 +196,19 @@ def _verify_pascal_layout(root: Path, manifest: dict[str, Any], categories: list
                                     f"listed in {list_path.name} ({split}) but has no object of "
                                     f"class {cat!r}", "record.objects"))
                 out.image(result.image_path, decode)
+        _check_lists_disjoint(listed, out)
+
+
+def _check_lists_disjoint(listed: dict[str, tuple[Path, list[str]]], out: _Collector) -> None:
+    """An id in both the train and the val (test) list would be trained on and tested on."""
+    if "train" not in listed or "val" not in listed:
+        return
+    (train_path, train_ids), (val_path, val_ids) = listed["train"], listed["val"]
+    shared = sorted(set(train_ids) & set(val_ids))
+    if shared:
+        out.add(Problem("bad_field", train_path,
+                        f"{len(shared)} id(s) also in {val_path.name} (the test list): "
+                        f"{', '.join(shared[:5])}{' ...' if len(shared) > 5 else ''}", "ids"))
 
 
 def _verify_occluded(root: Path, manifest: dict[str, Any], categories: list[str], decode: bool,
@@ -228,6 +244,7 @@ def _verify_kitti(root: Path, manifest: dict[str, Any], decode: bool, out: _Coll
     if not label_dir.is_dir():
         return  # reported by the folder check
     for label in sorted(label_dir.glob("*.txt")):
+        out.run(kitti_frame_id, label)
         out.run(read_kitti_label, label)
         out.image(base / "image_2" / f"{label.stem}.png", decode)
         out.run(read_kitti_calib, base / "calib" / f"{label.stem}.txt")
@@ -239,16 +256,20 @@ def _verify_objectnet3d(root: Path, manifest: dict[str, Any], decode: bool,
     if classes.is_file():
         names = out.run(read_image_set, classes) or []
         out.run(register_categories, names)
-    for pattern in (manifest["layout"].get("lists") or {}).values():
+    listed: dict[str, tuple[Path, list[str]]] = {}
+    for split, pattern in (manifest["layout"].get("lists") or {}).items():
         list_path = root / pattern
         if not list_path.is_file():
             continue
-        for image_id in out.run(read_image_set, list_path) or []:
+        ids = out.run(read_image_set, list_path) or []
+        listed[split] = (list_path, ids)
+        for image_id in ids:
             result = out.run(parse_record_file, root / "Annotations" / f"{image_id}.mat",
                              root / "Images", categories=None, source="objectnet3d",
                              image_id=image_id)
             if result is not None:
                 out.image(result.image_path, decode)
+    _check_lists_disjoint(listed, out)
 
 
 def verify_dataset(
