@@ -196,21 +196,27 @@ def read_off(path: str | os.PathLike[str]) -> Mesh:
     """
     path = Path(path)
     try:
-        tokens = [line.split("#", 1)[0].split() for line in path.read_text().splitlines()]
+        text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise MeshFormatError(f"{path}: cannot read OFF file ({exc})") from exc
-    tokens = [t for t in tokens if t]
-    if not tokens or not tokens[0][0].startswith("OFF"):
+    # (1-based line number, tokens) of each non-empty line, comments dropped, so that errors
+    # can point at the line.
+    lines = [(no, toks) for no, line in enumerate(text.splitlines(), 1)
+             if (toks := line.split("#", 1)[0].split())]
+    if not lines or not lines[0][1][0].startswith("OFF"):
         raise MeshFormatError(f"{path}: header: expected 'OFF' on the first line")
     # The counts may share the header line ("OFF 8 12 0") or follow it.
-    head = tokens[0][1:] if len(tokens[0]) > 1 else tokens[1]
-    body = tokens[1:] if len(tokens[0]) > 1 else tokens[2:]
+    head = lines[0][1][1:] if len(lines[0][1]) > 1 else lines[1][1] if len(lines) > 1 else []
+    body = lines[1:] if len(lines[0][1]) > 1 else lines[2:]
     try:
         nv, nf = int(head[0]), int(head[1])
-        verts = np.array([[float(x) for x in body[i][:3]] for i in range(nv)], np.float64)
+        if nv < 0 or nf < 0:
+            raise ValueError(f"negative counts {nv} {nf} in the header")
+        verts = np.array([[float(x) for x in body[i][1][:3]] for i in range(nv)], np.float64)
         faces: list[list[int]] = []
         for i in range(nv, nv + nf):
-            n, idx = int(body[i][0]), [int(x) for x in body[i][1 : 1 + int(body[i][0])]]
+            toks = body[i][1]
+            n, idx = int(toks[0]), [int(x) for x in toks[1 : 1 + int(toks[0])]]
             if len(idx) != n or n < 3:
                 raise ValueError(f"face line {i - nv} lists {len(idx)} of {n} indices")
             faces += [[idx[0], idx[j], idx[j + 1]] for j in range(1, n - 1)]
@@ -218,6 +224,15 @@ def read_off(path: str | os.PathLike[str]) -> Mesh:
         raise MeshFormatError(
             f"{path}: vertex/face list: expected the counts of the header, got {exc}"
         ) from exc
+    # The header's counts are the file's own declaration: more data lines than declared means
+    # the counts (or the file) are wrong, and reading only the first ones would drop geometry.
+    if len(body) > nv + nf:
+        no, toks = body[nv + nf]
+        raise MeshFormatError(
+            f"{path}: line {no}: expected the end of the file after the {nv} vertices and {nf} "
+            f"faces declared in the header, got {' '.join(toks)[:60]!r} "
+            f"({len(body) - nv - nf} extra line(s))"
+        )
     if verts.shape != (nv, 3) or not np.isfinite(verts).all():
         raise MeshFormatError(f"{path}: vertices: expected {nv} finite xyz triples")
     try:

@@ -331,6 +331,26 @@ def test_occluded_bad_npz(tmp_path: Path, p3d_root: Path) -> None:
     assert {e.path.name for e in res.errors} == {"n0001.JPEG", "n0003.npz"}
 
 
+@pytest.mark.parametrize(("key", "value", "field", "got"), [
+    ("box", np.arange(6).reshape(2, 3), "box", "shape (2, 3)"),
+    ("box", np.array([1.0, 2, np.inf, 4, 5, 6]), "box[2]", "inf"),
+    ("box", np.array(["a"] * 6), "box", "dtype <U1"),
+    ("occluder_box", np.full((1, 6), np.nan), "occluder_box[0, 0]", "nan"),
+    ("occluder_box", np.zeros((2, 5)), "occluder_box", "shape (2, 5)"),
+    ("occluder_box", np.ones((1, 6), bool), "occluder_box", "dtype bool"),
+])
+def test_occluded_npz_bad_boxes(tmp_path: Path, key: str, value: np.ndarray, field: str,
+                                got: str) -> None:
+    fields = {"source": np.asarray("n0001.JPEG"), "mask": np.zeros((2, 2)),
+              "occluder_mask": np.zeros((2, 2)), "box": np.arange(6),
+              "occluder_box": np.zeros((0,)), key: value}
+    npz = tmp_path / "n0001.npz"
+    np.savez(npz, **fields)
+    with pytest.raises(DataFormatError) as info:
+        read_occluded_npz(npz)
+    assert info.value.path == npz and info.value.field == field and got in str(info.value)
+
+
 # --------------------------------------------------------------------------- KITTI
 P2 = np.array([[721.5377, 0.0, 609.5593, 44.85728], [0.0, 721.5377, 172.854, 0.2163791],
                [0.0, 0.0, 1.0, 0.002745884]])
@@ -505,6 +525,22 @@ def test_kitti_bad_files(tmp_path: Path) -> None:
     assert {e.path.name for e in res.errors} == {"000000.txt", "000001.txt"}
 
 
+@pytest.mark.parametrize(("line", "field", "got"), [
+    ("car 0.00 0 0.00 1 2 300 400 1.5 1.6 3.9 0 1.6 10 0", "line 2 type", "car"),
+    ("Carr 0.00 0 0.00 1 2 300 400 1.5 1.6 3.9 0 1.6 10 0", "line 2 type", "Carr"),
+    ("Car 0.00 0 0.00 300 2 100 400 1.5 1.6 3.9 0 1.6 10 0", "line 2 x2", "100"),
+    ("DontCare -1 -1 -10 1 400 300 2 -1 -1 -1 -1000 -1000 -1000 -10", "line 2 y2", "2"),
+    ("Car 0.00 0 0.00 1 2 300 400 1.5 1.6 3.9 0 1.6 10 0 high", "line 2 score", "high"),
+])
+def test_kitti_label_rejects_bad_type_inverted_box_and_score(tmp_path: Path, line: str,
+                                                             field: str, got: str) -> None:
+    label = tmp_path / "000007.txt"
+    label.write_text("Car 0.00 0 0.00 1 2 300 400 1.5 1.6 3.9 0 1.6 10 0 0.9\n" + line + "\n")
+    with pytest.raises(DataFormatError) as info:
+        read_kitti_label(label)
+    assert info.value.path == label and info.value.field == field and info.value.got == got
+
+
 # --------------------------------------------------------------------------- ObjectNet3D
 def test_objectnet3d_reader_shares_the_parser(tmp_path: Path) -> None:
     root = tmp_path / "ObjectNet3D"
@@ -524,6 +560,41 @@ def test_objectnet3d_reader_shares_the_parser(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- verify + CLI
+def test_a_box_beyond_the_image_is_kept_by_the_reader_and_reported_by_verify(
+    p3d_root: Path,
+) -> None:
+    # 1-based x2 = 66 in a 64 px wide image: two pixels out (65, one pixel, passes as rounding).
+    # The reader keeps it, as before (a crop pads what lies outside); verify names it.
+    _p3d(p3d_root, "car", "n0001", [_obj(bbox=(5, 6, 66, 30)), _obj(bbox=(5, 6, 65, 30))])
+    res = load_pascal3d(p3d_root, ["car"], split="train")
+    assert [(r.image_id, r.object_index) for r in res.records] == [
+        ("n0001", 0), ("n0001", 1), ("n0002", 0)]
+    problems = verify_dataset("pascal3d", p3d_root, categories=["car"])
+    assert [(p.path.name, p.field) for p in problems] == [("n0001.mat", "objects[0].bbox")]
+    assert problems[0].message.startswith("bbox outside the image: (x2, y2) = (65, 29)")
+
+
+def test_verify_checks_imgsize_and_boxes_against_the_image(p3d_root: Path) -> None:
+    ann = p3d_root / "Annotations/car_imagenet"
+    _p3d(p3d_root, "car", "n0001", [_obj(bbox=(10, 10, 5000, 4000))], image=False)
+    write_pascal3d_record(ann / "n0002.mat", "n0002.JPEG",  # imgsize wrong, box fits it
+                          [_obj(bbox=(10, 10, 400, 300))], imgsize=(480, 360, 3))
+    write_pascal3d_record(ann / "n0003.mat", "n0003.JPEG",  # no record to carry imgsize
+                          [_obj(viewpoint=np.zeros((0, 0)))], imgsize=(50, 40, 3))
+    problems = verify_dataset("pascal3d", p3d_root, categories=["car"])
+    found = sorted((p.kind, p.path.name, p.field) for p in problems)
+    assert found == [("bad_field", "n0001.mat", "objects[0].bbox"),
+                     ("bad_field", "n0002.mat", "objects[0].bbox"),
+                     ("bad_field", "n0002.mat", "record.imgsize"),
+                     ("bad_field", "n0003.mat", "record.imgsize")]
+    text = {(p.path.name, p.field): p.message for p in problems}
+    assert "(4999, 3999)" in text["n0001.mat", "objects[0].bbox"]
+    assert text["n0002.mat", "record.imgsize"] == (
+        "[width height] = [480 360], but n0002.JPEG is 64x48")
+    assert "63, 47) of a 64x48 image (n0002.JPEG)" in text["n0002.mat", "objects[0].bbox"]
+    assert text["n0003.mat", "record.imgsize"].startswith("[width height] = [50 40]")
+
+
 def test_verify_reports_every_problem_in_one_pass(p3d_root: Path) -> None:
     assert verify_dataset("pascal3d", p3d_root, categories=["car"]) == []
     (p3d_root / "Images/car_imagenet/n0002.JPEG").unlink()                      # missing image
@@ -593,8 +664,31 @@ def test_cli_data_keeps_bracketed_paths_whole(tmp_path: Path, p3d_root: Path) ->
                               "--annotations", "2", "--out", str(tmp_path / "splits")],
                         env={"COLUMNS": "60"})
     assert res.exit_code == 1
-    assert res.output.startswith("error: ") and f"--root {missing}'" in res.output, res.output
+    assert res.output.startswith("error: ") and f"root {missing} does not" in res.output, res.output
     assert not (tmp_path / "splits").exists()
+
+
+def test_cli_names_a_missing_root_or_a_file_given_as_root(tmp_path: Path) -> None:
+    runner = CliRunner()
+    for dataset in ("synthetic", "pascal3d", "kitti"):
+        res = runner.invoke(app, ["split", "-d", dataset, "-r", str(tmp_path / "nowhere"),
+                                  "-n", "2", "-o", str(tmp_path / "splits")],
+                            env={"COLUMNS": "400"})
+        assert res.exit_code == 1 and res.output == (
+            f"error: cannot split {dataset}: the dataset root {tmp_path / 'nowhere'} does not "
+            "exist\n"), res.output
+    file = tmp_path / "notes.txt"
+    file.write_text("x\n")
+    res = runner.invoke(app, ["verify", "-d", "pascal3d", "-r", str(file)], env={"COLUMNS": "400"})
+    assert res.exit_code == 1 and "is a file, not a folder" in res.output, res.output
+
+
+def test_image_set_lists_ignore_a_utf8_bom(p3d_root: Path) -> None:
+    lst = p3d_root / "Image_sets/car_imagenet_train.txt"
+    lst.write_text("n0001\nn0002\n", encoding="utf-8-sig")
+    assert lst.read_bytes().startswith(b"\xef\xbb\xbf")
+    res = load_pascal3d(p3d_root, ["car"], split="train")
+    assert [r.image_id for r in res.records] == ["n0001", "n0002"]
 
 
 def test_cli_split_writes_lists(tmp_path: Path, p3d_root: Path) -> None:

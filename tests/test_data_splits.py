@@ -106,6 +106,17 @@ def test_errors(records: list[ObjectRecord]) -> None:
         select_labelled(records, 3, "clever")  # type: ignore[arg-type]
 
 
+def test_too_few_records_names_the_category(records: list[ObjectRecord]) -> None:
+    with pytest.raises(ValueError, match="asked for 151 labelled records of car but only 150"):
+        select_labelled(records, 151)
+
+
+def test_split_lists_ignore_a_utf8_bom(tmp_path: Path) -> None:
+    path = tmp_path / "labelled.txt"
+    path.write_bytes(b"\xef\xbb\xbfn0001:0\nn0002:1\n")
+    assert read_split_list(path) == ["n0001:0", "n0002:1"]
+
+
 def test_azimuth_bins_and_coverage() -> None:
     b = azimuth_bins(np.radians([0, 22, 23, 180, 350, 359.9]), 8)
     assert b.tolist() == [0, 0, 1, 4, 0, 0]  # bins centred on multiples of 45 deg

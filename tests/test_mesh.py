@@ -81,6 +81,20 @@ def test_off_round_trip(tmp_path):
     assert torch.allclose(m.vertices, m2.vertices, atol=1e-6)
 
 
+def test_off_rejects_lines_beyond_header_counts(tmp_path):
+    # The header declares 1 face and the file holds 2: the second must not be dropped.
+    extra = tmp_path / "extra.off"
+    extra.write_text("OFF\n4 1 0\n0 0 0\n1 0 0\n1 1 0\n0 1 0\n3 0 1 2\n# c\n\n3 0 2 3\n")
+    with pytest.raises(MeshFormatError, match=r"extra\.off: line 10: .* 1 faces .*'3 0 2 3'"):
+        read_off(extra)
+    extra.write_text("OFF\n4 1 0\n0 0 0\n1 0 0\n1 1 0\n0 1 0\n3 0 1 2\n# trailing note\n\n")
+    assert read_off(extra).faces.tolist() == [[0, 1, 2]]
+    for text in ("OFF\n", "OFF -1 2 0\n0 0 0\n3 0 0 0\n"):
+        extra.write_text(text)
+        with pytest.raises(MeshFormatError, match=r"extra\.off: vertex/face list"):
+            read_off(extra)
+
+
 def test_off_quads_and_bad_files(tmp_path):
     p = tmp_path / "quad.off"
     p.write_text("OFF\n4 1 0\n0 0 0\n1 0 0\n1 1 0\n0 1 0\n4 0 1 2 3\n")

@@ -129,6 +129,10 @@ def split(
         check_output_folder(out)  # before reading the dataset, not at the first write
     except ValueError as exc:
         exit_with_error(console, str(exc), 2)
+    # Checked here: the readers would only report the first file they miss under it.
+    if not root.is_dir():
+        state = "is a file, not a folder" if root.exists() else "does not exist"
+        exit_with_error(console, f"cannot split {dataset}: the dataset root {root} {state}", 1)
     try:
         train, test = train_test_records(dataset, root, category or None, test_fold=test_fold)
     except DataFormatError as exc:

@@ -4,7 +4,9 @@ Published layout (root = the folder holding ``training``)::
 
     training/image_2/<id>.png
     training/label_2/<id>.txt    15 fields per line: type truncated occluded alpha x1 y1 x2 y2
-                                 h w l x y z rotation_y (DontCare lines present)
+                                 h w l x y z rotation_y (DontCare lines present; a 16th
+                                 detection score only in result files); type is one of
+                                 ``KITTI_TYPES``
     training/calib/<id>.txt      P0..P3 (3x4), R0_rect (3x3), Tr_velo_to_cam, Tr_imu_to_velo (3x4)
 
 Conversion (derived here; ``tests/test_data_readers.py`` checks it by projecting 3D boxes)
@@ -66,6 +68,7 @@ __all__ = [
     "KITTI_CALIB_KEYS",
     "KITTI_LABEL_FIELDS",
     "KITTI_OBJECT_TO_PASCAL",
+    "KITTI_TYPES",
     "NEMO_KITTI_UNITS_PER_METRE",
     "KittiConfig",
     "KittiObject",
@@ -86,6 +89,10 @@ __all__ = [
 KITTI_LABEL_FIELDS: tuple[str, ...] = (
     "type", "truncated", "occluded", "alpha", "x1", "y1", "x2", "y2",
     "h", "w", "l", "x", "y", "z", "rotation_y",
+)
+#: The object types of KITTI's devkit (readme.txt of devkit_object), spelled as in the labels.
+KITTI_TYPES: tuple[str, ...] = (
+    "Car", "Van", "Truck", "Pedestrian", "Person_sitting", "Cyclist", "Tram", "Misc", "DontCare",
 )
 #: Calibration entries and their shapes.
 KITTI_CALIB_KEYS: dict[str, tuple[int, int]] = {
@@ -163,7 +170,8 @@ class KittiPose:
 
 def _floats(parts: list[str], path: Path, lineno: int) -> list[float]:
     out = []
-    for name, text in zip(KITTI_LABEL_FIELDS[1:], parts[1:15], strict=True):
+    # A 16th field is the detection score of KITTI's result files: a number like the others.
+    for name, text in zip((*KITTI_LABEL_FIELDS[1:], "score"), parts[1:], strict=False):
         try:
             value = float(text)
         except ValueError:
@@ -175,10 +183,12 @@ def _floats(parts: list[str], path: Path, lineno: int) -> list[float]:
 
 
 def read_kitti_label(path: Path) -> list[KittiObject]:
-    """Parse a ``label_2`` file (15 fields per line; a 16th detection score is ignored).
+    """Parse a ``label_2`` file (15 fields per line; a 16th detection score is checked, then
+    ignored).
 
     Raises:
-        DataFormatError: missing file, wrong field count, non-numeric or out-of-range value.
+        DataFormatError: missing file, wrong field count, a type not in ``KITTI_TYPES``,
+            non-numeric or out-of-range value, a box with x2 < x1 or y2 < y1.
     """
     path = Path(path)
     if not path.is_file():
@@ -196,8 +206,18 @@ def read_kitti_label(path: Path) -> list[KittiObject]:
             raise DataFormatError(path, f"line {lineno + 1}",
                                   f"15 fields {' '.join(KITTI_LABEL_FIELDS)}",
                                   f"{len(parts)} fields: {line!r}")
+        # Types are case-sensitive in the devkit; a misspelt one ("car", "Carr") would otherwise
+        # drop the object from every class filter without a word.
+        if parts[0] not in KITTI_TYPES:
+            raise DataFormatError(path, f"line {lineno + 1} type",
+                                  f"one of KITTI's types {', '.join(KITTI_TYPES)}", parts[0])
         v = _floats(parts, path, lineno)
         trunc, occ = v[0], v[1]
+        for axis, lo, hi in (("x", 3, 5), ("y", 4, 6)):  # indices of x1/y1 and x2/y2 in v
+            if v[hi] < v[lo]:
+                raise DataFormatError(
+                    path, f"line {lineno + 1} {axis}2",
+                    f"{axis}2 >= {axis}1 = {parts[lo + 1]} (boxes are x1 y1 x2 y2)", parts[hi + 1])
         if parts[0] != "DontCare":
             if not 0.0 <= trunc <= 1.0:
                 raise DataFormatError(path, f"line {lineno + 1} truncated", "a number in [0, 1]",

@@ -39,8 +39,10 @@ __all__ = [
     "ParsedFile",
     "ReadResult",
     "SkippedObject",
+    "box_outside_image",
     "load_mat_struct",
     "parse_record_file",
+    "record_image_size",
     "struct_list",
 ]
 
@@ -224,6 +226,40 @@ def _viewpoint(obj: Any, path: Path, prefix: str) -> tuple[dict[str, float] | No
     return out, ""
 
 
+def record_image_size(record: Any, mat_path: Path) -> tuple[int, int] | None:
+    """(H, W) from ``record.imgsize`` [W H D] of a loaded ``record`` struct; None when empty.
+
+    Raises:
+        DataFormatError: imgsize is not numbers, or width/height not finite and positive.
+    """
+    imgsize = _field(record, "imgsize")
+    if _is_empty(imgsize):
+        return None
+    arr = np.asarray(imgsize)
+    # Check the type before converting: a string would fail inside numpy, unexplained.
+    if not np.issubdtype(arr.dtype, np.number):
+        raise DataFormatError(mat_path, "record.imgsize", "[width height depth] (numbers)",
+                              imgsize)
+    arr = arr.astype(np.float64).ravel()
+    if arr.size < 2 or not np.all(np.isfinite(arr[:2])) or np.any(arr[:2] <= 0):
+        raise DataFormatError(mat_path, "record.imgsize", "[width height depth]", imgsize)
+    return (int(arr[1]), int(arr[0]))
+
+
+def box_outside_image(bbox: tuple[float, ...], image_size: tuple[int, int]) -> str | None:
+    """Why a 0-based box (x1, y1, x2, y2, pixel centres) does not fit an image of (H, W), or None.
+
+    The last pixel's centre is (W - 1, H - 1); one pixel beyond it is let pass as rounding in
+    the annotation. A box further out marks a wrong box or a wrong image size (the readers keep
+    it: a crop pads what lies outside; ``nvsm data verify`` reports it).
+    """
+    height, width = image_size
+    if bbox[2] > width or bbox[3] > height:
+        return (f"bbox outside the image: (x2, y2) = ({bbox[2]:g}, {bbox[3]:g}) (0-based) beyond "
+                f"the last pixel ({width - 1}, {height - 1}) of a {width}x{height} image")
+    return None
+
+
 class ParsedFile(NamedTuple):
     """Result of ``parse_record_file``: records, skipped objects and the image file."""
 
@@ -274,18 +310,7 @@ def parse_record_file(
         raise DataFormatError(mat_path, "record.objects", "a struct array of objects", "missing")
     objs = [] if _is_empty(record.objects) else struct_list(record.objects, mat_path,
                                                              "record.objects")
-    image_size = None
-    imgsize = _field(record, "imgsize")
-    if not _is_empty(imgsize):
-        arr = np.asarray(imgsize)
-        # Check the type before converting: a string would fail inside numpy, unexplained.
-        if not np.issubdtype(arr.dtype, np.number):
-            raise DataFormatError(mat_path, "record.imgsize", "[width height depth] (numbers)",
-                                  imgsize)
-        arr = arr.astype(np.float64).ravel()
-        if arr.size < 2 or not np.all(np.isfinite(arr[:2])) or np.any(arr[:2] <= 0):
-            raise DataFormatError(mat_path, "record.imgsize", "[width height depth]", imgsize)
-        image_size = (int(arr[1]), int(arr[0]))
+    image_size = record_image_size(record, mat_path)
     filename = _field(record, "filename")
     filename = None if _is_empty(filename) else _string(filename, mat_path, "record.filename")
 

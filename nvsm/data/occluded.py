@@ -99,17 +99,35 @@ def read_occluded_npz(path: Path, check_masks: bool = False) -> OccludedAnnotati
     stem = Path(text.replace("\\", "/")).stem
     if not stem:
         raise DataFormatError(path, "source", "a non-empty image name", text)
-    if box.size != 6 or not np.issubdtype(box.dtype, np.number) \
-            or not np.all(np.isfinite(box.astype(np.float64))):
-        raise DataFormatError(path, "box", "6 finite numbers [y0, y1, x0, x1, img_h, img_w]", box)
-    if occluder_box.size and (occluder_box.shape[-1] != 6
-                              or not np.issubdtype(occluder_box.dtype, np.number)):
-        raise DataFormatError(path, "occluder_box", "an (n, 6) array of boxes", occluder_box)
+    if box.shape != (6,):
+        raise DataFormatError(path, "box", "shape (6,): [y0, y1, x0, x1, img_h, img_w]",
+                              f"shape {box.shape}")
+    _check_finite_numbers(path, "box", box)
+    # An image without occluders may store an empty array of any shape; otherwise one row per box.
+    if occluder_box.size:
+        if occluder_box.ndim != 2 or occluder_box.shape[1] != 6:
+            raise DataFormatError(path, "occluder_box",
+                                  "shape (n, 6): one [y0, y1, x0, x1, img_h, img_w] per occluder",
+                                  f"shape {occluder_box.shape}")
+        _check_finite_numbers(path, "occluder_box", occluder_box)
     for key, mask in masks.items():
         if mask.ndim not in (2, 3) or mask.size == 0:
             raise DataFormatError(path, key, "an (H, W) mask", f"shape {mask.shape}")
-    return OccludedAnnotation(path, stem, box.reshape(6).astype(np.float64),
+    return OccludedAnnotation(path, stem, box.astype(np.float64),
                               occluder_box.reshape(-1, 6).astype(np.float64))
+
+
+def _check_finite_numbers(path: Path, field: str, values: np.ndarray) -> None:
+    """Boxes are pixel coordinates: a bool/str dtype or a NaN/inf would silently corrupt the
+    box matching and the crops downstream."""
+    if values.dtype.kind not in "iuf":
+        raise DataFormatError(path, field, "numbers (an int or float array)",
+                              f"dtype {values.dtype}")
+    bad = np.argwhere(~np.isfinite(values.astype(np.float64)))
+    if bad.size:
+        index = ", ".join(str(int(i)) for i in bad[0])
+        raise DataFormatError(path, f"{field}[{index}]", "a finite number",
+                              values[tuple(bad[0])].item())
 
 
 def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:

@@ -75,7 +75,9 @@ def read_image_set(path: Path) -> list[str]:
     if not path.is_file():
         raise DataFormatError(path, "<file>", "an existing image-set list", "missing")
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark (written by some editors) would otherwise become an
+        # invisible part of the first id, which then matches no annotation file.
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataFormatError(path, "<file>", "a readable UTF-8 text file", str(exc)) from exc
     ids: list[str] = []

@@ -110,7 +110,9 @@ def select_labelled(
         raise ValueError(f"strategy must be one of {SPLIT_STRATEGIES}, got {strategy!r}")
     recs = _sorted_unique(records)
     if n > len(recs):
-        raise ValueError(f"asked for {n} labelled records but only {len(recs)} are available")
+        cats = ", ".join(sorted({r.category for r in recs})) or "the given categories"
+        raise ValueError(f"asked for {n} labelled records of {cats} but only {len(recs)} are "
+                         "available")
     ids = [r.uid for r in recs]
     chosen = list(dict.fromkeys(keep))
     missing = set(chosen) - set(ids)
@@ -250,8 +252,10 @@ def write_split_list(path: Path, ids: Iterable[str]) -> Path:
 
 
 def read_split_list(path: Path) -> list[str]:
-    """Ids from a list written by ``write_split_list`` (blank lines ignored)."""
-    return [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    """Ids from a list written by ``write_split_list`` (blank lines ignored; a UTF-8 byte-order
+    mark, as some editors write, is not part of the first id)."""
+    text = Path(path).read_text(encoding="utf-8-sig")
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 
 def _split_folder(split: FewShotSplit, out_dir: Path) -> Path:

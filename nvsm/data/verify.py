@@ -2,8 +2,9 @@
 
 ``verify_dataset`` walks the whole copy once and returns **every** problem it finds — missing
 folders, missing or unreadable images and annotation files, malformed annotation fields, count
-mismatches — each naming the file. Objects the readers skip on purpose (coarse-only viewpoints,
-KITTI filters) are not problems.
+mismatches, an annotation's ``imgsize`` or boxes that do not fit its image — each naming the
+file. Objects the readers skip on purpose (coarse-only viewpoints, KITTI filters) are not
+problems.
 
 Manifest fields used (see the YAML files for the full description): ``categories``,
 ``layout.folders``, ``layout.files``, ``layout.per_category.{folders,files,cad}``,
@@ -28,7 +29,13 @@ from nvsm.data.datasets import DATASET_NAMES, synthetic_categories
 from nvsm.data.errors import DataFormatError
 from nvsm.data.images import check_image
 from nvsm.data.kitti import kitti_frame_id, read_kitti_calib, read_kitti_label
-from nvsm.data.matlab import parse_record_file
+from nvsm.data.matlab import (
+    ParsedFile,
+    box_outside_image,
+    load_mat_struct,
+    parse_record_file,
+    record_image_size,
+)
 from nvsm.data.occluded import occluded_folder, read_occluded_npz
 from nvsm.data.pascal3d import pascal3d_annotation_dir, read_image_set
 
@@ -118,8 +125,9 @@ class _Collector:
         self.add(Problem("missing_file", path, "required file is missing"))
         return False
 
-    def image(self, path: Path, decode: bool) -> None:
-        self.run(check_image, path, decode)
+    def image(self, path: Path, decode: bool) -> tuple[int, int] | None:
+        """Check an image; its (H, W), or None when it is missing or unreadable (reported)."""
+        return self.run(check_image, path, decode)
 
 
 def _count(root: Path, pattern: str, measure: str) -> int:
@@ -195,8 +203,32 @@ def _verify_pascal_layout(root: Path, manifest: dict[str, Any], categories: list
                     out.add(Problem("bad_field", ann_dir / f"{image_id}.mat",
                                     f"listed in {list_path.name} ({split}) but has no object of "
                                     f"class {cat!r}", "record.objects"))
-                out.image(result.image_path, decode)
+                _check_against_image(ann_dir / f"{image_id}.mat", result,
+                                     out.image(result.image_path, decode), out)
         _check_lists_disjoint(listed, out)
+
+
+def _check_against_image(mat_path: Path, result: ParsedFile, size: tuple[int, int] | None,
+                         out: _Collector) -> None:
+    """Compare an annotation with its image: ``record.imgsize`` with the real size (``size``,
+    read from the header anyway; None when the image is missing or unreadable, which the image
+    check reports) and every box with the image's bounds (the real size, else imgsize)."""
+    declared = next((r.image_size for r in result.records if r.image_size is not None), None)
+    if declared is None and result.skipped:  # no record to carry imgsize: read it again
+        record = out.run(load_mat_struct, mat_path, "record")
+        declared = None if record is None else out.run(record_image_size, record, mat_path)
+    if size is not None and declared is not None and declared != size:
+        out.add(Problem("bad_field", mat_path,
+                        f"[width height] = [{declared[1]} {declared[0]}], but "
+                        f"{result.image_path.name} is {size[1]}x{size[0]}", "record.imgsize"))
+    bounds, source = (size, result.image_path.name) if size else (declared, "record.imgsize")
+    if bounds is None:
+        return
+    for record in result.records:
+        outside = box_outside_image(record.bbox, bounds)
+        if outside:
+            out.add(Problem("bad_field", mat_path, f"{outside} ({source})",
+                            f"objects[{record.object_index}].bbox"))
 
 
 def _check_lists_disjoint(listed: dict[str, tuple[Path, list[str]]], out: _Collector) -> None:
@@ -268,7 +300,8 @@ def _verify_objectnet3d(root: Path, manifest: dict[str, Any], decode: bool,
                              root / "Images", categories=None, source="objectnet3d",
                              image_id=image_id)
             if result is not None:
-                out.image(result.image_path, decode)
+                _check_against_image(root / "Annotations" / f"{image_id}.mat", result,
+                                     out.image(result.image_path, decode), out)
     _check_lists_disjoint(listed, out)
 
 
@@ -299,7 +332,8 @@ def verify_dataset(
     root = Path(root)
     out = _Collector(progress)
     if not root.is_dir():
-        return [Problem("missing_folder", root, f"dataset root of {name} does not exist")]
+        state = "is a file, not a folder" if root.exists() else "does not exist"
+        return [Problem("missing_folder", root, f"dataset root of {name} {state}")]
     layout = manifest["layout"]
     for folder in layout.get("folders", []):
         out.folder(root / folder)
