@@ -166,16 +166,32 @@ def load_splits(config: RunConfig, occlusion_levels: tuple[int, ...] = (0,)) -> 
     PASCAL3D+-layout sets: level 0 is the val list, levels 1–3 come from the Occluded PASCAL3D+
     release at ``occluded_root``. KITTI: the test fold, its levels being KITTI's own occlusion
     flags 0–2."""
-    from nvsm.data.datasets import train_test_records
+    from nvsm.data.datasets import split_list_file, train_test_records
 
     root = dataset_root(config)
     name, cats = config.data.dataset, config.data.categories
     train_read, test_read = train_test_records(name, root, cats)
     train = train_read.records
+    # Empty sides fail here, naming where the records come from, before any training: an empty
+    # test level failed after it, as "CropSet.concat needs at least one set".
+    if name == "kitti":
+        bad = [lv for lv in occlusion_levels if lv > 2]
+        if bad:
+            raise ValueError(f"occlusion levels {bad}: KITTI's are 0-2 (its occlusion flags)")
+        sources = {lv: f"KITTI test fold 0 (frames with number mod 4 == 0), level {lv}"
+                   for lv in occlusion_levels}
+        train_source = f"{root} (KITTI label_2, the frames outside test fold 0)"
+    else:
+        listed = [str(split_list_file(name, root, c, "val")) for c in cats]
+        sources = {0: f"the test list(s) {', '.join(listed)}"}
+        train_source = ", ".join(str(split_list_file(name, root, c, "train")) for c in cats)
+    if not train:
+        raise ValueError(f"no training records of {', '.join(cats)} in {train_source}")
     test: dict[int, list[ObjectRecord]] = {}
     if name == "kitti":
         for lv in occlusion_levels:
             test[lv] = [r for r in test_read.records if r.occlusion_level == lv]
+        _require_test_records(test, sources)
         return DatasetSplits(root, train, test)
     if 0 in occlusion_levels:
         test[0] = test_read.records
@@ -187,14 +203,29 @@ def load_splits(config: RunConfig, occlusion_levels: tuple[int, ...] = (0,)) -> 
                 f"occlusion levels {list(occluded)} need the Occluded PASCAL3D+ release (images/, "
                 f"annotations/, lists/), but {occ_root} is not a folder: set "
                 "-s data.occluded_root=PATH, or leave the occluded levels out (nvsm fewshot: "
-                "-s fewshot.occlusion_levels=[0])"
+                "-s fewshot.occlusion_levels=[0]; nvsm evaluate: no -l 1, 2 or 3)"
             )
         recs = load_dataset(
             "occluded_pascal3d", occ_root, categories=cats, pascal3d_root=root, levels=occluded
         ).records
         for lv in occluded:
             test[lv] = [r for r in recs if r.occlusion_level == lv]
+            sources[lv] = f"{occ_root}/lists (level {lv})"
+        trained = {(r.category, r.image_id) for r in train}
+        shared = sorted({(r.category, r.image_id) for r in recs} & trained)
+        if shared:  # the occluded levels would score images the model was trained on
+            ids = ", ".join(i for _, i in shared[:5]) + (" ..." if len(shared) > 5 else "")
+            raise ValueError(f"{occ_root}/lists: {len(shared)} occluded test image(s) are also "
+                             f"training images ({train_source}): {ids}")
+    _require_test_records(test, sources)
     return DatasetSplits(root, train, test)
+
+
+def _require_test_records(test: dict[int, list[ObjectRecord]], sources: dict[int, str]) -> None:
+    empty = [lv for lv, recs in sorted(test.items()) if not recs]
+    if empty:
+        raise ValueError("no test records at occlusion level(s) "
+                         f"{empty}: " + "; ".join(sources[lv] for lv in empty))
 
 
 def labelled_subset(

@@ -87,3 +87,33 @@ def test_check_run_config_names_what_cannot_run_here(monkeypatch):
     monkeypatch.setattr(nvsm.render.rasterizer, "pytorch3d_available", lambda: False)
     with pytest.raises(ValueError, match=r"model\.rasterizer: rasterizer 'pytorch3d' was"):
         check_run_config(p3d)
+
+
+def test_load_splits_names_an_empty_side_and_occluded_training_images(tiny_synthetic, tmp_path):
+    # An empty test level failed only after training ("CropSet.concat needs at least one set"),
+    # and an occluded test image that is also a training image was scored without a word.
+    import shutil
+
+    from nvsm.config import load_config
+    from nvsm.pipeline import load_splits
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_synthetic, root)
+    train_list = root / "Image_sets" / "car_imagenet_train.txt"
+    val_list = root / "Image_sets" / "car_imagenet_val.txt"
+    config = load_config(None, [f"data.root={root}"])
+    assert len(load_splits(config, (0, 1)).test[1]) == 4
+    val_ids = val_list.read_text().split()
+    val_list.write_text("")
+    with pytest.raises(ValueError, match=r"no test records at occlusion level\(s\) \[0\]: "
+                                         r"the test list\(s\) .*car_imagenet_val\.txt"):
+        load_splits(config, (0,))
+    # One val image moved to the training list: its occluded copies are training images.
+    val_list.write_text("".join(f"{i}\n" for i in val_ids[1:]))
+    train_list.write_text(train_list.read_text() + f"{val_ids[0]}\n")
+    with pytest.raises(ValueError, match=rf"1 occluded test image\(s\) are also training "
+                                         rf"images .*: {val_ids[0]}"):
+        load_splits(config, (0, 1))
+    train_list.write_text("")
+    with pytest.raises(ValueError, match=r"no training records of car in .*train\.txt"):
+        load_splits(config, (0,))

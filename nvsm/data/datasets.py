@@ -14,7 +14,13 @@ from nvsm.data.objectnet3d import load_objectnet3d
 from nvsm.data.occluded import load_occluded_pascal3d
 from nvsm.data.pascal3d import load_pascal3d, pascal3d_image_set
 
-__all__ = ["DATASET_NAMES", "load_dataset", "synthetic_categories", "train_test_records"]
+__all__ = [
+    "DATASET_NAMES",
+    "load_dataset",
+    "split_list_file",
+    "synthetic_categories",
+    "train_test_records",
+]
 
 DatasetName = Literal["pascal3d", "occluded_pascal3d", "kitti", "objectnet3d", "synthetic"]
 DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
@@ -70,7 +76,7 @@ def load_dataset(
     raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
 
 
-def _list_file(name: str, root: Path, category: str, split: str) -> Path:
+def split_list_file(name: str, root: Path, category: str, split: str) -> Path:
     """The image-set list a PASCAL3D+-layout set or ObjectNet3D reads ``split`` from."""
     if name == "objectnet3d":
         return Path(root) / "Image_sets" / f"{split}.txt"
@@ -87,8 +93,8 @@ def _check_disjoint(name: str, root: Path, train: ReadResult, test: ReadResult) 
     category = shared[0][0]
     ids = [image_id for cat, image_id in shared if cat == category]
     raise DataFormatError(
-        _list_file(name, root, category, "train"), f"{category} image ids",
-        f"no id that {_list_file(name, root, category, 'val')} (the test list) also holds",
+        split_list_file(name, root, category, "train"), f"{category} image ids",
+        f"no id that {split_list_file(name, root, category, 'val')} (the test list) also holds",
         f"{len(ids)} shared id(s): {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}")
 
 
