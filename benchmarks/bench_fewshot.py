@@ -93,6 +93,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _cli import non_negative_float, non_negative_int, positive_int, run_main, torch_device
 from rich.console import Console
 from rich.table import Table
 
@@ -836,33 +837,42 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke check: " + str(QUICK))
     ap.add_argument("--recipe", default=RECIPE)
     ap.add_argument("-s", "--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", type=torch_device, default="cpu")
     ap.add_argument("--checkpoint", type=Path, default=None, help="NeMoModel checkpoint")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--round", type=int, default=1, help="EM round whose sizes are measured")
-    ap.add_argument("--images", type=int, default=64, help="images timed per-image stages use")
-    ap.add_argument("--train-steps", type=int, default=10, help="training steps per timed run")
-    ap.add_argument("--train-warmup", type=int, default=2)
-    ap.add_argument("--pool", type=int, default=100_000, help="simulated targets (--index)")
-    ap.add_argument("--chunk", type=int, default=256, help="targets per streamed chunk")
-    ap.add_argument("--anchors", type=int, default=0, help="index anchors (0: labels.annotations)")
-    ap.add_argument("--dim", type=int, default=0, help="feature channels (0: model.feature_dim)")
-    ap.add_argument("--nlist", type=int, default=0, help="IVF lists (0: round(sqrt(M)))")
-    ap.add_argument("--nprobe", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--pca-dims", type=int, nargs="*", default=[64])
-    ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--target-noise", type=float, default=3.0, help="per-pixel noise norm")
-    ap.add_argument("--jitter", type=int, default=1, help="max target offset from its view, cells")
+    pos, nonneg = positive_int, non_negative_int  # argparse types: >= 1, >= 0
+    ap.add_argument("--repeats", type=pos, default=5)
+    ap.add_argument("--round", type=pos, default=1, help="EM round whose sizes are measured")
+    ap.add_argument("--images", type=pos, default=64, help="images timed per-image stages use")
+    ap.add_argument("--train-steps", type=pos, default=10, help="training steps per timed run")
+    ap.add_argument("--train-warmup", type=nonneg, default=2)
+    ap.add_argument("--pool", type=pos, default=100_000, help="simulated targets (--index)")
+    ap.add_argument("--chunk", type=pos, default=256, help="targets per streamed chunk")
+    ap.add_argument(
+        "--anchors", type=nonneg, default=0, help="index anchors (0: labels.annotations)"
+    )
+    ap.add_argument("--dim", type=nonneg, default=0, help="feature channels (0: model.feature_dim)")
+    ap.add_argument("--nlist", type=nonneg, default=0, help="IVF lists (0: round(sqrt(M)))")
+    ap.add_argument("--nprobe", type=pos, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--pca-dims", type=pos, nargs="*", default=[64])
+    ap.add_argument("--k", type=pos, default=10)
+    ap.add_argument(
+        "--target-noise", type=non_negative_float, default=3.0, help="per-pixel noise norm"
+    )
+    ap.add_argument(
+        "--jitter", type=nonneg, default=1, help="max target offset from its view, cells"
+    )
     ap.add_argument("--no-torch", action="store_true", help="skip TorchMatcher in --index")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=0, help="torch/faiss CPU threads (0: default)")
+    ap.add_argument("--seed", type=nonneg, default=0)
+    ap.add_argument(
+        "--threads", type=nonneg, default=0, help="torch/faiss CPU threads (0: default)"
+    )
     ap.add_argument("--json", "--out", dest="json", type=Path, default=None, help="write here")
     args = ap.parse_args()
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
-    if args.round < 1:
-        raise SystemExit("--round must be >= 1")
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        ap.error(f"argument --checkpoint: no checkpoint file {str(args.checkpoint)!r}")
     if not args.stages and not args.index:
         args.stages = args.index = True
     malloc_kept = keep_freed_memory()  # as the `nvsm` command does at start-up
@@ -904,4 +914,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

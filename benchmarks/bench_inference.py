@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from _cli import positive_int, run_main
 
 from nvsm.infer.evaluate import predict, resolve_schedule, score
 from nvsm.pipeline import cropsets, load_splits, resolve_device
@@ -29,11 +30,13 @@ from nvsm.train.model import NeMoModel
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--images", type=int, default=150, help="test crops used")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--images", type=positive_int, default=150, help="test crops used")
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if not args.model.is_file():
+        parser.error(f"argument --model: no checkpoint file {str(args.model)!r}")
 
     model, _ = NeMoModel.load(args.model)
     config = model.config
@@ -89,4 +92,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

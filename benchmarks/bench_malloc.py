@@ -18,11 +18,11 @@ import dataclasses
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
 
+from _cli import non_negative_int, positive_int, run_command, run_main
 from rich.console import Console
 from rich.table import Table
 
@@ -78,10 +78,12 @@ def child(mode: str, args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--recipe", default="synthetic-car-7shot")
-    ap.add_argument("--images", type=int, default=64, help="pool crops added to the labels")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--images", type=positive_int, default=64, help="pool crops added to the labels"
+    )
+    ap.add_argument("--steps", type=positive_int, default=30)
+    ap.add_argument("--warmup", type=non_negative_int, default=3)
+    ap.add_argument("--repeats", type=positive_int, default=5)
     ap.add_argument("--json", default=None, help="write the raw measurements here")
     ap.add_argument("--child", choices=MODES, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -96,7 +98,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", mode, "--recipe", args.recipe,
                    "--images", str(args.images), "--steps", str(args.steps),
                    "--warmup", str(args.warmup)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            out = run_command(cmd, capture_output=True).stdout
             runs[mode].append(json.loads(out.strip().splitlines()[-1]))
             r = runs[mode][-1]
             console.print(f"repeat {rep + 1}/{args.repeats} {mode:7s} {r['s_per_step']:.3f} s/step")
@@ -127,4 +129,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

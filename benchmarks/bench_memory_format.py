@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _cli import non_negative_int, positive_int, run_main
 from rich.console import Console
 from rich.table import Table
 
@@ -43,10 +44,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--recipe", default="synthetic-car-7shot")
     ap.add_argument("-s", "--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--images", type=int, default=64, help="pool crops beside the labels")
-    ap.add_argument("--extract-batch", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--images", type=positive_int, default=64, help="pool crops beside the labels")
+    ap.add_argument(
+        "--extract-batch", type=positive_int, default=32, help="pool crops per backbone forward"
+    )
+    ap.add_argument("--repeats", type=positive_int, default=20)
+    ap.add_argument("--warmup", type=non_negative_int, default=3)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -87,7 +90,7 @@ def main() -> None:
         "overrides": args.set,
         "repeats": args.repeats,
         "batch_size": config.train.batch_size,
-        "extract_batch": args.extract_batch,
+        "extract_batch": int(pool.shape[0]),  # at most --images (the pool crops there are)
         "crop_size": list(config.data.crop_size),
         "threads": torch.get_num_threads(),
         "max_loss_difference": max(
@@ -116,4 +119,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _cli import int_at_least, non_negative_int, positive_int, run_main, torch_device
 
 from nvsm.mesh import Mesh, cuboid_mesh
 from nvsm.pose import feature_intrinsics, intrinsics, opencv_extrinsics
@@ -106,15 +107,21 @@ def _bench_case(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 144])
-    ap.add_argument("--dim", type=int, default=128, help="feature dimension")
-    ap.add_argument("--vertices", type=int, default=1000, help="target cuboid vertex count")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--backends", nargs="+", default=["torch", "pytorch3d"])
+    ap.add_argument("--device", type=torch_device, default="cpu")
+    ap.add_argument("--batches", type=positive_int, nargs="+", default=[1, 144])
+    ap.add_argument("--dim", type=positive_int, default=128, help="feature dimension")
+    ap.add_argument(
+        "--vertices", type=int_at_least(8), default=1000, help="target cuboid vertex count (>= 8)"
+    )
+    ap.add_argument("--warmup", type=non_negative_int, default=2)
+    ap.add_argument("--repeats", type=positive_int, default=5)
+    ap.add_argument(
+        "--backends", nargs="+", choices=("torch", "pytorch3d"), default=["torch", "pytorch3d"]
+    )
     ap.add_argument("--feature-grad", action="store_true", help="also backprop to the features")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    ap.add_argument(
+        "--threads", type=non_negative_int, default=0, help="torch CPU threads (0: default)"
+    )
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args()
 
@@ -132,12 +139,12 @@ def main() -> None:
     for name in args.backends:
         if name == "torch":
             backends.append(TorchRasterizer())
-        elif name == "pytorch3d" and pytorch3d_available():
+        elif pytorch3d_available():
             backends.append(Pytorch3dRasterizer())
-        elif name == "pytorch3d":
-            print("pytorch3d is not importable: skipped")
         else:
-            raise SystemExit(f"unknown backend {name!r}")
+            print("pytorch3d is not importable: skipped")
+    if not backends:
+        raise SystemExit("error: no backend left to benchmark (see --backends)")
 
     print(f"device {device} ({platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads), torch {torch.__version__}")
@@ -185,4 +192,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -18,10 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from _cli import non_negative_int, positive_int, run_command, run_main
 
 from nvsm.fewshot.loop import ROWS
 from nvsm.io import atomic_write_json
@@ -77,9 +78,9 @@ def main() -> None:
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--anchors", choices=("stratified", "random"), default="stratified")
-    parser.add_argument("--annotations", type=int, default=7)
+    parser.add_argument("--annotations", type=positive_int, default=7)
     parser.add_argument("--out", type=Path, default=Path("runs/draws"))
     args = parser.parse_args(argv)
 
@@ -93,7 +94,7 @@ def main() -> None:
                 "--seed", str(seed), "--out", str(folder), "--resume", *extra,
             ]  # fmt: skip
             print(" ".join(cmd), flush=True)
-            subprocess.run(cmd, check=True)
+            run_command(cmd)
         runs[seed] = json.loads((folder / "metrics.json").read_text())
     summary = {"anchors": args.anchors, "annotations": args.annotations, **summarize(runs)}
     atomic_write_json(args.out / f"summary-{args.anchors}-{args.annotations}.json", summary)
@@ -123,4 +124,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

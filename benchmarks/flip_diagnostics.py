@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _cli import run_main
 from sklearn.metrics import roc_auc_score
 
 from nvsm.config import config_from_dict
@@ -88,6 +89,12 @@ def main() -> None:
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    for run_dir in args.runs:
+        if not (run_dir / "round_0" / "config.json").is_file():
+            parser.error(
+                f"argument runs: {str(run_dir)!r} is not a few-shot run folder "
+                "(expected RUN/round_0/config.json, as `nvsm fewshot --out RUN` writes)"
+            )
     out: dict[str, Any] = {}
     gt: dict[str, tuple[float, float, float]] | None = None
     for run in args.runs:
@@ -124,4 +131,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _cli import positive_int, run_main
 
 from nvsm.config import config_from_dict
 from nvsm.fewshot.loop import (
@@ -70,9 +71,9 @@ def control_poses(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
-    parser.add_argument("--round", type=int, default=1, help="EM round k >= 1 to repeat")
+    parser.add_argument("--round", type=positive_int, default=1, help="EM round k >= 1 to repeat")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--levels", type=int, nargs="+", default=[0])
+    parser.add_argument("--levels", type=int, nargs="+", choices=range(4), default=[0])
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     keep_freed_memory()
@@ -156,4 +157,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
