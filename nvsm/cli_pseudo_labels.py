@@ -119,13 +119,21 @@ def inspect(
         nvsm pseudo-labels inspect runs/nvsm7 --per-round 24 --out nvsm7-labels.html
     """
     from nvsm.fewshot.report import REPORT_NAME, RunFolderError, write_report
+    from nvsm.io import check_output_folder
 
+    target = out or run / REPORT_NAME
+    try:  # before the crops are rebuilt, not in the final write
+        check_output_folder(target.parent)
+        if target.is_dir():
+            raise ValueError(f"cannot write {target}: it is a folder; name an HTML file")
+    except ValueError as exc:
+        _fail(str(exc))
     try:
         summary = write_report(run, out, per_round)
     except RunFolderError as exc:
         _fail(str(exc))
     except OSError as exc:
-        _fail(f"cannot write {out or run / REPORT_NAME}: {exc.strerror or exc}")
+        _fail(f"cannot write {target}: {exc.strerror or exc}")
     if summary.note:
         console.print(f"[yellow]warning:[/yellow] {escape(summary.note)}", soft_wrap=True)
     console.print(

@@ -73,6 +73,13 @@ class Bounds:
         return "a value " + " and ".join(parts)
 
 
+@dataclass(frozen=True)
+class AbsolutePath:
+    """Marks a path setting: loading stores it absolute (``~`` expanded, a relative path taken
+    from the working directory), so that the config a run records works from any folder."""
+
+
+PathSetting = Annotated[str, AbsolutePath()]
 PositiveInt = Annotated[int, Bounds(ge=1)]
 NonNegativeInt = Annotated[int, Bounds(ge=0)]
 PositiveFloat = Annotated[float, Bounds(gt=0)]
@@ -86,11 +93,12 @@ class DataConfig:
     """Which images, which objects, how they are cropped."""
 
     dataset: DatasetName = "synthetic"
-    root: str | None = None  # None: the built-in synthetic dataset (generated on demand)
-    cad_root: str | None = None  # CAD/<category> for the cuboids; None: root (KITTI: PASCAL3D+)
+    root: PathSetting | None = None  # None: the built-in synthetic dataset (made on demand)
+    # CAD/<category> for the cuboids; None: root (KITTI: the PASCAL3D+ release's)
+    cad_root: PathSetting | None = None
     # Occluded PASCAL3D+ release (images/, annotations/, lists/) for test levels 1-3 of
     # PASCAL3D+-layout sets; None: <root>/OccludedPASCAL3D (where the synthetic set has it)
-    occluded_root: str | None = None
+    occluded_root: PathSetting | None = None
     categories: list[str] = field(default_factory=lambda: ["car"])
     crop_protocol: CropProtocol = "gt-normalized"
     crop_size: list[PositiveInt] | None = None  # (H, W); None: the per-category default
@@ -103,7 +111,7 @@ class ModelConfig:
     """Backbone and neural mesh."""
 
     backbone: str = "efficientnet-lite0"
-    backbone_weights: str | None = None
+    backbone_weights: PathSetting | None = None
     feature_dim: PositiveInt = 128
     n_vertices: Annotated[int, Bounds(ge=8)] = 1000
     rasterizer: RasterizerName = "auto"
@@ -251,9 +259,11 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     if origin is Annotated:
         base, *extras = typing.get_args(tp)
         value = _check_type(value, base, where)
-        for bounds in extras:
-            if isinstance(bounds, Bounds) and value is not None and not bounds.admits(value):
-                raise ConfigError(f"{where}: expected {bounds}, got {value!r}")
+        for extra in extras:
+            if isinstance(extra, Bounds) and value is not None and not extra.admits(value):
+                raise ConfigError(f"{where}: expected {extra}, got {value!r}")
+            if isinstance(extra, AbsolutePath) and value is not None:
+                value = os.path.abspath(os.path.expanduser(value))
         return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)

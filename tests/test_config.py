@@ -195,3 +195,18 @@ def test_a_key_given_twice_or_a_value_that_is_not_yaml_is_named(tmp_path):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, ["train.steps=["])
     assert load_config(None, ["data.crop_size=[64, 96]"]).data.crop_size == [64, 96]
+
+
+def test_path_settings_are_stored_absolute(tmp_path, monkeypatch):
+    # A relative --root was recorded as given: the run's config broke from any other folder
+    # (nvsm evaluate -m RUN/round_1/model.pt from elsewhere could not find the data).
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.root=data/P3D", "data.cad_root=../cad",
+                             "model.backbone_weights=~/w.pth"])
+    assert cfg.data.root == str(tmp_path / "data" / "P3D")
+    assert cfg.data.cad_root == str(tmp_path.parent / "cad")
+    assert cfg.model.backbone_weights == os.path.expanduser("~/w.pth")
+    assert cfg.data.occluded_root is None  # not set stays not set
+    assert config_from_dict(config_to_dict(cfg)) == cfg  # already absolute: unchanged

@@ -207,6 +207,14 @@ def test_inspect_without_dataset_and_errors(tmp_path):
     missing = tmp_path / "missing"
     res = runner.invoke(app, ["pseudo-labels", "inspect", str(missing)])
     assert res.exit_code == 1 and str(missing) in " ".join(res.output.split())
+    # An --out that is a folder, or under a file, is refused before the report is built (it
+    # failed in the final write, after the crops were rebuilt; under a file: "File exists").
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for target, message in ((tmp_path / "report", "it is a folder; name an HTML file"),
+                            (blocker / "r.html", f"{blocker} is a file, not a folder")):
+        res = runner.invoke(app, ["pseudo-labels", "inspect", str(run), "--out", str(target)])
+        assert res.exit_code == 1 and message in " ".join(res.output.split()), res.output
     (run / "round_1" / "metrics.json").write_text("{oops")
     res = runner.invoke(app, ["pseudo-labels", "inspect", str(run), "--out", str(out)])
     assert res.exit_code == 1 and str(run / "round_1" / "metrics.json") in res.output

@@ -1163,13 +1163,16 @@ def _em_rounds(
         labels, matched = labeller(model, k, labels, timer)
         info["pseudo_labels"] = diag = pseudo_label_diagnostics(labels, matched, run.hidden_gt)
         acc = [i for i, lb in enumerate(labels) if lb.accepted]
+        accepted = f"{name} round {k}: accepted {len(acc)}/{len(labels)} pseudo-labels"
         if diag["accepted"] and math.isfinite(diag["refined"]["acc_pi_6"]):
             r = diag["refined"]
             run.say(
-                f"{name} round {k}: accepted {len(acc)}/{len(labels)} pseudo-labels; vs the "
-                f"hidden ground truth (diagnostics only): Acc@π/6 {100 * r['acc_pi_6']:.1f}, "
-                f"Acc@π/18 {100 * r['acc_pi_18']:.1f}, flips {100 * r['flip_share']:.1f} %"
+                f"{accepted}; vs the hidden ground truth (diagnostics only): Acc@π/6 "
+                f"{100 * r['acc_pi_6']:.1f}, Acc@π/18 {100 * r['acc_pi_18']:.1f}, flips "
+                f"{100 * r['flip_share']:.1f} %"
             )
+        else:  # none accepted, or no ground truth to compare with: the count still tells
+            run.say(accepted)
         data = run.data.labelled
         if acc:
             data = CropSet.concat([data, _pseudo_set(run.pool, labels, acc)])
