@@ -332,11 +332,23 @@ def _train_and_evaluate(
     torch.manual_seed(config.seed)
     device = info.device
     run_dir = ddp.broadcast_object(Path(run_dir))  # e.g. a timestamped default: rank 0's
-    if not info.is_main:
-        ddp.barrier()  # rank 0 first: it may generate the built-in synthetic dataset
-    splits = load_splits(config, (0,) if evaluate else ())
+    levels = (0,) if evaluate else ()
+    # Rank 0 reads the splits first (it may generate the built-in synthetic dataset), then the
+    # others. Its failure is sent to them, so that every rank stops with the same one-line
+    # error; they waited in a barrier and died there with gloo's traceback when rank 0 exited.
+    failure: ValueError | FileNotFoundError | None = None
     if info.is_main:
-        ddp.barrier()
+        try:
+            splits = load_splits(config, levels)
+        except (ValueError, FileNotFoundError) as exc:
+            failure = exc
+    message = ddp.broadcast_object(None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise ValueError(message)
+    if not info.is_main:
+        splits = load_splits(config, levels)
     labelled = training_records(config, splits)
     ckpt = run_dir / "model.pt"
     done_steps = 0

@@ -373,3 +373,16 @@ def test_torchrun_train_command(tiny_synthetic, tmp_path):
     assert (run / "model.pt").is_file() and (run / "run_info.json").is_file()
     assert json.loads((run / "metrics.json").read_text())["pooled"]["L0"]["n"] == 4
     assert res.stdout.count("synthetic-car-7labels: test") == 1  # rank 0 alone evaluates
+    # A dataset error (rank 0 reads first): every rank stops with the same one-line error; rank
+    # 1, waiting in a barrier, died with gloo's connection traceback. (torchrun's launcher then
+    # reports the failed children with a traceback of its own.)
+    missing = tmp_path / "nowhere"
+    bad = [arg.replace(str(tiny_synthetic), str(missing)) for arg in cmd]
+    bad[bad.index(str(run))] = str(tmp_path / "run2")
+    res = subprocess.run(
+        bad, env=env, capture_output=True, text=True, timeout=DEADLINE_S, check=False
+    )
+    output = res.stdout + res.stderr
+    assert res.returncode != 0 and "[rank1]: Traceback" not in output, output[-3000:]
+    assert output.count(f"error: {missing}/Image_sets/car_imagenet_train.txt") == WORLD
+    assert not (tmp_path / "run2").exists()
