@@ -55,7 +55,8 @@ def _fake_run(root: Path, rounds: dict[int, list[PseudoLabel]], config: dict | N
             (folder / "config.json").write_text(json.dumps(config))
         m = {"round": k, "test": {"pooled": {"L0": {"acc_pi_6": 0.1 * (k + 1)}}}}
         if k in rounds:
-            (folder / "pseudo_labels.jsonl").write_text(pseudo_labels_jsonl(rounds[k]))
+            labels = [dataclasses.replace(lb, round=k) for lb in rounds[k]]
+            (folder / "pseudo_labels.jsonl").write_text(pseudo_labels_jsonl(labels))
             m["pseudo_labels"] = {"refined": {"acc_pi_6": 0.5, "acc_pi_18": 0.25}}
         (folder / "metrics.json").write_text(json.dumps(m))
     return run
@@ -154,6 +155,9 @@ def test_export_errors_name_the_path(tmp_path):
     path = run / "round_1" / "pseudo_labels.jsonl"
     path.write_text(path.read_text() + "\n{not json\n")
     fails([str(run)], f"{path} line 3", "expected one pseudo-label JSON object per line")
+    # A label of another round (a file copied between rounds) was read as this round's.
+    path.write_text(pseudo_labels_jsonl([_label("a", 0.9, True, k=2)]))
+    fails([str(run)], f"{path} line 1: field 'round': expected 1", "got 2")
     path.write_text('{"uid": "a"}\n')
     fails([str(run)], f"{path} line 1")
 

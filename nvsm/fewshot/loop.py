@@ -778,12 +778,14 @@ def pseudo_labels_jsonl(labels: Sequence[PseudoLabel]) -> str:
     return "".join(json.dumps(lb.to_dict(), sort_keys=True) + "\n" for lb in labels)
 
 
-def read_pseudo_labels(path: Path) -> list[PseudoLabel]:
-    """Labels from a ``pseudo_labels.jsonl``.
+def read_pseudo_labels(path: Path, round_index: int | None = None) -> list[PseudoLabel]:
+    """Labels from a ``pseudo_labels.jsonl`` (of EM round ``round_index``, when given: every
+    label of a round is that round's).
 
     Raises:
         ValueError: naming the file and line that is not UTF-8, not JSON, or not a
-            ``PseudoLabel.to_dict`` object (then also the field, ``PseudoLabel.from_dict``).
+            ``PseudoLabel.to_dict`` object (then also the field, ``PseudoLabel.from_dict``), or
+            a label of another round.
     """
     out = []
     # Lines are split as bytes and decoded one by one so that a non-UTF-8 byte is reported
@@ -806,9 +808,13 @@ def read_pseudo_labels(path: Path) -> list[PseudoLabel]:
                 f"(PseudoLabel.to_dict), got invalid JSON: {exc}"
             ) from exc
         try:
-            out.append(PseudoLabel.from_dict(data))
+            label = PseudoLabel.from_dict(data)
         except ValueError as exc:
             raise ValueError(f"{path} line {number}: {exc}") from exc
+        if round_index is not None and label.round != round_index:
+            raise ValueError(f"{path} line {number}: field 'round': expected {round_index} (the "
+                             f"file is round {round_index}'s), got {label.round}")
+        out.append(label)
     return out
 
 
@@ -1152,7 +1158,7 @@ def _em_rounds(
         saved = run.complete(folder)
         if saved is not None:
             out.append(saved)
-            labels = read_pseudo_labels(folder / "pseudo_labels.jsonl")
+            labels = read_pseudo_labels(folder / "pseudo_labels.jsonl", k)
             gaps.append(_accepted_gap(labels))
             previous = folder
             continue
@@ -1365,7 +1371,7 @@ def run_fewshot(
         )
     last = run_dir / f"round_{rounds[-1]['round']}"  # earlier than fs.rounds if saturated
     final = run.load(last)
-    labels = read_pseudo_labels(last / "pseudo_labels.jsonl")
+    labels = read_pseudo_labels(last / "pseudo_labels.jsonl", rounds[-1]["round"])
     metrics = _top_level(config, data, rows, rounds, {"total_steps": budget, **extra})
     atomic_write_json(run_dir / "metrics.json", metrics)
     return FewShotResult(metrics=metrics, model=final, labels=labels)

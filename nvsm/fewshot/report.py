@@ -166,14 +166,15 @@ def labels_path(run_dir: Path, round_index: int | None = None) -> tuple[int, Pat
     raise RunFolderError(f"{missing}; rounds with pseudo-labels: {', '.join(map(str, files))}")
 
 
-def load_labels(path: Path) -> list[PseudoLabel]:
-    """``read_pseudo_labels(path)`` with errors that name the file and the bad line.
+def load_labels(path: Path, round_index: int) -> list[PseudoLabel]:
+    """``read_pseudo_labels(path, round_index)`` with errors that name the file and the bad
+    line.
 
     Raises:
         RunFolderError: unreadable file, or a line that is not a ``PseudoLabel.to_dict`` object.
     """
     try:
-        return read_pseudo_labels(path)
+        return read_pseudo_labels(path, round_index)
     except OSError as exc:
         raise RunFolderError(f"cannot read {path}: {exc.strerror or exc}") from exc
     except ValueError as exc:
@@ -231,7 +232,7 @@ def export_labels(
 ) -> tuple[int, int, str]:
     """Round, number of labels written and the text of one round's export."""
     k, path = labels_path(run_dir, round_index)
-    labels = load_labels(path)
+    labels = load_labels(path, k)
     n = sum(lb.accepted for lb in labels) if accepted_only else len(labels)
     return k, n, format_labels(labels, fmt, accepted_only)
 
@@ -553,7 +554,7 @@ def write_report(
         RunFolderError: missing run folder, no round with pseudo-labels, malformed files.
     """
     run_dir = Path(run_dir)
-    rounds = {k: load_labels(path) for k, path in label_files(run_dir).items()}
+    rounds = {k: load_labels(path, k) for k, path in label_files(run_dir).items()}
     metrics = round_metrics(run_dir)
     note = ""
     if data is None:
