@@ -366,6 +366,11 @@ def test_resume_equals_uninterrupted_run(tiny_synthetic, tiny_data, tmp_path):
     shutil.rmtree(part / "round_2")
     again = run_fewshot(cfg2, part, resume=True, data=tiny_data, show_progress=False)
     assert again.metrics["nvsm"] == full.metrics["nvsm"]
+    # So is a damaged checkpoint of a complete stage (only its presence was checked).
+    ckpt = part / "round_1" / "model.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"round_1/model\.pt: corrupt.*delete .*round_1"):
+        run_fewshot(cfg2, part, resume=True, data=tiny_data, show_progress=False)
 
 
 @pytest.mark.slow

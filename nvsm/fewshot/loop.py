@@ -92,7 +92,7 @@ from nvsm.io import (
     write_run_info,
 )
 from nvsm.mesh import Mesh
-from nvsm.models import normalize_images
+from nvsm.models import load_checkpoint, normalize_images
 from nvsm.models.common import STRIDE
 from nvsm.pose.camera import feature_intrinsics
 from nvsm.pose.convention import NORMALIZED_DISTANCE
@@ -940,6 +940,8 @@ class _Run:
         try:
             saved_config = read_json_object(folder / "config.json")
             saved = read_json_object(folder / "metrics.json")
+            # Read, not only found: a damaged checkpoint of a complete stage went unnoticed.
+            load_checkpoint(folder / "model.pt")
         except ValueError as exc:
             raise ValueError(
                 f"cannot resume {self.run_dir}: {exc}; delete {folder} to compute that stage again"
