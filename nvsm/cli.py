@@ -380,8 +380,7 @@ def fewshot(
         nvsm fewshot -r synthetic-car-7shot -s fewshot.matcher=faiss -s fewshot.rounds=3
     """
     from nvsm.data.splits import SPLIT_STRATEGIES
-    from nvsm.fewshot.loop import prepare_fewshot_data, run_fewshot, validate_fewshot_config
-    from nvsm.io import check_run_folder
+    from nvsm.fewshot.loop import run_fewshot
 
     if dataset is not None and dataset not in FEWSHOT_DATASETS:
         _fail(f"--dataset must be one of {', '.join(FEWSHOT_DATASETS)}, got {dataset!r}")
@@ -403,14 +402,8 @@ def fewshot(
     if cfg.labels.annotations is None:
         _fail("the few-shot loop needs --annotations N (N >= 1)")
     folder = _run_dir(out, "fewshot")
-    try:  # a bad config, run folder or dataset fails here, before the run folder exists
-        validate_fewshot_config(cfg)
-        check_run_folder(folder, resume)
-        data = prepare_fewshot_data(cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
-    try:
-        result = run_fewshot(cfg, folder, resume=resume, data=data, log=console.print)
+    try:  # a bad config, run folder or dataset fails before the run folder is written
+        result = run_fewshot(cfg, folder, resume=resume, log=console.print)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     title = (
