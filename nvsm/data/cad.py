@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nvsm.data.errors import DataFormatError
+from nvsm.data.errors import DataFormatError, check_items
 from nvsm.data.matlab import load_mat_struct, struct_list
 from nvsm.mesh import Mesh, MeshFormatError, read_off
 
@@ -65,10 +65,7 @@ def _rows_of_three(value: object, path: Path, field: str, integer: bool) -> np.n
         raise DataFormatError(path, field, f"an (N, 3) array of {what}",
                               f"{arr.dtype} array of shape {arr.shape}")
     arr = arr.astype(np.float64)
-    bad = ~np.isfinite(arr) | (integer & (arr != np.round(arr)))
-    if bad.any():
-        row, col = (int(i) for i in np.argwhere(bad)[0])
-        raise DataFormatError(path, f"{field}[{row}, {col}]", what, float(arr[row, col]))
+    check_items(path, field, arr, ~np.isfinite(arr) | (integer & (arr != np.round(arr))), what)
     return arr
 
 

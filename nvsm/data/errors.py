@@ -6,7 +6,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DataFormatError"]
+import numpy as np
+
+__all__ = ["DataFormatError", "check_items"]
 
 
 def _short(value: Any, limit: int = 120) -> str:
@@ -44,3 +46,15 @@ class DataFormatError(ValueError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.path, self.field, self.expected, self.got))
+
+
+def check_items(
+    path: str | os.PathLike[str], field: str, values: np.ndarray, bad: np.ndarray, expected: str
+) -> None:
+    """Raise ``DataFormatError`` naming ``field[i, j, ...]``, the first item of the array
+    ``values`` where the mask ``bad`` is set, and its value; nothing when none is."""
+    where = np.argwhere(bad)
+    if where.size:
+        index = tuple(int(i) for i in where[0])
+        raise DataFormatError(path, f"{field}[{', '.join(map(str, index))}]", expected,
+                              values[index].item())

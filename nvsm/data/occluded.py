@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from nvsm.data.categories import PASCAL3D_CATEGORIES
-from nvsm.data.errors import DataFormatError
+from nvsm.data.errors import DataFormatError, check_items
 from nvsm.data.matlab import ErrorMode, ReadResult, SkippedObject, parse_record_file
 from nvsm.data.pascal3d import pascal3d_annotation_dir, pascal3d_image_dir, read_image_set
 from nvsm.data.record import ObjectRecord
@@ -123,11 +123,7 @@ def _check_finite_numbers(path: Path, field: str, values: np.ndarray) -> None:
     if values.dtype.kind not in "iuf":
         raise DataFormatError(path, field, "numbers (an int or float array)",
                               f"dtype {values.dtype}")
-    bad = np.argwhere(~np.isfinite(values.astype(np.float64)))
-    if bad.size:
-        index = ", ".join(str(int(i)) for i in bad[0])
-        raise DataFormatError(path, f"{field}[{index}]", "a finite number",
-                              values[tuple(bad[0])].item())
+    check_items(path, field, values, ~np.isfinite(values.astype(np.float64)), "a finite number")
 
 
 def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
