@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -139,3 +140,18 @@ def check_run_folder(folder: str | os.PathLike[str], resume: bool) -> None:
             f"{folder} holds a run already: resume it (--resume), or choose another folder "
             "(--out) or delete it"
         )
+
+
+@contextmanager
+def staging_folder(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """A new hidden folder beside ``target`` (``.<name>.partial-*``, on the same file system, so
+    that what is built in it can be renamed into place whole), removed on exit with whatever
+    is left in it. Build one level down (``staging / "out"``): the folder itself has
+    ``mkdtemp``'s 0700 mode, which must not become the output's."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

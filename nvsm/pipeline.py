@@ -92,7 +92,7 @@ def ensure_synthetic(size: str, seed: int = 0) -> Path:
 
     ``generate_synthetic_dataset`` moves the dataset into place only when complete, so an
     interrupted generation leaves none behind (a later call starts again; a stale
-    ``.<name>.partial-<pid>`` folder of a killed process may be deleted).
+    ``.<name>.partial-*`` folder of a killed process may be deleted).
     """
     from nvsm.data.synth import MANIFEST_NAME, generate_synthetic_dataset
 

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -37,7 +36,7 @@ from typing import Literal, get_args
 import numpy as np
 
 from nvsm.data.record import ObjectRecord
-from nvsm.io import atomic_write_text, check_output_folder
+from nvsm.io import atomic_write_text, check_output_folder, staging_folder
 
 __all__ = [
     "SPLIT_STRATEGIES",
@@ -296,16 +295,10 @@ def write_few_shot_splits(
     out_dir = Path(out_dir)
     if not splits:
         raise ValueError(f"no splits to write into {out_dir}")
-    check_output_folder(out_dir)
     targets = [_split_folder(sp, out_dir) for sp in splits]
-    for target in targets:
-        for path in (target.parent, target):
-            if path.exists() and not path.is_dir():
-                raise ValueError(f"cannot write {target}: {path} is a file, not a folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        # Built one level down: mkdtemp's 0700 mode must not become the output folder's.
+    for target in targets:  # out_dir and every folder below it that a split needs
+        check_output_folder(target)
+    with staging_folder(out_dir) as tmp:
         staged = tmp / "out"
         for sp in splits:
             write_few_shot_split(sp, staged, dataset)
@@ -319,8 +312,6 @@ def write_few_shot_splits(
             os.replace(_split_folder(sp, staged), target)
             shutil.rmtree(tmp / "replaced", ignore_errors=True)
         return targets
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass(frozen=True)

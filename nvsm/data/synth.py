@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -88,6 +87,7 @@ from nvsm.io import (
     atomic_write_json,
     atomic_write_text,
     check_output_folder,
+    staging_folder,
 )
 from nvsm.mesh import write_off
 from nvsm.pose.convention import PASCAL3D_VIEWPORT
@@ -511,9 +511,8 @@ def generate_synthetic_dataset(
     bank_names = BackgroundBank.default(backgrounds, use_skimage_backgrounds, check=True).names
     # Rendered into a hidden sibling and moved into place when complete: a failure or an
     # interruption leaves ``out`` as it was (an earlier dataset there included).
-    build = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(build, ignore_errors=True)
-    try:
+    with staging_folder(out) as staging:
+        build = staging / "out"
         n_files = _render_dataset(build, seed, backgrounds, categories, counts, image_size,
                                   occlusion, workers, use_skimage_backgrounds, progress)
         occluded = {c: ({k: counts[c][1] for k in OCCLUSION_LEVELS} if occlusion else {})
@@ -522,8 +521,6 @@ def generate_synthetic_dataset(
                              bank_names, n_files + 1)
         atomic_write_json(build / MANIFEST_NAME, manifest)
         _move_into_place(build, out, overwrite)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
     cad_models = {c: len(category_subtypes(c)) for c in categories}
     return SynthSummary(
         out=out, seed=int(seed), size=size_name,
