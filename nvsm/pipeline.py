@@ -18,6 +18,7 @@ from nvsm.config import (
 )
 from nvsm.data.cad import load_cad_models
 from nvsm.data.datasets import load_dataset
+from nvsm.data.kitti import KITTI_N_FOLDS, KITTI_TEST_FOLD
 from nvsm.data.record import ObjectRecord
 from nvsm.data.splits import Strategy, select_labelled
 from nvsm.mesh import Mesh, single_cuboid
@@ -178,9 +179,10 @@ def load_splits(config: RunConfig, occlusion_levels: tuple[int, ...] = (0,)) -> 
         bad = [lv for lv in occlusion_levels if lv > 2]
         if bad:
             raise ValueError(f"occlusion levels {bad}: KITTI's are 0-2 (its occlusion flags)")
-        sources = {lv: f"KITTI test fold 0 (frames with number mod 4 == 0), level {lv}"
-                   for lv in occlusion_levels}
-        train_source = f"{root} (KITTI label_2, the frames outside test fold 0)"
+        fold = (f"test fold {KITTI_TEST_FOLD} (frames with number mod {KITTI_N_FOLDS} == "
+                f"{KITTI_TEST_FOLD})")
+        sources = {lv: f"KITTI {fold}, level {lv}" for lv in occlusion_levels}
+        train_source = f"{root} (KITTI label_2, the frames outside {fold})"
     else:
         listed = [str(split_list_file(name, root, c, "val")) for c in cats]
         sources = {0: f"the test list(s) {', '.join(listed)}"}

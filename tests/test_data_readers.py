@@ -507,6 +507,24 @@ def test_kitti_reader_filters_and_reports(tmp_path: Path) -> None:
     assert [len(folds[k]) for k in range(4)] == [2, 1, 0, 0]
 
 
+def test_kitti_load_splits_names_the_test_fold(tmp_path: Path) -> None:
+    # Frame number mod 4 == 0 is KITTI's test fold: frame 000000 holds a car at occlusion flags
+    # 0 and 2, none at 1, and KITTI has no flag above 2.
+    from nvsm.config import load_config
+    from nvsm.pipeline import load_splits
+
+    root = _kitti_tree(tmp_path)
+    config = load_config(None, ["data.dataset=kitti", f"data.root={root}"])
+    splits = load_splits(config, (0, 2))
+    assert [(r.image_id, r.object_index) for r in splits.train] == [("000001", 0)]
+    assert {lv: len(recs) for lv, recs in splits.test.items()} == {0: 1, 2: 1}
+    with pytest.raises(ValueError, match=r"level\(s\) \[1\]: KITTI test fold 0 \(frames with "
+                                         r"number mod 4 == 0\), level 1$"):
+        load_splits(config, (0, 1))
+    with pytest.raises(ValueError, match=r"occlusion levels \[3\]: KITTI's are 0-2"):
+        load_splits(config, (3,))
+
+
 def test_kitti_bad_files(tmp_path: Path) -> None:
     root = _kitti_tree(tmp_path)
     label = root / "training/label_2/000001.txt"

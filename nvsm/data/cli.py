@@ -12,6 +12,7 @@ from rich.table import Table
 
 from nvsm.data.datasets import DATASET_NAMES, train_test_records
 from nvsm.data.errors import DataFormatError
+from nvsm.data.kitti import KITTI_N_FOLDS, KITTI_TEST_FOLD
 from nvsm.data.matlab import ReadResult
 from nvsm.data.splits import SPLIT_STRATEGIES, few_shot_splits, write_few_shot_splits
 from nvsm.data.synth import synth_command
@@ -99,7 +100,9 @@ def split(
     category: Annotated[list[str] | None, typer.Option(
         "--category", "-c", help="Only these categories (repeatable).")] = None,
     test_fold: Annotated[int, typer.Option(
-        "--test-fold", help="KITTI: frames with number mod 4 == this are the test set.")] = 0,
+        "--test-fold",
+        help=f"KITTI: frames with number mod {KITTI_N_FOLDS} == this are the test set.",
+    )] = KITTI_TEST_FOLD,
     independent: Annotated[bool, typer.Option(
         "--independent", help="Draw each N independently instead of nested (7 in 20 in 50).")
     ] = False,

@@ -8,7 +8,7 @@ from typing import Any, Literal, get_args
 
 from nvsm.data.categories import register_categories
 from nvsm.data.errors import DataFormatError
-from nvsm.data.kitti import KittiConfig, kitti_folds, load_kitti
+from nvsm.data.kitti import KITTI_N_FOLDS, KITTI_TEST_FOLD, KittiConfig, kitti_folds, load_kitti
 from nvsm.data.matlab import ErrorMode, ReadResult
 from nvsm.data.objectnet3d import load_objectnet3d
 from nvsm.data.occluded import load_occluded_pascal3d
@@ -103,8 +103,8 @@ def train_test_records(
     root: Path,
     categories: list[str] | None = None,
     *,
-    test_fold: int = 0,
-    n_folds: int = 4,
+    test_fold: int = KITTI_TEST_FOLD,
+    n_folds: int = KITTI_N_FOLDS,
 ) -> tuple[ReadResult, ReadResult]:
     """(train, test) records for few-shot splits.
 

@@ -67,7 +67,9 @@ from nvsm.data.record import ObjectRecord
 __all__ = [
     "KITTI_CALIB_KEYS",
     "KITTI_LABEL_FIELDS",
+    "KITTI_N_FOLDS",
     "KITTI_OBJECT_TO_PASCAL",
+    "KITTI_TEST_FOLD",
     "KITTI_TYPES",
     "NEMO_KITTI_UNITS_PER_METRE",
     "KittiConfig",
@@ -104,6 +106,9 @@ KITTI_CALIB_KEYS: dict[str, tuple[int, int]] = {
 KITTI_OBJECT_TO_PASCAL = np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
 #: Units per metre that reproduce the reference's KITTI crop scale (see the module docstring).
 NEMO_KITTI_UNITS_PER_METRE = 721.5377 / 3840.0
+#: KITTI's labels are split by frame number mod KITTI_N_FOLDS; this fold is the test set.
+KITTI_N_FOLDS = 4
+KITTI_TEST_FOLD = 0
 
 
 @dataclass(frozen=True)
@@ -429,7 +434,9 @@ def _read_frame(base: Path, frame: str, config: KittiConfig, classes: dict[str, 
         ))
 
 
-def kitti_folds(records: list[ObjectRecord], n_folds: int = 4) -> dict[int, list[ObjectRecord]]:
+def kitti_folds(
+    records: list[ObjectRecord], n_folds: int = KITTI_N_FOLDS
+) -> dict[int, list[ObjectRecord]]:
     """KITTI has no public test labels; the reference splits its lists by index mod 4. nvsm
     uses the frame number mod ``n_folds`` so that objects of one image share a fold."""
     folds: dict[int, list[ObjectRecord]] = {k: [] for k in range(n_folds)}
