@@ -356,6 +356,17 @@ def test_resume_equals_uninterrupted_run(tiny_synthetic, tiny_data, tmp_path):
     with pytest.raises(ValueError, match=r"run_info\.json records another config.*mstep_steps"):
         run_fewshot(cfg_other, part, resume=True, data=tiny_data, show_progress=False)
     assert (part / "run_info.json").read_bytes() == info  # it recorded the refused config
+    # A run_info.json without its config was compared as the defaults ("records another
+    # config"); it is named, and the way out it gives (delete it) resumes on the stage checks.
+    no_config = {k: v for k, v in json.loads(info).items() if k != "config"}
+    (part / "run_info.json").write_text(json.dumps(no_config))
+    with pytest.raises(ValueError, match=r"run_info\.json field 'config': expected the run's "
+                                         r"config \(a JSON object\), got none; delete"):
+        run_fewshot(cfg2, part, resume=True, data=tiny_data, show_progress=False)
+    (part / "run_info.json").unlink()
+    assert run_fewshot(cfg2, part, resume=True, data=tiny_data,
+                       show_progress=False).metrics["nvsm"] == full.metrics["nvsm"]
+    assert json.loads((part / "run_info.json").read_text())["config"] == json.loads(info)["config"]
     # Without resume, a folder that holds a run is refused (its later rounds would stay).
     with pytest.raises(ValueError, match="holds a run already"):
         run_fewshot(cfg1, part, data=tiny_data, show_progress=False)

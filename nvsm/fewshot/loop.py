@@ -1302,12 +1302,18 @@ def run_fewshot(
     run_dir = Path(run_dir)
     check_run_folder(run_dir, resume)
     config_json = config_to_dict(config)
-    if resume and (run_dir / "run_info.json").is_file():
+    info_path = run_dir / "run_info.json"
+    if resume and info_path.is_file():
         # Before anything is written: the stage checks below would refuse too, but only after
         # run_info.json had been overwritten with the refused config.
-        saved = read_json_object(run_dir / "run_info.json").get("config")
-        diff = config_differences(saved if isinstance(saved, dict) else {}, config_json,
-                                  RESUMABLE_KEYS)
+        saved = read_json_object(info_path).get("config")
+        if not isinstance(saved, dict):  # compared as {} it read as the defaults
+            raise ValueError(
+                f"cannot resume {run_dir}: {info_path} field 'config': expected the run's config "
+                f"(a JSON object), got {type(saved).__name__ if saved is not None else 'none'}; "
+                "delete run_info.json to resume on the stages' own config.json checks"
+            )
+        diff = config_differences(saved, config_json, RESUMABLE_KEYS)
         if diff:
             raise ValueError(f"cannot resume {run_dir}: its run_info.json records another "
                              f"config, which differs from this run's in {diff}")
