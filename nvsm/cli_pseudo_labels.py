@@ -41,7 +41,7 @@ class ExportFormat(StrEnum):
 
 
 def _fail(message: str) -> NoReturn:
-    exit_with_error(console, message, 1)
+    exit_with_error(console, message, 2)  # what it was given cannot be used, as elsewhere
 
 
 @app.command()

@@ -681,7 +681,7 @@ def test_cli_data_keeps_bracketed_paths_whole(tmp_path: Path, p3d_root: Path) ->
     res = runner.invoke(app, ["split", "--dataset", "pascal3d", "--root", str(missing),
                               "--annotations", "2", "--out", str(tmp_path / "splits")],
                         env={"COLUMNS": "60"})
-    assert res.exit_code == 1
+    assert res.exit_code == 2
     assert res.output.startswith("error: ") and f"root {missing} does not" in res.output, res.output
     assert not (tmp_path / "splits").exists()
 
@@ -692,7 +692,7 @@ def test_cli_names_a_missing_root_or_a_file_given_as_root(tmp_path: Path) -> Non
         res = runner.invoke(app, ["split", "-d", dataset, "-r", str(tmp_path / "nowhere"),
                                   "-n", "2", "-o", str(tmp_path / "splits")],
                             env={"COLUMNS": "400"})
-        assert res.exit_code == 1 and res.output == (
+        assert res.exit_code == 2 and res.output == (
             f"error: cannot split {dataset}: the dataset root {tmp_path / 'nowhere'} does not "
             "exist\n"), res.output
     file = tmp_path / "notes.txt"
@@ -732,7 +732,7 @@ def test_cli_split_writes_lists(tmp_path: Path, p3d_root: Path) -> None:
     too_many = runner.invoke(app, [*args[:5], "-n", "50", "--out", str(out), "-c", "car"])
     assert too_many.exit_code == 2 and "only 10 are available" in too_many.output
     broken = runner.invoke(app, [*args[:5], "--out", str(out)], env={"COLUMNS": "400"})
-    assert broken.exit_code == 1 and "aeroplane_imagenet_train.txt" in broken.output
+    assert broken.exit_code == 2 and "aeroplane_imagenet_train.txt" in broken.output
 
 
 def test_images_and_masks_helpers(tmp_path: Path) -> None:
@@ -809,7 +809,7 @@ def test_an_image_in_the_train_and_the_test_list_is_rejected(tmp_path: Path,
     out = tmp_path / "splits"
     res = CliRunner().invoke(app, ["split", "-d", "pascal3d", "-r", str(p3d_root), "-c", "car",
                                    "-n", "1", "--out", str(out)], env={"COLUMNS": "400"})
-    assert res.exit_code == 1 and "n0003" in res.output, res.output
+    assert res.exit_code == 2 and "n0003" in res.output, res.output
     assert not out.exists()
 
 
@@ -877,7 +877,7 @@ def test_cli_split_refuses_requests_it_cannot_serve(tmp_path: Path) -> None:
         res = runner.invoke(app, [*base, f"--test-fold={fold}"], env={"COLUMNS": "400"})
         assert res.exit_code == 2 and "expected an integer in [0, 3]" in res.output, res.output
     res = runner.invoke(app, [*base, "-c", "foo"], env={"COLUMNS": "400"})
-    assert res.exit_code == 1 and "no training records of foo" in res.output, res.output
+    assert res.exit_code == 2 and "no training records of foo" in res.output, res.output
     res = runner.invoke(app, ["split", "-d", "occluded_pascal3d", "-r", str(tmp_path), "-n", "1",
                               "--out", str(tmp_path / "o")], env={"COLUMNS": "400"})
     assert res.exit_code == 2 and "test-only" in res.output, res.output
@@ -918,5 +918,5 @@ def test_cli_split_of_an_empty_train_list_is_an_error(tmp_path: Path, p3d_root: 
     res = CliRunner().invoke(app, ["split", "-d", "pascal3d", "-r", str(p3d_root), "-c", "car",
                                    "-n", "1", "--out", str(tmp_path / "o")],
                              env={"COLUMNS": "400"})
-    assert res.exit_code == 1 and "no training records of car" in res.output, res.output
+    assert res.exit_code == 2 and "no training records of car" in res.output, res.output
     assert not (tmp_path / "o").exists()

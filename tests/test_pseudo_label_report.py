@@ -129,14 +129,14 @@ def test_export_filters_and_writes(tmp_path):
     source = run / "round_2" / "pseudo_labels.jsonl"
     before = source.read_bytes()
     res = runner.invoke(app, ["pseudo-labels", "export", str(run), "-f", "csv", "-o", str(source)])
-    assert res.exit_code == 1 and "lies inside the run folder" in res.output
+    assert res.exit_code == 2 and "lies inside the run folder" in res.output
     assert source.read_bytes() == before
 
 
 def test_export_errors_name_the_path(tmp_path):
     def fails(args: list[str], *expected: str) -> None:
         res = runner.invoke(app, ["pseudo-labels", "export", *args, "-f", "csv"])
-        assert res.exit_code == 1, res.output
+        assert res.exit_code == 2, res.output
         assert "Traceback" not in res.output
         text = " ".join(res.output.split())
         for part in expected:
@@ -210,7 +210,7 @@ def test_inspect_without_dataset_and_errors(tmp_path):
     assert "warning" in res.output
     missing = tmp_path / "missing"
     res = runner.invoke(app, ["pseudo-labels", "inspect", str(missing)])
-    assert res.exit_code == 1 and str(missing) in " ".join(res.output.split())
+    assert res.exit_code == 2 and str(missing) in " ".join(res.output.split())
     # An --out that is a folder, or under a file, is refused before the report is built (it
     # failed in the final write, after the crops were rebuilt; under a file: "File exists").
     blocker = tmp_path / "file"
@@ -218,10 +218,10 @@ def test_inspect_without_dataset_and_errors(tmp_path):
     for target, message in ((tmp_path / "report", "it is a folder; name an HTML file"),
                             (blocker / "r.html", f"{blocker} is a file, not a folder")):
         res = runner.invoke(app, ["pseudo-labels", "inspect", str(run), "--out", str(target)])
-        assert res.exit_code == 1 and message in " ".join(res.output.split()), res.output
+        assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
     (run / "round_1" / "metrics.json").write_text("{oops")
     res = runner.invoke(app, ["pseudo-labels", "inspect", str(run), "--out", str(out)])
-    assert res.exit_code == 1 and str(run / "round_1" / "metrics.json") in res.output
+    assert res.exit_code == 2 and str(run / "round_1" / "metrics.json") in res.output
 
 
 def test_help_has_examples():

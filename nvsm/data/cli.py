@@ -135,12 +135,12 @@ def split(
     # Checked here: the readers would only report the first file they miss under it.
     if not root.is_dir():
         state = "is a file, not a folder" if root.exists() else "does not exist"
-        exit_with_error(console, f"cannot split {dataset}: the dataset root {root} {state}", 1)
+        exit_with_error(console, f"cannot split {dataset}: the dataset root {root} {state}", 2)
     try:
         train, test = train_test_records(dataset, root, category or None, test_fold=test_fold)
     except DataFormatError as exc:
         exit_with_error(console, f"{exc}\nRun 'nvsm data verify --dataset {dataset} --root "
-                        f"{root}' to list every problem.", 1)
+                        f"{root}' to list every problem.", 2)
     except ValueError as exc:  # a request the dataset cannot serve (test fold, test-only set)
         exit_with_error(console, f"cannot split {dataset}: {exc}", 2)
     # Writing nothing (or nothing for a requested category) must not look like success.
@@ -149,7 +149,7 @@ def split(
     if not found or missing:
         what = ", ".join(missing) if missing else "any category"
         exit_with_error(console, f"cannot split {dataset}: no training records of {what} in "
-                        f"{root}", 1)
+                        f"{root}", 2)
     try:
         splits = few_shot_splits(train.records, test.records, sizes,
                                  strategy, seed, nested=not independent)  # type: ignore[arg-type]
