@@ -830,7 +830,8 @@ def print_index(res: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (the README's commands are checked against it in the tests)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--stages", action="store_true", help="part 1: EM stage timings")
     ap.add_argument("--index", action="store_true", help="part 2: matching at pool scale")
@@ -867,6 +868,11 @@ def main() -> None:
         "--threads", type=nonneg, default=0, help="torch/faiss CPU threads (0: default)"
     )
     ap.add_argument("--json", "--out", dest="json", type=Path, default=None, help="write here")
+    return ap
+
+
+def main() -> None:
+    ap = build_parser()
     args = ap.parse_args()
     if args.quick:
         for key, value in QUICK.items():

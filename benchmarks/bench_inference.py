@@ -27,13 +27,19 @@ from nvsm.render import get_rasterizer
 from nvsm.train.model import NeMoModel
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (the README's commands are checked against it in the tests)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--images", type=positive_int, default=150, help="test crops used")
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--json", type=Path, default=None)
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     if not args.model.is_file():
         parser.error(f"argument --model: no checkpoint file {str(args.model)!r}")

@@ -75,7 +75,8 @@ def child(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (the README's commands are checked against it in the tests)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--recipe", default="synthetic-car-7shot")
     ap.add_argument(
@@ -86,7 +87,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=positive_int, default=5)
     ap.add_argument("--json", default=None, help="write the raw measurements here")
     ap.add_argument("--child", choices=MODES, default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.child is not None:
         print(json.dumps(child(args.child, args)))
         return

@@ -40,7 +40,8 @@ from nvsm.train.trainer import NeMoTrainer
 LAYOUTS = {"nchw": False, "nhwc": True}
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (the README's commands are checked against it in the tests)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--recipe", default="synthetic-car-7shot")
     ap.add_argument("-s", "--set", action="append", default=[], metavar="KEY=VALUE")
@@ -51,7 +52,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=positive_int, default=20)
     ap.add_argument("--warmup", type=non_negative_int, default=3)
     ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     config = load_config(args.recipe, [*args.set, "device=cpu"])
     fs = config.fewshot

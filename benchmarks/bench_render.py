@@ -105,7 +105,8 @@ def _bench_case(
     return res
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (the README's commands are checked against it in the tests)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", type=torch_device, default="cpu")
     ap.add_argument("--batches", type=positive_int, nargs="+", default=[1, 144])
@@ -123,7 +124,11 @@ def main() -> None:
         "--threads", type=non_negative_int, default=0, help="torch CPU threads (0: default)"
     )
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

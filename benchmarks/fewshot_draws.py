@@ -73,26 +73,40 @@ def summarize(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def main() -> None:
-    argv = sys.argv[1:]
-    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+def fewshot_args(args: argparse.Namespace, seed: int, folder: Path, extra: list[str]) -> list[str]:
+    """The ``nvsm`` arguments of one draw: ``extra`` is what followed ``--``."""
+    return [
+        "fewshot", "--annotations", str(args.annotations), "--anchors", args.anchors,
+        "--seed", str(seed), "--out", str(folder), "--resume", *extra,
+    ]  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (the README's commands are checked against it in the tests)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--anchors", choices=("stratified", "random"), default="stratified")
     parser.add_argument("--annotations", type=positive_int, default=7)
     parser.add_argument("--out", type=Path, default=Path("runs/draws"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(this script's arguments, the ``nvsm fewshot`` arguments after ``--``)."""
+    if "--" not in argv:
+        return argv, []
+    return argv[: argv.index("--")], argv[argv.index("--") + 1 :]
+
+
+def main() -> None:
+    own, extra = split_argv(sys.argv[1:])
+    args = build_parser().parse_args(own)
 
     runs = {}
     for seed in args.seeds:
         folder = args.out / f"{args.anchors}-{args.annotations}-seed{seed}"
         if not (folder / "metrics.json").is_file():
-            cmd = [
-                sys.executable, "-m", "nvsm.cli", "fewshot",
-                "--annotations", str(args.annotations), "--anchors", args.anchors,
-                "--seed", str(seed), "--out", str(folder), "--resume", *extra,
-            ]  # fmt: skip
+            cmd = [sys.executable, "-m", "nvsm.cli", *fewshot_args(args, seed, folder, extra)]
             print(" ".join(cmd), flush=True)
             run_command(cmd)
         runs[seed] = json.loads((folder / "metrics.json").read_text())

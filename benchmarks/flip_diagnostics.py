@@ -84,10 +84,16 @@ def round_stats(folder: Path, gt: dict[str, tuple[float, float, float]], rule: A
     }
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (the README's commands are checked against it in the tests)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--json", type=Path, default=None)
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     for run_dir in args.runs:
         if not (run_dir / "round_0" / "config.json").is_file():

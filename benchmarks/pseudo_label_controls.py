@@ -68,14 +68,19 @@ def control_poses(
     raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (the README's commands are checked against it in the tests)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--round", type=positive_int, default=1, help="EM round k >= 1 to repeat")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--levels", type=int, nargs="+", choices=range(4), default=[0])
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     keep_freed_memory()
     folder = args.run / f"round_{args.round}"
     for name in ("pseudo_labels.jsonl", "config.json"):

@@ -8,13 +8,11 @@ one ``error: ...`` line (exit 1)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
@@ -60,21 +58,10 @@ def test_missing_start_checkpoint_names_it(tmp_path: Path) -> None:
     assert "Traceback" not in res.stderr
 
 
-def _load_flip_diagnostics() -> ModuleType:
-    if str(BENCHMARKS) not in sys.path:  # as `python benchmarks/X.py` does: the scripts'
-        sys.path.insert(0, str(BENCHMARKS))  # shared module `_cli` lives there
-    path = BENCHMARKS / "flip_diagnostics.py"
-    spec = importlib.util.spec_from_file_location("flip_diagnostics", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_flip_diagnostics_counts_per_true_azimuth(tmp_path: Path) -> None:
+def test_flip_diagnostics_counts_per_true_azimuth(tmp_path: Path, load_benchmark) -> None:
     """Four labels with known truth: a correct front view, a front view labelled as the back
     (accepted), a correct back view and a side view 40° off. Each lands in its truth's bin."""
-    diag = _load_flip_diagnostics()
+    diag = load_benchmark("flip_diagnostics")
     truth = {"f1": (0.1, 0.2, 0.0), "f2": (-0.1, 0.2, 0.0), "b": (math.pi, 0.2, 0.0)}
     truth["s"] = (math.pi / 2, 0.2, 0.0)
     pose = {"f1": (0.1, 0.2, 0.0), "f2": (math.pi - 0.1, 0.2, 0.0), "b": (math.pi, 0.2, 0.0)}

@@ -1,6 +1,7 @@
 """Every example command in README's code blocks and in the commands' --help parses against the
-CLI, and where the command resolves a config, the config loads: a renamed option, recipe or
-config key that the examples still spell fails here instead of in a user's terminal."""
+CLI, and where the command resolves a config, the config loads; every ``python benchmarks/...``
+command README gives for its numbers parses against its script. A renamed option, recipe or
+config key that the documentation still spells fails here instead of in a user's terminal."""
 
 from __future__ import annotations
 
@@ -56,7 +57,19 @@ def _help_examples() -> list[str]:
     return found
 
 
+def _readme_benchmark_commands() -> list[str]:
+    """``python benchmarks/...`` commands of README, in code blocks and in inline code (whose
+    line breaks are spaces), environment settings before them dropped."""
+    text = re.sub(r"\\\n\s*", " ", README.read_text())
+    spans = re.findall(r"`([^`]*)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    lines = [line for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+             for line in block.splitlines()]
+    found = [" ".join(part.split(" #")[0].split()) for part in [*lines, *spans]]
+    return sorted({c[c.index("python benchmarks/"):] for c in found if "python benchmarks/" in c})
+
+
 README_EXAMPLES = _readme_examples()
+BENCHMARK_COMMANDS = _readme_benchmark_commands()
 HELP_EXAMPLES = _help_examples()
 
 
@@ -138,9 +151,27 @@ def test_help_example_commands_run_as_written(example: str, monkeypatch, tmp_pat
     _check(example, monkeypatch, tmp_path)
 
 
+@pytest.mark.parametrize("command", BENCHMARK_COMMANDS, ids=BENCHMARK_COMMANDS)
+def test_readme_benchmark_commands_parse(command: str, load_benchmark, monkeypatch,
+                                         tmp_path) -> None:
+    _, script, *args = shlex.split(command)
+    module = load_benchmark(Path(script).stem)
+    if hasattr(module, "split_argv"):  # fewshot_draws: what follows "--" goes to nvsm fewshot
+        own, extra = module.split_argv(args)
+        parsed = module.build_parser().parse_args(own)
+        for seed in parsed.seeds:
+            nvsm_args = module.fewshot_args(parsed, seed, parsed.out / "draw", extra)
+            _check(shlex.join(["nvsm", *nvsm_args]), monkeypatch, tmp_path)
+    else:
+        module.build_parser().parse_args(args)  # argparse exits (SystemExit) on a bad one
+
+
 def test_the_examples_are_found() -> None:
     # The extraction itself: README's first command and a continued help example are there.
     assert README_EXAMPLES[0] == "nvsm fewshot --annotations 7"
     assert ("nvsm fewshot --dataset kitti --root /data/kitti/object "
             "-s data.cad_root=/data/PASCAL3D+_release1.1") in HELP_EXAMPLES
     assert len(README_EXAMPLES) >= 20 and len(HELP_EXAMPLES) >= 30
+    assert {Path(shlex.split(c)[1]).stem for c in BENCHMARK_COMMANDS} >= {
+        "bench_fewshot", "bench_inference", "bench_malloc", "bench_memory_format", "bench_render",
+        "fewshot_draws", "flip_diagnostics", "pseudo_label_controls"}
