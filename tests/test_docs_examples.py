@@ -65,7 +65,8 @@ def _readme_benchmark_commands() -> list[str]:
     lines = [line for block in re.findall(r"```bash\n(.*?)```", text, re.S)
              for line in block.splitlines()]
     found = [" ".join(part.split(" #")[0].split()) for part in [*lines, *spans]]
-    return sorted({c[c.index("python benchmarks/"):] for c in found if "python benchmarks/" in c})
+    commands = (re.search(r"python benchmarks/\w+\.py.*", c) for c in found)
+    return sorted({c.group(0) for c in commands if c})
 
 
 README_EXAMPLES = _readme_examples()
