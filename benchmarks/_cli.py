@@ -3,8 +3,9 @@
 The scripts run as ``python benchmarks/X.py``, which puts this folder on ``sys.path``, so they
 ``import _cli``. Bad arguments fail in ``parse_args`` (exit 2, one line naming the argument)
 before any heavy work. :func:`run_main` turns the package's own errors (a missing or bad
-checkpoint, config, data set or mesh; a missing file) into one ``error: ...`` line and exit 1
-instead of a traceback; :func:`run_command` does the same for a child command that fails.
+checkpoint, config, data set or mesh; a missing file) into one ``error: ...`` line and exit 2,
+as ``nvsm`` does for input it cannot use, instead of a traceback; :func:`run_command` prints one
+line for a child command that fails and exits with the child's code.
 """
 
 from __future__ import annotations
@@ -83,24 +84,25 @@ def _package_error(exc: BaseException) -> bool:
 
 
 def run_command(cmd: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    """``subprocess.run(cmd, check=True, ...)``; a failure exits with one line naming the command
-    and its exit code (plus the last line of its stderr when that was captured)."""
+    """``subprocess.run(cmd, check=True, ...)``; a failure prints one line naming the command
+    and its exit code (plus the last line of its stderr when that was captured) and exits with
+    that code."""
     try:
         return subprocess.run(list(cmd), check=True, text=True, **kwargs)
     except subprocess.CalledProcessError as exc:
         tail = (exc.stderr or "").strip().splitlines()
         detail = f": {tail[-1]}" if tail else ""
-        raise SystemExit(
-            f"error: command failed with exit code {exc.returncode}: {' '.join(cmd)}{detail}"
-        ) from None
+        print(f"error: command failed with exit code {exc.returncode}: {' '.join(cmd)}{detail}",
+              file=sys.stderr)
+        sys.exit(exc.returncode if exc.returncode > 0 else 1)  # a signal's negative code: 1
 
 
 def run_main(main: Callable[[], object]) -> None:
-    """Run a script's ``main``; the package's errors become one ``error: ...`` line, exit 1."""
+    """Run a script's ``main``; the package's errors become one ``error: ...`` line, exit 2."""
     try:
         main()
     except (ValueError, FileNotFoundError) as exc:
         if not _package_error(exc):
             raise
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
