@@ -74,6 +74,19 @@ def _fail(message: str) -> NoReturn:
     exit_with_error(console, message, 2)
 
 
+def _interrupted(folder: Path, kept: str) -> NoReturn:
+    """Ctrl-C in a long command: say what is kept and how to go on; exit 130, the shell's code
+    for an interrupt (it exited 130 without a word)."""
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
+        raise typer.Exit(130)
+    if (folder / "run_info.json").is_file():
+        message = (f"interrupted: {folder} keeps {kept}; run the same command again with "
+                   "--resume to go on from there")
+    else:
+        message = "interrupted before the run folder was written"
+    exit_with_error(console, message, 130)
+
+
 def _config(recipe: str | None, overrides: list[str] | None) -> RunConfig:
     from nvsm.config import ConfigError, load_config
 
@@ -175,10 +188,14 @@ def train(
 
     extra = [f"model.backbone_weights={backbone_weights}"] if backbone_weights else []
     cfg = _config(recipe, [*(overrides or []), *extra])
+    folder = _run_dir(out, "train")
     try:
-        metrics = train_and_evaluate(cfg, _run_dir(out, "train"), resume=resume, evaluate=evaluate)
+        metrics = train_and_evaluate(cfg, folder, resume=resume, evaluate=evaluate)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        _interrupted(folder, "its last checkpoint, model.pt, if one was saved "
+                             "(every train.checkpoint_every steps)")
     if metrics is not None:
         print_metrics_table(metrics, f"{cfg.name}: test")
 
@@ -406,6 +423,8 @@ def fewshot(
         result = run_fewshot(cfg, folder, resume=resume, log=console.print)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        _interrupted(folder, "every complete stage")
     title = (
         f"{cfg.name}: {cfg.labels.annotations} labels ({cfg.labels.anchors}, seed {cfg.seed}), "
         f"{cfg.data.crop_protocol} test crops"

@@ -1,4 +1,8 @@
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -75,6 +79,58 @@ def test_a_run_folder_that_cannot_take_the_run_is_refused_before_any_work(tmp_pa
         assert res.exit_code == 2 and f"{old} holds a run already: resume it" in res.output
     assert sorted(p.name for p in old.iterdir()) == ["run_info.json"]
     assert blocker.read_text() == "x"
+
+
+def test_ctrl_c_names_what_is_kept(monkeypatch, tmp_path):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("nvsm.fewshot.loop.run_fewshot", interrupted)
+    res = runner.invoke(app, ["fewshot", "--tiny", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 130
+    assert res.output == "error: interrupted before the run folder was written\n"
+
+    def train_interrupted(config, folder, **kwargs):
+        folder.mkdir()
+        (folder / "run_info.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("nvsm.pipeline.train_and_evaluate", train_interrupted)
+    res = runner.invoke(app, ["train", "--out", str(tmp_path / "train")])
+    assert res.exit_code == 130
+    assert " ".join(res.output.split()) == (
+        f"error: interrupted: {tmp_path / 'train'} keeps its last checkpoint, model.pt, if one "
+        "was saved (every train.checkpoint_every steps); run the same command again with "
+        "--resume to go on from there")
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_how_to_resume_and_the_resumed_run_finishes(tiny_synthetic, tmp_path):
+    # Ctrl-C exited 130 without a word; it now says what is kept and how to go on.
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "nvsm.cli", "fewshot", "--no-baselines", "--out", str(run)]
+    for setting in (f"data.root={tiny_synthetic}", "data.crop_scale=0.2",
+                    "data.crop_size=[64, 120]", "train.steps=150", "train.batch_size=4",
+                    "labels.annotations=3", "model.feature_dim=32", "device=cpu",
+                    "fewshot.rounds=1", "fewshot.mstep_steps=2", "fewshot.refine_steps=2"):
+        cmd += ["-s", setting]
+    proc = subprocess.Popen(  # SIGINT as a terminal's Ctrl-C sends it, even if ours ignores it
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 120
+    while not (run / "run_info.json").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, "the run folder never appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert (f"error: interrupted: {run} keeps every complete stage; run the same command again "
+            "with --resume to go on from there") in out
+    assert "Traceback" not in out and not (run / "metrics.json").exists()
+    res = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (run / "metrics.json").is_file()
 
 
 def test_only_train_runs_under_torchrun(tmp_path):
