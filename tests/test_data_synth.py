@@ -346,3 +346,33 @@ def test_cli_command(tmp_path: Path) -> None:
                                    "--counts", "car=2:1", "--counts", "bike=1:1"])
     assert res.exit_code == 2 and "--counts names bike, car, which the categories" in res.output
     assert not other.exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_workers_in_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    # A terminal's Ctrl-C reaches the whole process group: each rendering worker printed a
+    # KeyboardInterrupt traceback and the pool an InvalidStateError one, and the command
+    # itself exited 130 without a word.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "syn"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nvsm.cli", "data", "synth", "--out", str(out), "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".syn.partial-*")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the staging folder never appeared"
+        time.sleep(0.05)
+    time.sleep(1)  # the workers are starting (the whole set takes minutes)
+    assert proc.poll() is None, "it finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    assert output.rstrip().endswith(f"error: interrupted: nothing was written to {out}")
+    assert list(tmp_path.iterdir()) == []  # neither the dataset nor its staging folder

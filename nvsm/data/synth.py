@@ -55,9 +55,12 @@ from __future__ import annotations
 import io
 import math
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -627,11 +630,34 @@ def _run_all(
         for task in tasks:
             yield task, worker.run(task)
         return
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
-                             initializer=_init_worker,
-                             initargs=(backgrounds, use_skimage)) as pool:
-        chunk = max(1, min(8, len(tasks) // (4 * workers)))
-        yield from zip(tasks, pool.map(_run_task, tasks, chunksize=chunk), strict=True)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+                               initializer=_init_worker, initargs=(backgrounds, use_skimage))
+    chunk = max(1, min(8, len(tasks) // (4 * workers)))
+    try:
+        # Ctrl-C reaches every process of the terminal's process group. The workers start with
+        # SIGINT ignored (map submits every task, which starts them; an ignored signal stays
+        # ignored in a spawned interpreter), so that this process alone stops, in one line,
+        # instead of each worker printing a KeyboardInterrupt traceback and the pool one more.
+        with _sigint_ignored():
+            results = pool.map(_run_task, tasks, chunksize=chunk)
+        yield from zip(tasks, results, strict=True)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)  # not every queued task first
+        raise
+    pool.shutdown()
+
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored within (in the main thread; elsewhere signals cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -693,19 +719,21 @@ def synth_command(
             exit_with_error(console, f"--counts names {', '.join(unused)}, which the categories "
                             f"rendered ({', '.join(categories)}; --category) do not include", 2)
         size = {**SIZE_PRESETS["tiny" if tiny else "default"], **asked}
-    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console) as bar:
-        job = bar.add_task("rendering", total=None)
+    try:
+        with Progress("[progress.description]{task.description}", BarColumn(),
+                      MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+            job = bar.add_task("rendering", total=None)
 
-        def report(done: int, total: int) -> None:
-            bar.update(job, completed=done, total=total)
+            def report(done: int, total: int) -> None:
+                bar.update(job, completed=done, total=total)
 
-        try:
             summary = generate_synthetic_dataset(
                 out, size, seed, backgrounds, categories, occlusion=not no_occlusion,
                 workers=workers, overwrite=overwrite, progress=report)
-        except (ValueError, FileExistsError, FileNotFoundError) as exc:
-            exit_with_error(console, str(exc), 2)
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+        exit_with_error(console, str(exc), 2)
+    except KeyboardInterrupt:  # the dataset is built aside and moved into place whole
+        exit_with_error(console, f"interrupted: nothing was written to {out}", 130)
     for cat, c in summary.counts.items():
         console.print(f"{cat}: {c['train']} train, {c['val']} val, "
                       f"{summary.cad_models[cat]} CAD models")
