@@ -98,15 +98,14 @@ from rich.console import Console
 from rich.table import Table
 
 from nvsm.config import RunConfig, load_config, override_config
-from nvsm.fewshot.loop import (
+from nvsm.fewshot.estep import (
     _refine,
     accept_and_weight,
-    acceptance_schedule,
     extract_features,
     flip_margins,
-    prepare_fewshot_data,
     round_shifts,
 )
+from nvsm.fewshot.loop import acceptance_schedule, prepare_fewshot_data
 from nvsm.fewshot.matching import FaissMatcher, Matcher, TorchMatcher, faiss_available
 from nvsm.fewshot.pseudo_labels import best_pose_and_margin, make_pseudo_labels
 from nvsm.fewshot.synthesis import (
@@ -327,7 +326,7 @@ def bench_stages(args: argparse.Namespace) -> dict[str, Any]:
     pool_feats = extract_features(model, pool, device, batch)
     anchor_feats = extract_features(model, anchors, device, batch).to(device)
 
-    # View synthesis (as ``nvsm.fewshot.loop._match_category``).
+    # View synthesis (as ``nvsm.fewshot.estep._match_category``).
     shifts = round_shifts(fs, measured_round)
     size = (int(pool_feats.shape[-2]), int(pool_feats.shape[-1]))
     view_k = canonical_feature_camera(size, STRIDE, pool.normalized_focal)

@@ -30,7 +30,8 @@ from sklearn.metrics import roc_auc_score
 
 from nvsm.config import config_from_dict
 from nvsm.data.splits import azimuth_bins
-from nvsm.fewshot.loop import FLIP_ERROR_DEG, acceptance_schedule, read_pseudo_labels
+from nvsm.fewshot.loop import acceptance_schedule
+from nvsm.fewshot.pseudo_labels import FLIP_ERROR_DEG, read_pseudo_labels
 from nvsm.io import atomic_write_json
 from nvsm.pipeline import load_splits
 from nvsm.pose.metrics import PI_6, pose_errors

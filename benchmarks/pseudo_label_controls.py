@@ -35,13 +35,8 @@ import torch
 from _cli import positive_int, run_main
 
 from nvsm.config import config_from_dict
-from nvsm.fewshot.loop import (
-    FLIP_ERROR_DEG,
-    prepare_fewshot_data,
-    read_pseudo_labels,
-    round_seed,
-    train_steps,
-)
+from nvsm.fewshot.loop import prepare_fewshot_data, round_seed, train_steps
+from nvsm.fewshot.pseudo_labels import FLIP_ERROR_DEG, read_pseudo_labels
 from nvsm.infer.evaluate import predict, resolve_schedule, score
 from nvsm.io import atomic_write_json
 from nvsm.pipeline import resolve_device

@@ -34,7 +34,7 @@ from nvsm.train.loss import NearMode, SampleMode
 ScheduleName = Literal["fast", "reference"]  # nvsm.infer.solve.SCHEDULES
 MatcherName = Literal["torch", "faiss"]  # nvsm.fewshot.loop.make_matcher
 FaissIndexType = Literal["flat", "ivf"]  # nvsm.fewshot.matching.FaissMatcher
-ScoreArea = Literal["silhouette", "usable"]  # nvsm.fewshot.loop.view_areas
+ScoreArea = Literal["silhouette", "usable"]  # nvsm.fewshot.estep.view_areas
 MStepInit = Literal["continue", "restart"]  # nvsm.fewshot.loop
 
 T = TypeVar("T")

@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from nvsm.config import RunConfig, config_to_dict
-from nvsm.fewshot.loop import pseudo_labels_jsonl
-from nvsm.fewshot.pseudo_labels import AcceptanceRule, PseudoLabel
+from nvsm.fewshot.pseudo_labels import AcceptanceRule, PseudoLabel, pseudo_labels_jsonl
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPT = BENCHMARKS / "pseudo_label_controls.py"

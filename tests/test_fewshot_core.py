@@ -656,7 +656,7 @@ def test_pseudo_label_round_trip_and_construction() -> None:
 def test_view_areas_follow_fewshot_score_area() -> None:
     from types import SimpleNamespace
 
-    from nvsm.fewshot.loop import view_areas
+    from nvsm.fewshot.estep import view_areas
 
     sil = torch.zeros(2, 4, 5, dtype=torch.bool)
     sil[0, :2] = True
@@ -793,7 +793,7 @@ def test_pseudo_label_from_dict_accepted_pose_must_be_finite() -> None:
 
 
 def test_read_pseudo_labels_names_file_line_and_field(tmp_path: Path) -> None:
-    from nvsm.fewshot.loop import pseudo_labels_jsonl, read_pseudo_labels
+    from nvsm.fewshot.pseudo_labels import pseudo_labels_jsonl, read_pseudo_labels
 
     good = dataclasses.replace(_label("a", "car", 0.9, 0.2, 0.3), accepted=True, weight=1.0)
     path = tmp_path / "pseudo_labels.jsonl"

@@ -14,20 +14,22 @@ from typer.testing import CliRunner
 
 from nvsm.cli import app
 from nvsm.config import config_differences, config_to_dict, load_config
+from nvsm.fewshot.estep import confidence_weights
 from nvsm.fewshot.loop import (
-    CSV_FIELDS,
     RESUMABLE_KEYS,
     acceptance_schedule,
-    confidence_weights,
     hide_poses,
     prepare_fewshot_data,
-    pseudo_label_diagnostics,
-    pseudo_labels_csv,
-    read_pseudo_labels,
     round_seed,
     run_fewshot,
 )
-from nvsm.fewshot.pseudo_labels import PseudoLabel
+from nvsm.fewshot.pseudo_labels import (
+    CSV_FIELDS,
+    PseudoLabel,
+    pseudo_label_diagnostics,
+    pseudo_labels_csv,
+    read_pseudo_labels,
+)
 from nvsm.train.model import NeMoModel
 
 runner = CliRunner()
@@ -436,7 +438,8 @@ def test_fewshot_help_has_examples():
 
 
 def test_streamed_features_and_chunked_targets_change_nothing(tiny_data, tmp_path):
-    from nvsm.fewshot.loop import e_step, extract_features, make_matcher
+    from nvsm.fewshot.estep import e_step, extract_features
+    from nvsm.fewshot.loop import make_matcher
     from nvsm.fewshot.pseudo_labels import AcceptanceRule
     from nvsm.render import get_rasterizer
     from nvsm.train.model import build_model
@@ -475,7 +478,8 @@ def test_streamed_features_and_chunked_targets_change_nothing(tiny_data, tmp_pat
 def test_theta_shifts_are_configurable(tiny_data):
     """``fewshot.shift_thetas_deg`` reaches the grid and every synthesised view: with the one
     value Δθ = 10°, each pseudo-label's matched view is 10° off its anchor in θ."""
-    from nvsm.fewshot.loop import e_step, extract_features, make_matcher, round_shifts
+    from nvsm.fewshot.estep import e_step, extract_features, round_shifts
+    from nvsm.fewshot.loop import make_matcher
     from nvsm.fewshot.pseudo_labels import AcceptanceRule
     from nvsm.render import get_rasterizer
     from nvsm.train.model import build_model
@@ -506,7 +510,7 @@ def test_hubness_correction_in_the_matching(tiny_data, sample, chunk):
     over the evenly spaced sample of ``fewshot.hubness_sample`` pool images, whatever the
     target chunking: checked against the full score matrix of the same views (candidates =
     every view)."""
-    from nvsm.fewshot import loop
+    from nvsm.fewshot import estep
     from nvsm.fewshot.matching import TorchMatcher, nvsm_similarity
     from nvsm.render import get_rasterizer
     from nvsm.train.model import build_model
@@ -516,14 +520,14 @@ def test_hubness_correction_in_the_matching(tiny_data, sample, chunk):
     model = build_model(cfg, tiny_data.meshes)
     cpu = torch.device("cpu")
     anchors, pool = tiny_data.labelled, tiny_data.unlabelled
-    anchor_feats = loop.extract_features(model, anchors, cpu, 2)
-    pool_feats = loop.extract_features(model, pool, cpu, 2)
-    shifts = loop.round_shifts(cfg.fewshot, 1)
+    anchor_feats = estep.extract_features(model, anchors, cpu, 2)
+    pool_feats = estep.extract_features(model, pool, cpu, 2)
+    shifts = estep.round_shifts(cfg.fewshot, 1)
     n_views = len(anchors) * len(shifts)
     bank = model.banks["car"]
-    clutter = loop.clutter_model(bank.clutter_queue().detach().float())
+    clutter = estep.clutter_model(bank.clutter_queue().detach().float())
     size = (pool_feats.shape[-2], pool_feats.shape[-1])
-    view_k = loop.canonical_feature_camera(size, loop.STRIDE, pool.normalized_focal)
+    view_k = estep.canonical_feature_camera(size, estep.STRIDE, pool.normalized_focal)
     full: list[torch.Tensor] = []
 
     class Recording(TorchMatcher):
@@ -532,10 +536,10 @@ def test_hubness_correction_in_the_matching(tiny_data, sample, chunk):
             return super().search(views, view_masks, targets, k, **kw)
 
     def match(fs):
-        return loop._match_category(
+        return estep._match_category(
             anchors, anchor_feats, pool_feats, list(range(len(pool))), list(pool.uids),
             model.meshes["car"], clutter, shifts, view_k, Recording(), fs,
-            get_rasterizer("torch", cpu), loop.StageTimer(),
+            get_rasterizer("torch", cpu), estep.StageTimer(),
         )  # fmt: skip
 
     base = dataclasses.replace(

@@ -17,14 +17,13 @@ from typer.testing import CliRunner
 
 from nvsm.cli import app
 from nvsm.config import config_to_dict, load_config
-from nvsm.fewshot.loop import (
+from nvsm.fewshot.loop import prepare_fewshot_data, run_fewshot
+from nvsm.fewshot.pseudo_labels import (
     CSV_FIELDS,
-    prepare_fewshot_data,
+    PseudoLabel,
     pseudo_labels_jsonl,
     read_pseudo_labels,
-    run_fewshot,
 )
-from nvsm.fewshot.pseudo_labels import PseudoLabel
 from nvsm.fewshot.report import (
     REPORT_NAME,
     accuracy_series,

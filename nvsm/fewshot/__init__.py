@@ -4,17 +4,17 @@
 * ``matching``: the size-normalised (optionally clutter-aware) NVSM score; brute-force torch and
   FAISS matchers behind the ``Matcher`` protocol; self-match exclusion; CSLS hubness correction.
 * ``pseudo_labels``: best pose, distant-pose margin, front/back flip score, acceptance rules.
-* ``loop``: the EM loop (round 0 NeMo, E-step, M-step, round folders, resume).
+* ``estep``: an EM round's E-step (features, matching per category, flip margins, acceptance,
+  refinement) and self-training's.
+* ``loop``: the EM loop (round 0 NeMo, E-steps, M-steps, round folders, resume).
 """
 
+from nvsm.fewshot.estep import e_step, flip_margins
 from nvsm.fewshot.loop import (
     FewShotData,
     FewShotResult,
     acceptance_schedule,
-    e_step,
-    flip_margins,
     prepare_fewshot_data,
-    pseudo_label_diagnostics,
     run_fewshot,
 )
 from nvsm.fewshot.matching import (
@@ -43,6 +43,7 @@ from nvsm.fewshot.pseudo_labels import (
     apply_acceptance,
     best_pose_and_margin,
     make_pseudo_labels,
+    pseudo_label_diagnostics,
 )
 from nvsm.fewshot.synthesis import (
     SynthesizedViews,

@@ -3,8 +3,8 @@ refined pseudo-labels → retraining.
 
 * Round 0 trains NeMo on the N labelled anchors only (``NeMoTrainer``); it is the ``nemo``
   baseline.
-* EM round k ≥ 1, E-step: the anchors (labels + the previous round's most confident accepted
-  pseudo-labels) give vertex features at their (pseudo-)poses
+* EM round k ≥ 1, E-step (``nvsm.fewshot.estep``): the anchors (labels + the previous round's
+  most confident accepted pseudo-labels) give vertex features at their (pseudo-)poses
   (``sample_anchor_vertex_features``); their views are synthesised on
   ``expanding_shift_grid(k − 1)`` and matched to every unlabelled image (the injected
   ``Matcher``, clutter-aware with the bank's clutter model, self-matches excluded by uid); the
@@ -27,63 +27,44 @@ run equals an uninterrupted one.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import math
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
 
-import numpy as np
 import torch
 
 from nvsm.config import (
     FewShotConfig,
     MatcherName,
     RunConfig,
-    ScoreArea,
     TrainConfig,
     config_differences,
     config_to_dict,
 )
 from nvsm.data.splits import azimuth_coverage
-from nvsm.fewshot.matching import (
-    FaissMatcher,
-    Matcher,
-    TorchMatcher,
-    hubness_corrected,
-    nvsm_similarity,
-    top_scores,
-    view_hubness,
+from nvsm.fewshot.estep import (
+    StageTimer,
+    accept_and_weight,
+    e_step,
+    extract_features,
+    round_shifts,
+    self_training_labels,
 )
+from nvsm.fewshot.matching import FaissMatcher, Matcher, TorchMatcher
 from nvsm.fewshot.pseudo_labels import (
     AcceptanceRule,
     AcceptanceSchedule,
     PseudoLabel,
-    best_pose_and_margin,
-    make_pseudo_labels,
+    pseudo_label_diagnostics,
+    pseudo_labels_csv,
+    pseudo_labels_jsonl,
+    read_pseudo_labels,
 )
-from nvsm.fewshot.synthesis import (
-    SynthesizedViews,
-    canonical_pose,
-    expanding_shift_grid,
-    iter_synthesized_views,
-    sample_anchor_vertex_features,
-    synthesize_images,
-)
-from nvsm.infer.solve import (
-    InferenceSchedule,
-    canonical_feature_camera,
-    clutter_model,
-    flip_margin,
-    refine_poses,
-    score_templates,
-)
+from nvsm.fewshot.synthesis import synthesize_images
 from nvsm.io import (
     atomic_write_json,
     atomic_write_text,
@@ -92,73 +73,32 @@ from nvsm.io import (
     write_run_info,
 )
 from nvsm.mesh import Mesh
-from nvsm.models import load_checkpoint, normalize_images
-from nvsm.models.common import STRIDE
-from nvsm.pose.camera import feature_intrinsics
-from nvsm.pose.convention import NORMALIZED_DISTANCE
-from nvsm.pose.metrics import pose_errors, summarize_errors
+from nvsm.models import load_checkpoint
 from nvsm.render import Rasterizer, get_rasterizer
 from nvsm.train.cropset import CropSet
 from nvsm.train.model import NeMoModel, build_model
 from nvsm.train.trainer import NeMoTrainer
 
 __all__ = [
-    "CSV_FIELDS",
-    "FLIP_ERROR_DEG",
     "ROWS",
     "FewShotData",
     "FewShotResult",
-    "StageTimer",
-    "accept_and_weight",
     "acceptance_schedule",
-    "confidence_weights",
-    "e_step",
-    "extract_features",
-    "flip_margins",
     "hide_poses",
     "make_matcher",
     "prepare_fewshot_data",
-    "pseudo_label_diagnostics",
-    "pseudo_labels_csv",
-    "pseudo_labels_jsonl",
-    "read_pseudo_labels",
     "round_seed",
-    "round_shifts",
     "run_fewshot",
-    "self_training_labels",
     "summary_levels",
     "train_steps",
-    "view_areas",
 ]
 
-#: Columns of ``pseudo_labels.csv`` (angles in radians, as in ``PseudoLabel``).
-CSV_FIELDS = (
-    "uid",
-    "category",
-    "azimuth",
-    "elevation",
-    "theta",
-    "distance",
-    "score",
-    "margin",
-    "flip_score",
-    "source_uid",
-    "shift_azimuth",
-    "shift_elevation",
-    "shift_theta",
-    "accepted",
-    "weight",
-    "round",
-)
 
 #: Pose-summary keys reported per occlusion level in the top-level metrics.
 SUMMARY_KEYS = ("acc_pi_6", "acc_pi_18", "median_error_deg", "n", "failures")
 
 #: Seed offset between EM rounds (trainer, augmentation and clutter streams).
 ROUND_SEED_STRIDE = 1000
-
-#: A pose error above this (degrees) counts as a front/back flip in the diagnostics.
-FLIP_ERROR_DEG = 150.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,540 +222,9 @@ def acceptance_schedule(fs: FewShotConfig) -> AcceptanceSchedule:
     return AcceptanceSchedule(tuple(rules))
 
 
-@torch.no_grad()
-def extract_features(
-    model: NeMoModel,
-    data: CropSet,
-    device: torch.device,
-    batch_size: int = 16,
-    path: Path | None = None,
-) -> torch.Tensor:
-    """(N, D, h, w) float32 unit feature maps of every crop, on the CPU.
-
-    With ``path`` the maps are written batch by batch into a memory-mapped ``.npy`` file there
-    and the returned tensor views it, so a large unlabelled pool's maps never need to fit in
-    RAM (the E-step reads them a chunk at a time); the caller deletes the file."""
-    model.eval()
-    out: torch.Tensor | None = None
-    for start in range(0, len(data), batch_size):
-        images = data.images[start : start + batch_size].float().to(device) / 255.0
-        maps = model.features(normalize_images(images)).float().cpu()
-        if out is None:
-            shape = (len(data), *maps.shape[1:])
-            if path is None:
-                out = torch.empty(shape)
-            else:
-                array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
-                out = torch.from_numpy(array)
-        out[start : start + len(maps)] = maps
-    if out is None:
-        raise ValueError("extract_features: no crops")
-    return out
-
-
-def confidence_weights(labels: Sequence[PseudoLabel], min_weight: float) -> np.ndarray:
-    """Per label: score / the best accepted score of its category, clipped to
-    [min_weight, 1]; 0 for rejected labels."""
-    w = np.zeros(len(labels))
-    for cat in sorted({lb.category for lb in labels}):
-        idx = [i for i, lb in enumerate(labels) if lb.category == cat and lb.accepted]
-        if not idx:
-            continue
-        top = max(labels[i].score for i in idx)
-        for i in idx:
-            ratio = labels[i].score / top if top > 0 else 1.0
-            w[i] = float(np.clip(ratio, min_weight, 1.0))
-    return w
-
-
-def view_areas(views: SynthesizedViews, score_area: ScoreArea) -> torch.Tensor | None:
-    """(M,) denominators of the NVSM score (``nvsm.fewshot.matching``) for ``score_area``: each
-    view's silhouette pixel count, or None for the matcher's default (its usable pixels)."""
-    if score_area not in get_args(ScoreArea):
-        raise ValueError(f"fewshot.score_area: expected one of {' | '.join(get_args(ScoreArea))}, "
-                         f"got {score_area!r}")
-    if score_area == "usable":
-        return None
-    return views.silhouette.flatten(1).sum(1)
-
-
-def _match_category(
-    anchors: CropSet,
-    anchor_feats: torch.Tensor,
-    pool_feats: torch.Tensor,
-    target_index: list[int],
-    target_uids: list[str],
-    mesh: Mesh,
-    clutter: torch.Tensor | None,
-    shifts: torch.Tensor,
-    view_k: np.ndarray,
-    matcher: Matcher,
-    fs: FewShotConfig,
-    rasterizer: Rasterizer,
-    timer: StageTimer,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-    """Top candidates of the targets ``pool_feats[target_index]`` over all synthesised views.
-
-    Views are synthesised ``fs.view_chunk`` at a time and every chunk is matched against the
-    targets ``fs.target_chunk`` at a time, so neither the views nor the pool's feature maps
-    (possibly a memory-mapped file, ``extract_features(path=...)``) are ever all in memory.
-    With ``fs.hubness_k`` > 0 each chunk's candidates are re-ranked by the CSLS-corrected score
-    (``hubness_corrected``), the views' hubness taken over a ``fs.hubness_sample`` pool sample.
-
-    Returns scores (T, K), view index (T, K), view poses (M, 4), view shifts (M, 3) and the
-    anchor uid of every view."""
-    k_anchor = torch.as_tensor(feature_intrinsics(anchors.k.numpy(), STRIDE))
-    device = anchor_feats.device
-    feats, visible = sample_anchor_vertex_features(
-        anchor_feats, anchors.poses.to(device), k_anchor, mesh
-    )
-    view_anchor_poses = anchors.poses.clone().to(device)
-    view_anchor_poses[:, 3] = NORMALIZED_DISTANCE  # the canonical camera of the views
-    size = (pool_feats.shape[-2], pool_feats.shape[-1])
-    t = len(target_index)
-    best_s = torch.full((t, 0), -math.inf)
-    best_i = torch.full((t, 0), -1, dtype=torch.int64)
-    poses, shift, source = [], [], []
-    offset = 0
-    hub_stride = max(1, math.ceil(t / max(1, fs.hubness_sample)))
-    synthesized = iter_synthesized_views(
-        feats, visible, view_anchor_poses, shifts, mesh, view_k, size, rasterizer, fs.view_chunk
-    )
-    while True:
-        with timer("synthesis"):
-            views = next(synthesized, None)
-        if views is None:
-            break
-        src_uids = np.asarray([anchors.uids[i] for i in views.source.tolist()])
-        areas = view_areas(views, fs.score_area)
-        k = min(fs.candidates, len(views))
-        parts_s, parts_i = [], []
-        hub_top = None  # (≤ hubness_k, views) best scores over the sampled pool images
-        for start in range(0, t, fs.target_chunk):
-            rows = slice(start, start + fs.target_chunk)
-            with timer("matching"):
-                targets = pool_feats[torch.tensor(target_index[rows])].to(device)
-                exclude = (np.asarray(target_uids[rows]), src_uids)
-                s, i = matcher.search(
-                    views.features.float(),
-                    views.mask,
-                    targets,
-                    k,
-                    clutter=clutter,
-                    exclude=exclude,
-                    areas=areas,
-                )
-                if fs.hubness_k > 0:
-                    hub_top = _hubness_update(
-                        hub_top, views, areas, targets, exclude, start, hub_stride, clutter, fs
-                    )
-            parts_s.append(s.float().cpu())
-            parts_i.append(i.cpu())
-        chunk_s, chunk_i = torch.cat(parts_s), torch.cat(parts_i)
-        if hub_top is not None:
-            chunk_s, chunk_i = hubness_corrected(chunk_s, chunk_i, view_hubness(hub_top).cpu())
-        chunk_i = torch.where(chunk_i >= 0, chunk_i + offset, chunk_i)
-        cat_s = torch.cat([best_s, chunk_s], 1)
-        cat_i = torch.cat([best_i, chunk_i], 1)
-        best_s, pos = cat_s.topk(min(fs.candidates, cat_s.shape[1]), dim=1)
-        best_i = cat_i.gather(1, pos)
-        poses.append(views.poses.double().cpu())
-        shift.append(views.shift.cpu())
-        source += src_uids.tolist()
-        offset += len(views)
-    return best_s, best_i, torch.cat(poses), torch.cat(shift), source
-
-
-def _hubness_update(
-    top: torch.Tensor | None,
-    views: SynthesizedViews,
-    areas: torch.Tensor | None,
-    targets: torch.Tensor,
-    exclude: tuple[np.ndarray, np.ndarray],
-    start: int,
-    stride: int,
-    clutter: torch.Tensor | None,
-    fs: FewShotConfig,
-) -> torch.Tensor | None:
-    """``top_scores`` of the views merged with this target chunk's sampled rows: the targets at
-    positions ≡ 0 (mod ``stride``) of the whole target list (every one when the pool is at most
-    ``fewshot.hubness_sample``), so that the sample is spread over the pool and independent of
-    the chunking."""
-    rows = list(range(-start % stride, len(targets), stride))
-    if not rows:
-        return top
-    s = nvsm_similarity(
-        views.features.float(),
-        views.mask,
-        targets[rows],
-        clutter=clutter,
-        exclude=(exclude[0][rows], exclude[1]),
-        areas=areas,
-    )
-    return top_scores(s, fs.hubness_k, top)
-
-
-def flip_margins(
-    model: NeMoModel,
-    crops: CropSet,
-    feats: torch.Tensor,
-    index: Sequence[int],
-    poses: torch.Tensor,
-    device: torch.device,
-    rasterizer: Rasterizer,
-    batch_size: int = 64,
-) -> torch.Tensor:
-    """(n,) ``flip_margin`` of the crops ``index`` (one category) with feature maps
-    ``feats[index]`` (read a batch at a time: ``feats`` may be memory-mapped) at the given
-    (n, 4) poses (their rotation; the distance is the crop's reference distance) under the
-    current model's mesh features."""
-    cat = crops.categories[index[0]]
-    bank = model.banks[cat]
-    mesh = model.meshes[cat].to(device)
-    memory = bank.memory.detach().float().to(device)
-    clutter = clutter_model(bank.clutter_queue().detach().float()).to(device)
-    out = []
-    for start in range(0, len(index), batch_size):
-        ix = torch.tensor(index[start : start + batch_size])
-        at = poses[start : start + batch_size].to(torch.float64).clone()
-        at[:, 3] = crops.reference_distance[ix]
-        k_feat = torch.as_tensor(feature_intrinsics(crops.k[ix].numpy(), STRIDE)).float()
-        out.append(
-            flip_margin(
-                feats[ix].to(device),
-                at.float().to(device),
-                mesh,
-                memory,
-                clutter,
-                k_feat.to(device),
-                rasterizer,
-            )
-        )
-    return torch.cat(out)
-
-
-def accept_and_weight(
-    labels: Sequence[PseudoLabel], rule: AcceptanceRule, fs: FewShotConfig
-) -> list[PseudoLabel]:
-    """The labels with ``accepted`` set by the rule and ``confidence_weights`` as weights (one
-    path for NVSM and self-training, so both use the same acceptance and weighting)."""
-    keep = rule.accept(labels)
-    out = [dataclasses.replace(lb, accepted=bool(k)) for lb, k in zip(labels, keep, strict=True)]
-    weights = confidence_weights(out, fs.min_weight)
-    return [dataclasses.replace(lb, weight=float(w)) for lb, w in zip(out, weights, strict=True)]
-
-
-def e_step(
-    model: NeMoModel,
-    round_index: int,
-    anchors: CropSet,
-    anchor_feats: torch.Tensor,
-    pool: CropSet,
-    pool_feats: torch.Tensor,
-    fs: FewShotConfig,
-    matcher: Matcher,
-    rule: AcceptanceRule,
-    device: torch.device,
-    rasterizer: Rasterizer,
-    timer: StageTimer | None = None,
-) -> tuple[list[PseudoLabel], torch.Tensor]:
-    """Pseudo-labels of every pool image for EM round ``round_index`` (≥ 1).
-
-    ``pool.poses`` is never read. Returns the labels (accepted ones with refined poses and
-    confidence weights) and the raw matched poses (N, 4) before refinement (diagnostics).
-    ``timer`` accumulates the ``synthesis``, ``matching`` and ``refinement`` seconds.
-    """
-    timer = timer or StageTimer()
-    shifts = round_shifts(fs, round_index)
-    size = (pool_feats.shape[-2], pool_feats.shape[-1])
-    view_k = canonical_feature_camera(size, STRIDE, pool.normalized_focal)
-    labels: list[PseudoLabel | None] = [None] * len(pool)
-    for cat in sorted(set(pool.categories)):
-        t_idx = [i for i, c in enumerate(pool.categories) if c == cat]
-        a_idx = [i for i, c in enumerate(anchors.categories) if c == cat]
-        if not a_idx:
-            raise ValueError(f"no anchors of category {cat!r}")
-        bank = model.banks[cat]
-        queue = bank.clutter_queue().detach().float().to(device)
-        clutter = clutter_model(queue) if fs.clutter_aware else None
-        uids = [pool.uids[i] for i in t_idx]
-        with torch.no_grad():
-            scores, index, vposes, vshift, vsource = _match_category(
-                anchors.subset(a_idx),
-                anchor_feats[a_idx].to(device),
-                pool_feats,
-                t_idx,
-                uids,
-                model.meshes[cat].to(device),
-                clutter,
-                shifts,
-                view_k,
-                matcher,
-                fs,
-                rasterizer,
-                timer,
-            )
-            with timer("matching"):
-                best = best_pose_and_margin(scores, vposes, fs.min_separation_deg, index=index)
-        best_poses = vposes[best.index.clamp(min=0)].clone()
-        best_poses[best.index < 0] = math.nan
-        with timer("flip check"):
-            flip = flip_margins(model, pool, pool_feats, t_idx, best_poses, device, rasterizer)
-        made = make_pseudo_labels(uids, cat, best, flip, vposes, vshift, vsource, round_index)
-        for i, lb in zip(t_idx, made, strict=True):
-            labels[i] = lb
-    out = accept_and_weight([lb for lb in labels if lb is not None], rule, fs)
-    matched = torch.tensor(
-        [[lb.azimuth, lb.elevation, lb.theta, lb.distance] for lb in out], dtype=torch.float64
-    )
-    with timer("refinement"):
-        refined = _refine(model, pool, pool_feats, out, fs, device, rasterizer)
-    return refined, matched
-
-
-def self_training_labels(
-    model: NeMoModel,
-    pool: CropSet,
-    config: RunConfig,
-    round_index: int,
-    device: torch.device,
-    rasterizer: Rasterizer,
-    timer: StageTimer | None = None,
-    show_progress: bool = False,
-    features_path: Path | None = None,
-) -> list[PseudoLabel]:
-    """Plain self-training pseudo-labels: NeMo's own render-and-compare prediction
-    (``config.infer.schedule``) of every pool image (not yet accepted).
-
-    score = 1 − the prediction's loss (the clutter-aware NeMo score). The margin comes from the
-    template scores NeMo's search starts from, by the function the NVSM E-step uses on its
-    synthesised views (``best_pose_and_margin``), and the flip score is the same
-    ``flip_margins`` as NVSM's, so an acceptance rule means the same thing for both.
-    ``pool.poses`` is never read; ``features_path``: see ``extract_features``."""
-    from nvsm.infer.evaluate import category_templates, predict, resolve_schedule
-
-    timer = timer or StageTimer()
-    fs = config.fewshot
-    schedule = resolve_schedule(config.infer.schedule)
-    with timer("inference"):
-        preds = predict(
-            model,
-            pool,
-            schedule,
-            config.infer.batch_size,
-            device,
-            rasterizer,
-            show_progress=show_progress,
-            description=f"self-training round {round_index}: predicting",
-        )
-    with timer("features"):
-        feats = extract_features(model, pool, device, config.infer.batch_size, features_path)
-    labels: list[PseudoLabel | None] = [None] * len(pool)
-    size = (feats.shape[-2], feats.shape[-1])
-    with timer("matching"), torch.no_grad():
-        for cat in sorted(set(pool.categories)):
-            idx = [i for i, c in enumerate(pool.categories) if c == cat]
-            bank = model.banks[cat]
-            tb = category_templates(model, cat, size, pool.normalized_focal, schedule, rasterizer)
-            clutter = clutter_model(bank.clutter_queue().float())
-            scores = torch.cat(
-                [
-                    1 - score_templates(feats[c].to(device), tb.features, tb.masks, clutter)
-                    for c in torch.tensor(idx).split(config.infer.batch_size)
-                ]
-            ).cpu()
-            tposes = torch.cat(
-                [tb.poses.cpu().double(), torch.full((len(tb.poses), 1), NORMALIZED_DISTANCE)], 1
-            )
-            best = best_pose_and_margin(scores, tposes, fs.min_separation_deg)
-            flip = flip_margins(model, pool, feats, idx, preds.poses[idx], device, rasterizer)
-            for j, i in enumerate(idx):
-                p = preds.poses[i]
-                ok = preds.errors[i] is None and bool(torch.isfinite(p).all())
-                a, e, t = canonical_pose(p[0:1], p[1:2], p[2:3])
-                labels[i] = PseudoLabel(
-                    uid=pool.uids[i],
-                    category=cat,
-                    azimuth=float(a[0]),
-                    elevation=float(e[0]),
-                    theta=float(t[0]),
-                    distance=float(p[3]),
-                    score=1.0 - float(preds.loss[i]) if ok else -math.inf,
-                    margin=float(best.margin[j]),
-                    flip_score=float(flip[j]),
-                    source_uid="",
-                    shift=(0.0, 0.0, 0.0),
-                    round=round_index,
-                )
-    return [lb for lb in labels if lb is not None]
-
-
-def _refine(
-    model: NeMoModel,
-    pool: CropSet,
-    pool_feats: torch.Tensor,
-    labels: list[PseudoLabel],
-    fs: FewShotConfig,
-    device: torch.device,
-    rasterizer: Rasterizer,
-    batch_size: int = 16,
-) -> list[PseudoLabel]:
-    """Accepted labels with their pose refined by render-and-compare against the current model
-    (init: the matched rotation at the crop's reference distance); others unchanged."""
-    out = list(labels)
-    accepted = [i for i, lb in enumerate(labels) if lb.accepted]
-    schedule = InferenceSchedule(
-        steps=fs.refine_steps, lr=fs.refine_lr, lr_decay=0.3, lr_decay_every=6, tolerance=1e-4
-    )
-    for cat in sorted({pool.categories[i] for i in accepted}):
-        idx = [i for i in accepted if pool.categories[i] == cat]
-        bank = model.banks[cat]
-        mesh = model.meshes[cat].to(device)
-        memory = bank.memory.detach().float().to(device)
-        clutter = clutter_model(bank.clutter_queue().detach().float()).to(device)
-        for start in range(0, len(idx), batch_size):
-            chunk = idx[start : start + batch_size]
-            ix = torch.tensor(chunk)
-            init = torch.tensor(
-                [[labels[i].azimuth, labels[i].elevation, labels[i].theta] for i in chunk],
-                dtype=torch.float32,
-            )
-            dist = pool.reference_distance[ix].float()[:, None]
-            init = torch.cat([init, dist], 1)[:, None].to(device)
-            k_feat = torch.as_tensor(feature_intrinsics(pool.k[ix].numpy(), STRIDE)).float()
-            with torch.enable_grad():
-                poses, _ = refine_poses(
-                    pool_feats[ix].to(device),
-                    init,
-                    mesh,
-                    memory,
-                    clutter,
-                    k_feat.to(device),
-                    schedule,
-                    rasterizer,
-                )
-            p = poses[:, 0].detach().double().cpu()
-            a, e, t = canonical_pose(p[:, 0], p[:, 1], p[:, 2])
-            for j, i in enumerate(chunk):
-                out[i] = dataclasses.replace(
-                    labels[i],
-                    azimuth=float(a[j]),
-                    elevation=float(e[j]),
-                    theta=float(t[j]),
-                    distance=float(p[j, 3]),
-                )
-    return out
-
-
 # --------------------------------------------------------------------------------------------
-# Diagnostics, files
+# Files
 # --------------------------------------------------------------------------------------------
-
-
-def _pose_summary(poses: np.ndarray, gt: np.ndarray) -> dict[str, Any]:
-    if len(poses) == 0:
-        return {"acc_pi_6": math.nan, "acc_pi_18": math.nan, "median_error_deg": math.nan, "n": 0}
-    err = pose_errors([tuple(p[:3]) for p in poses], gt[:, :3])
-    m = summarize_errors(err).to_dict()
-    m.pop("failures", None)
-    m["flip_share"] = float(np.mean(np.degrees(err) > FLIP_ERROR_DEG))
-    return m
-
-
-def pseudo_label_diagnostics(
-    labels: Sequence[PseudoLabel], matched: torch.Tensor, hidden_gt: torch.Tensor
-) -> dict[str, Any]:
-    """Accuracy of a round's pseudo-labels against the hidden ground truth (diagnostics only).
-
-    Returns pool size, accepted count, coverage (accepted / pool), and for the accepted labels
-    Acc@π/6, Acc@π/18, median error (degrees), share of ~180° errors (> 150°), for the refined
-    poses (``accepted``) and the raw matches (``accepted_matched``); ``all_matched`` is the
-    same for every pool image's raw match.
-    """
-    acc = np.array([lb.accepted for lb in labels], dtype=bool)
-    refined = np.array([[lb.azimuth, lb.elevation, lb.theta] for lb in labels]).reshape(-1, 3)
-    raw = matched[:, :3].numpy()
-    gt = hidden_gt[:, :3].numpy()
-    az = [lb.azimuth for lb in labels if lb.accepted]
-    return {
-        "pool": len(labels),
-        "accepted": int(acc.sum()),
-        "coverage": float(acc.mean()) if len(acc) else 0.0,
-        "accepted_azimuth_coverage": dataclasses.asdict(azimuth_coverage(az)),
-        "mean_weight": float(np.mean([lb.weight for lb in labels if lb.accepted]))
-        if acc.any()
-        else 0.0,
-        "refined": _pose_summary(refined[acc], gt[acc]),
-        "accepted_matched": _pose_summary(raw[acc], gt[acc]),
-        "all_matched": _pose_summary(raw, gt),
-    }
-
-
-def pseudo_labels_csv(labels: Sequence[PseudoLabel]) -> str:
-    """CSV text of the labels (``CSV_FIELDS``; floats with repr precision)."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_FIELDS)
-    for lb in labels:
-        writer.writerow(
-            [
-                lb.uid,
-                lb.category,
-                *(repr(float(x)) for x in (lb.azimuth, lb.elevation, lb.theta, lb.distance)),
-                *(repr(float(x)) for x in (lb.score, lb.margin, lb.flip_score)),
-                lb.source_uid,
-                *(repr(float(x)) for x in lb.shift),
-                int(lb.accepted),
-                repr(float(lb.weight)),
-                lb.round,
-            ]
-        )
-    return buf.getvalue()
-
-
-def pseudo_labels_jsonl(labels: Sequence[PseudoLabel]) -> str:
-    """JSON-lines text of the labels (``PseudoLabel.to_dict``, keys sorted)."""
-    return "".join(json.dumps(lb.to_dict(), sort_keys=True) + "\n" for lb in labels)
-
-
-def read_pseudo_labels(path: Path, round_index: int | None = None) -> list[PseudoLabel]:
-    """Labels from a ``pseudo_labels.jsonl`` (of EM round ``round_index``, when given: every
-    label of a round is that round's).
-
-    Raises:
-        ValueError: naming the file and line that is not UTF-8, not JSON, or not a
-            ``PseudoLabel.to_dict`` object (then also the field, ``PseudoLabel.from_dict``), or
-            a label of another round.
-    """
-    out = []
-    # Lines are split as bytes and decoded one by one so that a non-UTF-8 byte is reported
-    # with its line like any other damage.
-    for number, raw in enumerate(Path(path).read_bytes().splitlines(), 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ValueError(
-                f"{path} line {number}: not UTF-8 text (invalid byte 0x{raw[exc.start]:02x} "
-                f"at offset {exc.start} of the line)"
-            ) from exc
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-        except ValueError as exc:
-            raise ValueError(
-                f"{path} line {number}: expected one pseudo-label JSON object per line "
-                f"(PseudoLabel.to_dict), got invalid JSON: {exc}"
-            ) from exc
-        try:
-            label = PseudoLabel.from_dict(data)
-        except ValueError as exc:
-            raise ValueError(f"{path} line {number}: {exc}") from exc
-        if round_index is not None and label.round != round_index:
-            raise ValueError(f"{path} line {number}: field 'round': expected {round_index} (the "
-                             f"file is round {round_index}'s), got {label.round}")
-        out.append(label)
-    return out
 
 
 def _write_labels(folder: Path, labels: Sequence[PseudoLabel]) -> None:
@@ -831,21 +240,6 @@ def summary_levels(test_metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
-
-
-class StageTimer:
-    """Wall-clock seconds per named stage, accumulated over ``with timer("stage"):`` blocks."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
 @dataclass
@@ -888,22 +282,6 @@ def train_steps(
     cfg = dataclasses.replace(config, steps=steps)
     trainer = NeMoTrainer(model, cfg, device, rasterizer, seed=seed)
     return trainer.fit(data, steps=steps, description=description, show_progress=show_progress)
-
-
-def round_shifts(fs: FewShotConfig, round_index: int) -> torch.Tensor:
-    """(S, 3) pose shifts of EM round ``round_index`` (≥ 1): the configured expanding grid
-    (azimuth widening per round, ``fs.shift_elevations_deg`` × ``fs.shift_thetas_deg``)."""
-    for key in ("shift_elevations_deg", "shift_thetas_deg"):
-        if not getattr(fs, key):
-            raise ValueError(f"fewshot.{key} must list at least one shift in degrees, got []")
-    return expanding_shift_grid(
-        round_index - 1,
-        fs.shift_step_deg,
-        fs.shift_base_deg,
-        fs.shift_growth_deg,
-        tuple(fs.shift_elevations_deg),
-        tuple(fs.shift_thetas_deg),
-    )
 
 
 @dataclass

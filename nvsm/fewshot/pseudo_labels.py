@@ -18,15 +18,22 @@ may be missing from the shortlist, so it is then an upper bound (exact when the 
 among the candidates).
 
 ``AcceptanceRule`` turns these into accept/reject decisions and ``AcceptanceSchedule`` loosens
-the rule from round to round. Angles are radians everywhere (``nvsm.pose`` convention).
+the rule from round to round. A round's labels are written as ``pseudo_labels.csv`` and
+``pseudo_labels.jsonl`` (``pseudo_labels_csv``, ``pseudo_labels_jsonl``, read back by
+``read_pseudo_labels``), and ``pseudo_label_diagnostics`` scores them against ground truth where
+it exists (diagnostics only). Angles are radians everywhere (``nvsm.pose`` convention).
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -34,10 +41,13 @@ import torch
 from scipy.stats import rankdata
 
 from nvsm.data.splits import azimuth_bins as azimuth_bin_index
+from nvsm.data.splits import azimuth_coverage
 from nvsm.pose.convention import rotation_matrix
-from nvsm.pose.metrics import rotation_error
+from nvsm.pose.metrics import pose_errors, rotation_error, summarize_errors
 
 __all__ = [
+    "CSV_FIELDS",
+    "FLIP_ERROR_DEG",
     "AcceptanceRule",
     "AcceptanceSchedule",
     "BestMatch",
@@ -45,6 +55,10 @@ __all__ = [
     "apply_acceptance",
     "best_pose_and_margin",
     "make_pseudo_labels",
+    "pseudo_label_diagnostics",
+    "pseudo_labels_csv",
+    "pseudo_labels_jsonl",
+    "read_pseudo_labels",
 ]
 
 #: Angular slack (radians) of the ≥ / < separation tests, against arccos round-off.
@@ -537,3 +551,139 @@ class AcceptanceSchedule:
                 values[name] = None if a is None else (1 - u) * a + u * b
             rules.append(dataclasses.replace(first, **values))
         return cls(tuple(rules))
+
+
+# --------------------------------------------------------------------------------------------
+# Files and diagnostics
+# --------------------------------------------------------------------------------------------
+
+
+#: Columns of ``pseudo_labels.csv`` (angles in radians, as in ``PseudoLabel``).
+CSV_FIELDS = (
+    "uid",
+    "category",
+    "azimuth",
+    "elevation",
+    "theta",
+    "distance",
+    "score",
+    "margin",
+    "flip_score",
+    "source_uid",
+    "shift_azimuth",
+    "shift_elevation",
+    "shift_theta",
+    "accepted",
+    "weight",
+    "round",
+)
+
+
+#: A pose error above this (degrees) counts as a front/back flip in the diagnostics.
+FLIP_ERROR_DEG = 150.0
+
+
+def _pose_summary(poses: np.ndarray, gt: np.ndarray) -> dict[str, Any]:
+    if len(poses) == 0:
+        return {"acc_pi_6": math.nan, "acc_pi_18": math.nan, "median_error_deg": math.nan, "n": 0}
+    err = pose_errors([tuple(p[:3]) for p in poses], gt[:, :3])
+    m = summarize_errors(err).to_dict()
+    m.pop("failures", None)
+    m["flip_share"] = float(np.mean(np.degrees(err) > FLIP_ERROR_DEG))
+    return m
+
+
+def pseudo_label_diagnostics(
+    labels: Sequence[PseudoLabel], matched: torch.Tensor, hidden_gt: torch.Tensor
+) -> dict[str, Any]:
+    """Accuracy of a round's pseudo-labels against the hidden ground truth (diagnostics only).
+
+    Returns pool size, accepted count, coverage (accepted / pool), and for the accepted labels
+    Acc@π/6, Acc@π/18, median error (degrees), share of ~180° errors (> 150°), for the refined
+    poses (``accepted``) and the raw matches (``accepted_matched``); ``all_matched`` is the
+    same for every pool image's raw match.
+    """
+    acc = np.array([lb.accepted for lb in labels], dtype=bool)
+    refined = np.array([[lb.azimuth, lb.elevation, lb.theta] for lb in labels]).reshape(-1, 3)
+    raw = matched[:, :3].numpy()
+    gt = hidden_gt[:, :3].numpy()
+    az = [lb.azimuth for lb in labels if lb.accepted]
+    return {
+        "pool": len(labels),
+        "accepted": int(acc.sum()),
+        "coverage": float(acc.mean()) if len(acc) else 0.0,
+        "accepted_azimuth_coverage": dataclasses.asdict(azimuth_coverage(az)),
+        "mean_weight": float(np.mean([lb.weight for lb in labels if lb.accepted]))
+        if acc.any()
+        else 0.0,
+        "refined": _pose_summary(refined[acc], gt[acc]),
+        "accepted_matched": _pose_summary(raw[acc], gt[acc]),
+        "all_matched": _pose_summary(raw, gt),
+    }
+
+
+def pseudo_labels_csv(labels: Sequence[PseudoLabel]) -> str:
+    """CSV text of the labels (``CSV_FIELDS``; floats with repr precision)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_FIELDS)
+    for lb in labels:
+        writer.writerow(
+            [
+                lb.uid,
+                lb.category,
+                *(repr(float(x)) for x in (lb.azimuth, lb.elevation, lb.theta, lb.distance)),
+                *(repr(float(x)) for x in (lb.score, lb.margin, lb.flip_score)),
+                lb.source_uid,
+                *(repr(float(x)) for x in lb.shift),
+                int(lb.accepted),
+                repr(float(lb.weight)),
+                lb.round,
+            ]
+        )
+    return buf.getvalue()
+
+
+def pseudo_labels_jsonl(labels: Sequence[PseudoLabel]) -> str:
+    """JSON-lines text of the labels (``PseudoLabel.to_dict``, keys sorted)."""
+    return "".join(json.dumps(lb.to_dict(), sort_keys=True) + "\n" for lb in labels)
+
+
+def read_pseudo_labels(path: Path, round_index: int | None = None) -> list[PseudoLabel]:
+    """Labels from a ``pseudo_labels.jsonl`` (of EM round ``round_index``, when given: every
+    label of a round is that round's).
+
+    Raises:
+        ValueError: naming the file and line that is not UTF-8, not JSON, or not a
+            ``PseudoLabel.to_dict`` object (then also the field, ``PseudoLabel.from_dict``), or
+            a label of another round.
+    """
+    out = []
+    # Lines are split as bytes and decoded one by one so that a non-UTF-8 byte is reported
+    # with its line like any other damage.
+    for number, raw in enumerate(Path(path).read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"{path} line {number}: not UTF-8 text (invalid byte 0x{raw[exc.start]:02x} "
+                f"at offset {exc.start} of the line)"
+            ) from exc
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except ValueError as exc:
+            raise ValueError(
+                f"{path} line {number}: expected one pseudo-label JSON object per line "
+                f"(PseudoLabel.to_dict), got invalid JSON: {exc}"
+            ) from exc
+        try:
+            label = PseudoLabel.from_dict(data)
+        except ValueError as exc:
+            raise ValueError(f"{path} line {number}: {exc}") from exc
+        if round_index is not None and label.round != round_index:
+            raise ValueError(f"{path} line {number}: field 'round': expected {round_index} (the "
+                             f"file is round {round_index}'s), got {label.round}")
+        out.append(label)
+    return out

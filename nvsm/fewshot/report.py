@@ -36,14 +36,13 @@ from PIL import Image
 
 from nvsm.config import ConfigError, config_from_dict
 from nvsm.data.splits import azimuth_coverage
-from nvsm.fewshot.loop import (
-    FewShotData,
-    prepare_fewshot_data,
+from nvsm.fewshot.loop import FewShotData, prepare_fewshot_data
+from nvsm.fewshot.pseudo_labels import (
+    PseudoLabel,
     pseudo_labels_csv,
     pseudo_labels_jsonl,
     read_pseudo_labels,
 )
-from nvsm.fewshot.pseudo_labels import PseudoLabel
 from nvsm.infer.overlay import draw_overlay
 from nvsm.io import atomic_write_text, read_json_object
 from nvsm.mesh import Mesh
