@@ -21,8 +21,8 @@ Two parts (both when neither flag is given):
     * pseudo-labels ``best_pose_and_margin`` + ``accept_and_weight``, per target.
     * flip check    ``flip_margins`` (NeMo loss at the matched pose and at its half turn), per
                     image.
-    * refine        ``_refine`` (render-and-compare, ``fewshot.refine_steps``) of matched poses,
-                    per image.
+    * refine        ``refine_accepted`` (render-and-compare, ``fewshot.refine_steps``) of
+                    matched poses, per image.
     * templates     ``render_templates`` of the inference schedule, once per evaluation.
     * inference     ``predict`` with the configured schedule (``fast``), templates cached,
                     per image.
@@ -99,10 +99,10 @@ from rich.table import Table
 
 from nvsm.config import RunConfig, load_config, override_config
 from nvsm.fewshot.estep import (
-    _refine,
     accept_and_weight,
     extract_features,
     flip_margins,
+    refine_accepted,
     round_shifts,
 )
 from nvsm.fewshot.loop import acceptance_schedule, prepare_fewshot_data
@@ -419,7 +419,9 @@ def bench_stages(args: argparse.Namespace) -> dict[str, Any]:
     # Refinement of the (all accepted) matched poses of the timed images.
     labels = [dataclasses.replace(lb, accepted=True, weight=1.0) for lb in pseudo_labels()[:n_img]]
     runs = _timed_runs(
-        lambda: _refine(model, pool, pool_feats, labels, fs, device, rasterizer), device, reps
+        lambda: refine_accepted(model, pool, pool_feats, labels, fs, device, rasterizer),
+        device,
+        reps,
     )
     stages.append(Stage("refine", "image", n_img, runs, note=f"refine_steps={fs.refine_steps}"))
 

@@ -66,6 +66,7 @@ __all__ = [
     "e_step",
     "extract_features",
     "flip_margins",
+    "refine_accepted",
     "round_shifts",
     "self_training_labels",
     "view_areas",
@@ -390,7 +391,7 @@ def e_step(
         [[lb.azimuth, lb.elevation, lb.theta, lb.distance] for lb in out], dtype=torch.float64
     )
     with timer("refinement"):
-        refined = _refine(model, pool, pool_feats, out, fs, device, rasterizer)
+        refined = refine_accepted(model, pool, pool_feats, out, fs, device, rasterizer)
     return refined, matched
 
 
@@ -471,7 +472,7 @@ def self_training_labels(
     return [lb for lb in labels if lb is not None]
 
 
-def _refine(
+def refine_accepted(
     model: NeMoModel,
     pool: CropSet,
     pool_feats: torch.Tensor,
