@@ -74,10 +74,12 @@ def summarize(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
 
 
 def fewshot_args(args: argparse.Namespace, seed: int, folder: Path, extra: list[str]) -> list[str]:
-    """The ``nvsm`` arguments of one draw: ``extra`` is what followed ``--``."""
+    """The ``nvsm`` arguments of one draw: ``extra`` is what followed ``--``; ``--resume`` when
+    ``folder`` holds a started run (an interrupted draw goes on)."""
+    started = folder.is_dir() and any(folder.iterdir())
     return [
         "fewshot", "--annotations", str(args.annotations), "--anchors", args.anchors,
-        "--seed", str(seed), "--out", str(folder), "--resume", *extra,
+        "--seed", str(seed), "--out", str(folder), *(["--resume"] if started else []), *extra,
     ]  # fmt: skip
 
 

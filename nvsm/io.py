@@ -131,11 +131,17 @@ def check_output_folder(folder: str | os.PathLike[str]) -> None:
 
 
 def check_run_folder(folder: str | os.PathLike[str], resume: bool) -> None:
-    """``check_output_folder``, and, unless resuming, that ``folder`` holds no run already (no
-    ``run_info.json``): a new run there would leave the old run's other stages beside its own
-    (a run of fewer rounds kept the old later rounds, which the exports then read)."""
+    """``check_output_folder``; when resuming, that ``folder`` holds something to resume (a
+    mistyped path started the whole run anew without a word); otherwise, that it holds no run
+    already (no ``run_info.json``): a new run there would leave the old run's other stages
+    beside its own (a run of fewer rounds kept the old later rounds, which the exports read)."""
     check_output_folder(folder)
-    if not resume and (Path(folder) / "run_info.json").exists():
+    folder = Path(folder)
+    if resume and not (folder.is_dir() and any(folder.iterdir())):
+        state = "is empty" if folder.is_dir() else "does not exist"
+        raise ValueError(f"nothing to resume in {folder}: it {state}; leave out --resume to "
+                         "start a run there")
+    if not resume and (folder / "run_info.json").exists():
         raise ValueError(
             f"{folder} holds a run already: resume it (--resume), or choose another folder "
             "(--out) or delete it"

@@ -79,6 +79,17 @@ def test_a_run_folder_that_cannot_take_the_run_is_refused_before_any_work(tmp_pa
         assert res.exit_code == 2 and f"{old} holds a run already: resume it" in res.output
     assert sorted(p.name for p in old.iterdir()) == ["run_info.json"]
     assert blocker.read_text() == "x"
+    # --resume with a mistyped or empty folder started the whole run anew without a word.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for cmd in (["train"], ["fewshot", "--tiny"]):
+        for target, state in ((tmp_path / "typo", "does not exist"), (empty, "is empty")):
+            res = runner.invoke(app, [*cmd, "--resume", "--out", str(target)])
+            assert res.exit_code == 2, res.output
+            assert " ".join(res.output.split()) == (
+                f"error: nothing to resume in {target}: it {state}; leave out --resume to "
+                "start a run there")
+    assert not (tmp_path / "typo").exists() and not any(empty.iterdir())
 
 
 def test_ctrl_c_names_what_is_kept(monkeypatch, tmp_path):

@@ -387,6 +387,30 @@ def test_resume_equals_uninterrupted_run(tiny_synthetic, tiny_data, tmp_path):
 
 
 @pytest.mark.slow
+def test_more_rounds_for_a_saturated_run_leave_its_baselines(tiny_synthetic, tiny_data, tmp_path,
+                                                              monkeypatch):
+    # The baselines' seeds followed fewshot.rounds, not the rounds run: asking a saturated
+    # 2-round run for a third round, which saturation skips, trained nemo_same_steps and the
+    # oracle again with other seeds, and their rows changed with nothing added.
+    from nvsm.fewshot import loop
+
+    monkeypatch.setattr(loop, "_saturated", lambda schedule, k, gaps: k >= 3)
+    overrides = [*_tiny_overrides(tiny_synthetic, 2), "fewshot.oracle=true"]
+    cfg2 = load_config("synthetic-car-7shot", overrides)
+    cfg3 = load_config("synthetic-car-7shot", [*overrides, "fewshot.rounds=3"])
+    run = tmp_path / "run"
+    first = run_fewshot(cfg2, run, data=tiny_data, show_progress=False)
+    stamps = {name: (run / name / "model.pt").stat().st_mtime_ns
+              for name in ("nemo_same_steps", "oracle")}
+    again = run_fewshot(cfg3, run, resume=True, data=tiny_data, show_progress=False)
+    assert not (run / "round_3").exists()
+    for name, ns in stamps.items():
+        assert (run / name / "model.pt").stat().st_mtime_ns == ns, name
+    for row in ("nemo", "nemo_same_steps", "self_training", "nvsm", "oracle"):
+        assert again.metrics[row] == first.metrics[row], row
+
+
+@pytest.mark.slow
 def test_unlabelled_ground_truth_not_used_for_decisions(tiny_synthetic, tiny_data, tmp_path):
     from dataclasses import replace
 

@@ -732,7 +732,9 @@ def run_fewshot(
             run_dir / "round_0",
             data.labelled,
             em_rounds * fs.mstep_steps,
-            round_seed(config.seed, fs.rounds + 1),  # past every EM round
+            # Past every EM round that ran: not fs.rounds, so that asking a saturated run for
+            # more rounds (which it skips) leaves this row as it was.
+            round_seed(config.seed, em_rounds + 1),
         )
         st = _em_rounds(
             run,
@@ -753,7 +755,7 @@ def run_fewshot(
             None,
             CropSet.concat([data.labelled, truth]),
             budget,
-            round_seed(config.seed, fs.rounds + 2),
+            round_seed(config.seed, em_rounds + 2),
         )
     last = run_dir / f"round_{rounds[-1]['round']}"  # earlier than fs.rounds if saturated
     final = run.load(last)
