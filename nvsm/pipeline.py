@@ -412,7 +412,8 @@ def evaluate_checkpoint(
 
     With ``unseen_azimuth`` only the test records strictly inside the unseen azimuth bins
     (``nvsm.data.splits.unseen_azimuth_split``: 45° bins ``TFFTTFFT``, T = seen) are scored,
-    and the metrics say ``"subset": "unseen-azimuth"`` (else ``"all"``).
+    and the metrics say ``"subset": "unseen-azimuth"`` (else ``"all"``). They are written to
+    OUT/metrics.json, which must not exist yet, with ``out``; without it nothing is written.
     """
     from nvsm.infer.evaluate import resolve_schedule
     from nvsm.io import atomic_write_json, check_output_folder
@@ -421,6 +422,11 @@ def evaluate_checkpoint(
     resolve_schedule(schedule)  # before the cropping
     if out is not None:
         check_output_folder(out)
+        # A run's folder (train, a few-shot stage) keeps its own metrics.json: replacing it lost
+        # the run's result, and the few-shot loop reads it as the stage's.
+        if (Path(out) / "metrics.json").exists():
+            raise ValueError(f"{Path(out) / 'metrics.json'} exists already: choose another "
+                             "folder (--out) or delete it")
     model, _ = NeMoModel.load(checkpoint)
     config = override_config(model.config, overrides, f"{checkpoint}: config")
     device = check_run_config(config)

@@ -3,6 +3,7 @@
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from nvsm.infer.overlay import (
 from nvsm.infer.predict_io import (
     ROW_FIELDS,
     image_cropset,
+    mark_failed,
     prediction_rows,
     read_predictions_csv,
     read_predictions_jsonl,
@@ -258,6 +260,11 @@ def test_predict_infers_the_category_with_a_model():
     for pic in pictures:
         assert (pic[:, :w] == EDGE_COLOR).all(-1).sum() > 20
         assert pic[:, w:].max() > 100 and pic[:, w:].min() < 20
+    # A failed crop (an unreadable image) gets no picture: it had one of its black crop, which
+    # nvsm infer wrote and counted as an overlay.
+    failed = mark_failed(preds, {1: "DataFormatError: not an image"})
+    pictures = list(render_overlays(model, data, failed))
+    assert pictures[0] is not None and pictures[1] is None
 
 
 def test_image_cropset_centres_the_whole_image(tmp_path):
@@ -271,6 +278,43 @@ def test_image_cropset_centres_the_whole_image(tmp_path):
     cols = (crop > 100).any(0).nonzero().flatten()
     assert abs((cols.min() + cols.max()).item() / 2 - 23.5) <= 0.5
     assert 36 <= cols.max() - cols.min() + 1 <= 41
+
+
+def test_infer_refuses_a_folder_holding_an_inference(tmp_path):
+    # A second inference into one folder replaced the predictions and left the first one's
+    # overlays beside them. Refused before the checkpoint is read (here it does not exist).
+    image = tmp_path / "one.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    for name in ("predictions.csv", "predictions.jsonl", "infer_info.json", "overlays"):
+        out = tmp_path / f"preds-{name}"
+        out.mkdir()
+        if name in ("overlays", "predictions.jsonl"):  # a folder by a file's name too
+            (out / name).mkdir()
+            (out / name / "00000_old_0.png").write_bytes(b"old")
+        else:
+            (out / name).write_text("old")
+        for flags in ([], ["--overlays"]):
+            res = runner.invoke(
+                app, ["infer", "-m", str(tmp_path / "model.pt"), str(image), "--out", str(out),
+                      *flags]
+            )
+            assert res.exit_code == 2, res.output
+            assert (f"error: {out} holds an inference already ({out / name}): choose another "
+                    "folder (--out) or delete it") in res.output
+        assert [p.name for p in out.iterdir()] == [name]  # untouched
+
+
+def test_evaluate_refuses_to_replace_a_metrics_json(tmp_path):
+    # ``--out`` a train run's own folder replaced the run's metrics.json. Refused before the
+    # checkpoint is read (here it does not exist).
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text("{}")
+    res = runner.invoke(app, ["evaluate", "-m", str(run / "model.pt"), "--out", str(run)])
+    assert res.exit_code == 2, res.output
+    message = f"{run / 'metrics.json'} exists already: choose another folder (--out) or delete it"
+    assert f"error: {message}" in res.output
+    assert (run / "metrics.json").read_text() == "{}"
 
 
 def test_infer_and_evaluate_help_have_examples():
@@ -317,12 +361,16 @@ def test_infer_end_to_end(tiny_synthetic, tmp_path):
     assert len(rows) == 3 and [r["category"] for r in rows[:2]] == ["car", "car"]
     assert all(r["error"] == "" and 0 <= r["azimuth_deg"] < 360 for r in rows[:2])
     assert rows[2]["error"] and math.isnan(rows[2]["azimuth_deg"])
+    # The unreadable image gets no overlay (it had an all-black one, counted).
     pngs = sorted((out / "overlays").glob("*.png"))
-    assert len(pngs) == 3
+    assert [p.name for p in pngs] == [f"{i:05d}_{Path(r['image']).stem}_0.png"
+                                      for i, r in enumerate(rows[:2])]
     with Image.open(pngs[0]) as im:
         assert im.size == (2 * 120, 64)
+    assert f"2 overlay(s) in {out}/overlays" in res.output
     info = json.loads((out / "infer_info.json").read_text())
     assert info["protocol"] == "bbox" and info["category"] == "inferred" and info["failures"] == 1
+    assert info["overlays"] == 2
     broken = str(photos / "zz_broken.jpg")
     assert [f["image"] for f in info["failed"]] == [broken]
     assert f"failed: {broken} (zz_broken:0): DataFormatError" in res.output
@@ -333,26 +381,30 @@ def test_infer_end_to_end(tiny_synthetic, tmp_path):
     res = runner.invoke(app, ["infer", "-m", ckpt, str(junk), "--out", str(tmp_path / "pj")])
     assert res.exit_code == 1 and "no image could be read" in res.output
     assert f"failed: {junk / 'a.png'} (a:0)" in res.output
-    # A folder where a file is to be written stops the command before any work (it failed in
-    # the second write, the first file and the overlays already written).
-    (tmp_path / "pb" / "predictions.jsonl").mkdir(parents=True)
-    res = runner.invoke(app, ["infer", "-m", ckpt, str(photos), "--overlays", "--out",
-                              str(tmp_path / "pb")])
-    assert res.exit_code == 2 and "predictions.jsonl would be replaced" in res.output
-    assert [p.name for p in (tmp_path / "pb").iterdir()] == ["predictions.jsonl"]
+    # A second inference into the same folder is refused before any work: it replaced the
+    # predictions and left the first run's overlays beside them.
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    res = runner.invoke(app, ["infer", "-m", ckpt, str(pngs[0]), "--out", str(out)])
+    assert res.exit_code == 2 and f"{out} holds an inference already" in res.output
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
     # The checkpoint's test split (category given), then the unseen-azimuth evaluation.
-    res = runner.invoke(app, ["infer", "-m", ckpt, "--dataset-split", "val", "--out", str(out)])
+    split = tmp_path / "split"
+    res = runner.invoke(app, ["infer", "-m", ckpt, "--dataset-split", "val", "--out", str(split)])
     assert res.exit_code == 0, res.output
-    rows = read_predictions_jsonl(out / "predictions.jsonl")
+    rows = read_predictions_jsonl(split / "predictions.jsonl")
     assert len(rows) == 4 and all(r["error"] == "" for r in rows)
-    assert json.loads((out / "infer_info.json").read_text())["protocol"] == "gt-normalized"
+    assert json.loads((split / "infer_info.json").read_text())["protocol"] == "gt-normalized"
     res = runner.invoke(
         app, ["evaluate", "-m", ckpt, "--unseen-azimuth", "--out", str(tmp_path / "ev")]
     )
     assert res.exit_code == 0, res.output
     ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert ev["subset"] == "unseen-azimuth" and ev["pooled"]["L0"]["n"] == 3
+    # Evaluating into a folder with a metrics.json is refused (it replaced a train run's).
+    res = runner.invoke(app, ["evaluate", "-m", ckpt, "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 2 and f"{tmp_path / 'ev' / 'metrics.json'} exists already" in res.output
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text()) == ev
 
     # An output path that is a file, or lies under one, is refused before any work (this was
     # torch's or the OS's traceback, for evaluate and infer after all the inference).

@@ -6,7 +6,7 @@
   clutter-aware loss (``nvsm.infer.solve.pose_loss`` is 1 − its mean). Inside the silhouette it
   is high where the neural mesh explains the image better than clutter and 0 where clutter
   wins — the pixels NeMo's outlier process treats as occluded.
-* ``render_overlays``: both side by side for every crop of a ``CropSet`` (used by
+* ``render_overlays``: both side by side for every solved crop of a ``CropSet`` (used by
   ``nvsm infer --overlays``).
 """
 
@@ -174,15 +174,17 @@ def render_overlays(
     device: torch.device | str = "cpu",
     rasterizer: Rasterizer | None = None,
     batch_size: int = 16,
-) -> Iterator[Image.Image]:
+) -> Iterator[Image.Image | None]:
     """For every crop: [cuboid at the predicted pose | occlusion heat map], one RGB image of
     size (2W, H) per crop, in ``data`` order.
 
     Args:
         predictions: ``Predictions`` of ``data``; ``predictions.categories`` (else
-            ``data.categories``) picks each crop's mesh; failed crops get the plain crop twice.
+            ``data.categories``) picks each crop's mesh.
     Yields:
-        RGB ``PIL.Image`` of size (2W, H) per crop.
+        RGB ``PIL.Image`` of size (2W, H) per crop; None for a failed crop (an error, a
+        non-finite pose or an unknown category): it has nothing to show, and a picture of the
+        bare crop (black for an unreadable image) would pass for a result.
     """
     device = torch.device(device)
     rast = rasterizer or default_rasterizer(device)
@@ -195,9 +197,9 @@ def render_overlays(
             crop = data.images[i]
             pose = predictions.poses[i]
             cat = cats[i]
-            if cat not in model.meshes or not bool(torch.isfinite(pose).all()):
-                plain = Image.fromarray(_hwc_uint8(crop), mode="RGB")
-                yield side_by_side(plain, plain)
+            failed = predictions.errors[i] is not None or not bool(torch.isfinite(pose).all())
+            if failed or cat not in model.meshes:
+                yield None
                 continue
             mesh, bank = model.meshes[cat], model.banks[cat]
             k_feat = torch.as_tensor(feature_intrinsics(data.k[i].numpy(), STRIDE)).float()

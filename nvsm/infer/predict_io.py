@@ -285,20 +285,19 @@ class InferencePart:
 
 
 #: What ``run_inference`` writes into its output folder (``overlays/`` with --overlays).
-OUTPUT_FILES = ("predictions.csv", "predictions.jsonl", "infer_info.json")
+OUTPUT_NAMES = ("predictions.csv", "predictions.jsonl", "infer_info.json", "overlays")
 
 
-def _check_output_names(out: Path, overlays: bool) -> None:
-    """Refuse, before any work, an output folder where a file nvsm writes is a folder (or the
-    overlays folder a file): the first write would fail after the inference, the other files
-    already written."""
+def _check_output_names(out: Path) -> None:
+    """Refuse, before any work, an output folder that holds an inference's outputs already (or
+    anything by their names): a new inference there replaced the predictions but left the old
+    overlays beside them (a first run with --overlays, a second without, or on fewer images),
+    which then passed for the new run's."""
     check_output_folder(out)
-    blocked = [out / name for name in OUTPUT_FILES if (out / name).is_dir()]
-    if overlays and (out / "overlays").exists() and not (out / "overlays").is_dir():
-        blocked.append(out / "overlays")
-    if blocked:
-        raise ValueError(f"cannot write into {out}: {', '.join(map(str, blocked))} would be "
-                         "replaced (a folder where nvsm writes a file, or the reverse)")
+    taken = [str(out / name) for name in OUTPUT_NAMES if (out / name).exists()]
+    if taken:
+        raise ValueError(f"{out} holds an inference already ({', '.join(taken)}): choose "
+                         "another folder (--out) or delete it")
 
 
 def _safe_name(text: str) -> str:
@@ -318,7 +317,8 @@ def run_inference(
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """``nvsm infer``: predict poses and write OUT/predictions.csv, OUT/predictions.jsonl,
-    OUT/infer_info.json (and OUT/overlays/*.png).
+    OUT/infer_info.json (and OUT/overlays/*.png, one per image solved), into an OUT that holds
+    none of them yet.
 
     Args:
         checkpoint: ``model.pt``.
@@ -344,7 +344,7 @@ def run_inference(
     from nvsm.train.model import NeMoModel
 
     sched = resolve_schedule(schedule)
-    _check_output_names(Path(out), overlays)
+    _check_output_names(Path(out))
     model, _ = NeMoModel.load(checkpoint)
     config = override_config(model.config, overrides, f"{checkpoint}: config")
     if category is not None and category not in model.meshes:
@@ -410,6 +410,8 @@ def run_inference(
                 model, part.data, preds, device, rasterizer, config.infer.batch_size
             )
             for j, (row, picture) in enumerate(zip(part_rows, pictures, strict=True)):
+                if picture is None:  # a failed crop: no pose to draw
+                    continue
                 buf = io.BytesIO()
                 picture.save(buf, format="PNG")
                 name = f"{len(rows) + j:05d}_{_safe_name(row['uid'])}.png"
