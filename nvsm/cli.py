@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -490,7 +489,7 @@ def print_metrics_table(metrics: dict, title: str) -> None:
     console.print(table)
     console.print(
         f"protocol: {metrics.get('protocol', '?')}  ·  "
-        + json.dumps({"seconds_per_image": round(metrics["seconds_per_image"], 4)})
+        f"{metrics['seconds_per_image']:.4f} s per image"
     )
 
 

@@ -392,6 +392,9 @@ def _train_and_evaluate(
         return None
     summary["labelled_images"] = len(data)
     summary["world_size"] = info.world_size
+    # "steps" counts this command's steps: after --resume, the run's total is another number.
+    summary["resumed_at_step"] = done_steps
+    summary["total_steps"] = trainer.step
     atomic_write_json(run_dir / "train_summary.json", summary)
     if not evaluate:
         return None

@@ -256,6 +256,9 @@ def test_train_evaluate_end_to_end(tiny_synthetic, tmp_path):
     assert res.exit_code == 0, res.output
     ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert set(ev["pooled"]) == {"L0", "L2"} and ev["pooled"]["L2"]["n"] == 4
+    # The footer printed raw JSON: 'protocol: gt-normalized  ·  {"seconds_per_image": ...}'.
+    footer = res.output.strip().splitlines()[-1]
+    assert footer == f"protocol: gt-normalized  ·  {ev['seconds_per_image']:.4f} s per image"
     res = runner.invoke(app, ["evaluate", "-m", str(run / "model.pt"), "-l", "7"])
     assert res.exit_code == 2 and "0..3" in res.output
 
@@ -276,6 +279,8 @@ def test_train_resume_continues_step_count(tiny_synthetic, tmp_path):
     assert res.exit_code == 0, res.output
     second, meta = NeMoModel.load(run / "model.pt")
     assert meta["step"] == 4
+    summary = json.loads((run / "train_summary.json").read_text())  # "steps" alone read as 2
+    assert (summary["steps"], summary["resumed_at_step"], summary["total_steps"]) == (2, 2, 4)
     assert not torch.equal(first.banks["car"].memory, second.banks["car"].memory)
     # Resuming under another config went on with the checkpoint's model (feature_dim 16),
     # exit 0, while run_info.json recorded the new config.

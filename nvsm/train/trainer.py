@@ -345,7 +345,9 @@ class NeMoTrainer:
         description: str = "training",
         show_progress: bool = True,
     ) -> dict[str, float]:
-        """Train for ``steps`` (default ``config.steps``) steps; returns summary statistics.
+        """Train for ``steps`` (default ``config.steps``) steps; returns ``steps`` (those of
+        this call), ``seconds`` and ``final_loss`` (the mean loss of its last tenth of steps,
+        steadier than the last step's, which the progress bar shows).
 
         When ``checkpoint_path`` is given the model is saved there every
         ``config.checkpoint_every`` steps and at the end (with the step count), so an
