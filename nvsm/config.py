@@ -434,15 +434,36 @@ def _read_recipe(path: Path) -> dict[str, Any]:
 
 
 def recipe_path(name: str | os.PathLike[str], recipe_dir: Path = RECIPE_DIR) -> Path:
-    """Resolve a recipe name (``recipes/<name>.yaml``) or a path to a YAML file."""
+    """Resolve a recipe: a path to a ``.yaml``/``.yml`` file, else a recipe name in
+    ``recipe_dir`` (``car`` or ``car.yaml`` is ``<recipe_dir>/car.yaml``).
+
+    Raises:
+        ConfigError: neither exists; the message says what was looked for and lists the
+            known recipes.
+    """
+    text = str(name)
     path = Path(name)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
+    is_yaml = path.suffix in (".yaml", ".yml")
+    if is_yaml and path.is_file():
         return path
-    candidate = recipe_dir / f"{name}.yaml"
-    if candidate.is_file():
+    plain = path.name == text  # no folder part: may name a recipe in recipe_dir
+    recipe = path.stem if is_yaml else text
+    candidate = recipe_dir / f"{recipe}.yaml"
+    if plain and candidate.is_file():
         return candidate
+    looked = []
+    if is_yaml or not plain or path.exists():
+        if path.is_dir():
+            looked.append(f"{path} is a folder")
+        elif path.exists():
+            looked.append(f"{path} is not a .yaml or .yml file")
+        else:
+            looked.append(f"no file {path}")
+    if plain:
+        looked.append(f"no recipe {recipe!r} in {recipe_dir}")
     known = ", ".join(list_recipes(recipe_dir)) or "none"
-    raise ConfigError(f"unknown recipe {str(name)!r}: no file {candidate}; known recipes: {known}")
+    raise ConfigError(f"unknown recipe {text!r}: {' and '.join(looked)}; known recipes: {known} "
+                      "('nvsm recipes list' describes them)")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

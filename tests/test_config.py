@@ -59,6 +59,30 @@ def test_bad_recipes_name_file_and_key(tmp_path):
         load_config(None, ["seed"])
 
 
+def test_unknown_recipe_says_where_it_looked(tmp_path, monkeypatch):
+    # '-r nosuch.yaml' looked only for recipes/nosuch.yaml.yaml and did not say a path was tried.
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "r1.yaml").write_text("seed: 3\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        load_config("nosuch.yaml", recipe_dir=recipes)
+    assert str(err.value) == (
+        f"unknown recipe 'nosuch.yaml': no file nosuch.yaml and no recipe 'nosuch' in {recipes}; "
+        "known recipes: r1 ('nvsm recipes list' describes them)"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config("nosuch", recipe_dir=recipes)
+    assert str(err.value).startswith(f"unknown recipe 'nosuch': no recipe 'nosuch' in {recipes};")
+    with pytest.raises(ConfigError, match=r"'sub/r1\.yaml': no file sub/r1\.yaml; known recipes"):
+        load_config("sub/r1.yaml", recipe_dir=recipes)
+    (tmp_path / "notes.txt").write_text("seed: 3\n")
+    with pytest.raises(ConfigError, match=r"notes\.txt is not a \.yaml or \.yml file"):
+        load_config("notes.txt", recipe_dir=recipes)
+    # A recipe name given with its extension is found in the recipe folder.
+    assert load_config("r1.yaml", recipe_dir=recipes).seed == 3
+
+
 def test_numbers_out_of_range_name_file_and_key(tmp_path):
     (tmp_path / "neg.yaml").write_text("train:\n  steps: -1\n")
     with pytest.raises(ConfigError, match=r"neg\.yaml\.train\.steps: expected a value >= 1"):

@@ -641,7 +641,8 @@ def test_verify_counts_and_kitti(tmp_path: Path) -> None:
     assert ("unreadable", "000002.png") in kinds
     counts = [p for p in problems if p.kind == "count_mismatch"]
     assert len(counts) == 3 and all("expected 7481" in p.message for p in counts)
-    assert verify_dataset("kitti", tmp_path / "nowhere")[0].kind == "missing_folder"
+    with pytest.raises(NotADirectoryError, match=r"the dataset root .*nowhere does not exist"):
+        verify_dataset("kitti", tmp_path / "nowhere")
 
 
 def test_verify_occluded(tmp_path: Path, p3d_root: Path) -> None:
@@ -695,10 +696,15 @@ def test_cli_names_a_missing_root_or_a_file_given_as_root(tmp_path: Path) -> Non
         assert res.exit_code == 2 and res.output == (
             f"error: cannot split {dataset}: the dataset root {tmp_path / 'nowhere'} does not "
             "exist\n"), res.output
+    # verify exits 2 with one line too, as split does: it was a problem table and exit 1.
     file = tmp_path / "notes.txt"
     file.write_text("x\n")
-    res = runner.invoke(app, ["verify", "-d", "pascal3d", "-r", str(file)], env={"COLUMNS": "400"})
-    assert res.exit_code == 1 and "is a file, not a folder" in res.output, res.output
+    for root, state in ((tmp_path / "nowhere", "does not exist"),
+                        (file, "is a file, not a folder")):
+        res = runner.invoke(app, ["verify", "-d", "pascal3d", "-r", str(root)],
+                            env={"COLUMNS": "400"})
+        assert res.exit_code == 2 and res.output == (
+            f"error: cannot verify pascal3d: the dataset root {root} {state}\n"), res.output
 
 
 def test_image_set_lists_ignore_a_utf8_bom(p3d_root: Path) -> None:
@@ -728,9 +734,16 @@ def test_cli_split_writes_lists(tmp_path: Path, p3d_root: Path) -> None:
     first = {p: p.read_bytes() for p in sorted(out.rglob("*.txt"))}
     assert runner.invoke(app, args).exit_code == 0
     assert first == {p: p.read_bytes() for p in sorted(out.rglob("*.txt"))}
+    # At 80 columns the folder column was cut to "/tmp/…": it folds, relative to --out, and
+    # --out is printed whole below the table.
+    narrow = runner.invoke(app, args, env={"COLUMNS": "80"})
+    cells = [ln.split("│")[-2].strip() for ln in narrow.output.splitlines() if ln.startswith("│")]
+    assert "".join(cells) == "car/n2_stratified_seed3car/n5_stratified_seed3", narrow.output
+    assert f"lists written under {out} (the folder column is relative to it)" in narrow.output
     assert "2 training objects skipped" in res.output
     too_many = runner.invoke(app, [*args[:5], "-n", "50", "--out", str(out), "-c", "car"])
-    assert too_many.exit_code == 2 and "only 10 are available" in too_many.output
+    assert too_many.exit_code == 2
+    assert "(--annotations) but only 10 are available" in too_many.output, too_many.output
     broken = runner.invoke(app, [*args[:5], "--out", str(out)], env={"COLUMNS": "400"})
     assert broken.exit_code == 2 and "aeroplane_imagenet_train.txt" in broken.output
 

@@ -106,9 +106,13 @@ def test_errors(records: list[ObjectRecord]) -> None:
         select_labelled(records, 3, "clever")  # type: ignore[arg-type]
 
 
-def test_too_few_records_names_the_category(records: list[ObjectRecord]) -> None:
-    with pytest.raises(ValueError, match="asked for 151 labelled records of car but only 150"):
+def test_too_few_records_names_the_category_and_the_setting(records: list[ObjectRecord]) -> None:
+    # The setting that asked for them was not named: labels.annotations, or a caller's own.
+    with pytest.raises(ValueError, match=r"asked for 151 labelled records of car \(labels\."
+                       r"annotations, the --annotations option of 'nvsm fewshot'\) but only 150"):
         select_labelled(records, 151)
+    with pytest.raises(ValueError, match=r"asked for 151 labelled records of car \(-n\) but"):
+        few_shot_splits(records, [], (7, 151), setting="-n")
 
 
 def test_split_lists_ignore_a_utf8_bom(tmp_path: Path) -> None:

@@ -336,10 +336,15 @@ def test_cli_command(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["synth", "--out", str(out), "--tiny", "-c", "chair",
                                       "--counts", "chair=1:0", "--workers", "1"])
     assert result.exit_code == 0, result.output
-    assert f"files to {out} in" in result.output
+    assert f"files to {out} in" in result.output and "rendering" in result.output
     assert _ids(out, "chair", "train") == [f"{SYNSETS['chair']}_100001"]
+    # An option error is one line in CLI words, not after an empty progress bar.
     again = CliRunner().invoke(app, ["synth", "--out", str(out), "--tiny", "-c", "chair"])
-    assert again.exit_code == 2 and "not empty" in again.output
+    assert again.exit_code == 2 and again.output == (
+        f"error: {out} is not empty; pass --overwrite (overwrite=True in Python) to replace a "
+        "synthetic dataset there\n"), again.output
+    res = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "s"), "--seed", "-1"])
+    assert res.exit_code == 2 and res.output == "error: seed: expected an integer >= 0, got -1\n"
     # Counts for a category that is not rendered were ignored without a word.
     other = tmp_path / "other"
     res = CliRunner().invoke(app, ["synth", "--out", str(other), "--tiny", "-c", "chair",

@@ -145,10 +145,19 @@ def test_export_errors_name_the_path(tmp_path):
     fails([str(missing)], f"run folder {missing} does not exist")
     empty = tmp_path / "empty"
     empty.mkdir()
-    fails([str(empty)], str(empty), "no round_<k> folders")
+    fails([str(empty)], str(empty), "no round_<k> folders",
+          "expected a run folder written by 'nvsm fewshot --out RUN'")
+    # An 'nvsm train' run and a round folder were told only to run nvsm fewshot there.
+    train = tmp_path / "t3"
+    train.mkdir()
+    (train / "run_info.json").write_text("{}")
+    (train / "model.pt").write_bytes(b"")
+    fails([str(train)], f"{train} is an 'nvsm train' run, which has no pseudo-labels")
     (empty / "round_0").mkdir()
     fails([str(empty)], str(empty), "no round with pseudo_labels.jsonl", "rounds: 0")
     run = _fake_run(tmp_path, {1: [_label("a", 0.9, True)]})
+    fails([str(run / "round_1")], f"{run / 'round_1'} is one round of a run; give its run "
+          f"folder {run} instead (with --round 1 to export only this round)")
     fails([str(run), "--round", "5"], str(run / "round_5"), "rounds with pseudo-labels: 1")
     fails([str(run), "--round", "0"], str(run / "round_0" / "pseudo_labels.jsonl"), ": 1")
     path = run / "round_1" / "pseudo_labels.jsonl"

@@ -16,7 +16,7 @@ from nvsm.data.kitti import KITTI_N_FOLDS, KITTI_TEST_FOLD
 from nvsm.data.matlab import ReadResult
 from nvsm.data.splits import SPLIT_STRATEGIES, few_shot_splits, write_few_shot_splits
 from nvsm.data.synth import synth_command
-from nvsm.data.verify import verify_dataset
+from nvsm.data.verify import check_dataset_root, verify_dataset
 from nvsm.io import check_output_folder
 from nvsm.runtime import exit_with_error
 
@@ -60,7 +60,7 @@ def verify(
 ) -> None:
     """Check a local dataset copy against data_manifests/<dataset>.yaml; list EVERY problem.
 
-    Exit code 1 if anything is wrong.
+    Exit code 1 if the copy has problems; 2 if --root does not exist or is a file.
 
     Example:
 
@@ -68,8 +68,11 @@ def verify(
     """
     _check_name(dataset)
     console = Console()
-    problems = verify_dataset(dataset, root, categories=category or None, decode_images=decode,
-                              pascal3d_root=pascal3d_root)
+    try:
+        problems = verify_dataset(dataset, root, categories=category or None,
+                                  decode_images=decode, pascal3d_root=pascal3d_root)
+    except NotADirectoryError as exc:
+        exit_with_error(console, f"cannot verify {dataset}: {exc}", 2)
     if not problems:
         console.print(f"[green]{dataset}: {escape(str(root))} matches the manifest[/green]")
         return
@@ -133,9 +136,10 @@ def split(
     except ValueError as exc:
         exit_with_error(console, str(exc), 2)
     # Checked here: the readers would only report the first file they miss under it.
-    if not root.is_dir():
-        state = "is a file, not a folder" if root.exists() else "does not exist"
-        exit_with_error(console, f"cannot split {dataset}: the dataset root {root} {state}", 2)
+    try:
+        check_dataset_root(root)
+    except NotADirectoryError as exc:
+        exit_with_error(console, f"cannot split {dataset}: {exc}", 2)
     try:
         train, test = train_test_records(dataset, root, category or None, test_fold=test_fold)
     except DataFormatError as exc:
@@ -152,20 +156,26 @@ def split(
                         f"{root}", 2)
     try:
         splits = few_shot_splits(train.records, test.records, sizes,
-                                 strategy, seed, nested=not independent)  # type: ignore[arg-type]
+                                 strategy, seed, nested=not independent,  # type: ignore[arg-type]
+                                 setting="--annotations")
         ordered = [sp for _, sp in sorted(splits.items())]
         folders = write_few_shot_splits(ordered, out, dataset)
     except ValueError as exc:
         exit_with_error(console, f"cannot split {dataset}: {exc}", 2)
     table = Table(title=f"{dataset} few-shot splits (seed {seed}, {strategy})")
     for col in ("category", "N", "labelled", "unlabelled", "test", "azimuth bins covered (of 8)",
-                "max gap °", "folder"):
+                "max gap °"):
         table.add_column(col)
+    # Folded, relative to --out (printed whole below): a narrow terminal cut the full paths
+    # in the table to "splits/…".
+    table.add_column("folder", overflow="fold")
     for sp, folder in zip(ordered, folders, strict=True):
         table.add_row(sp.category, str(sp.n_labelled), str(len(sp.labelled)),
                       str(len(sp.unlabelled)), str(len(sp.test)), str(sp.coverage.covered_bins),
-                      f"{sp.coverage.max_gap_deg:.0f}", escape(str(folder)))
+                      f"{sp.coverage.max_gap_deg:.0f}", escape(str(folder.relative_to(out))))
     console.print(table)
+    console.print(f"lists written under {out} (the folder column is relative to it)",
+                  markup=False, soft_wrap=True)
     for side, result in (("training", train), ("test", test)):
         _report_skipped(console, side, result)
 

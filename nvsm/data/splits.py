@@ -91,6 +91,7 @@ def select_labelled(
     keep: Sequence[str] = (),
     tag: str = "",
     rng: np.random.Generator | None = None,
+    setting: str = "labels.annotations, the --annotations option of 'nvsm fewshot'",
 ) -> list[str]:
     """Pick ``n`` labelled record ids (``uid``) from ``records``.
 
@@ -102,6 +103,7 @@ def select_labelled(
         n_bins: azimuth bins for ``"stratified"``; default ``n``.
         keep: ids that must be part of the result (nested splits); they count towards ``n``.
         tag: mixed into the seed (e.g. the category).
+        setting: what set ``n``, named when it asks for more records than there are.
     Returns:
         the ``n`` ids, sorted.
     """
@@ -110,8 +112,8 @@ def select_labelled(
     recs = _sorted_unique(records)
     if n > len(recs):
         cats = ", ".join(sorted({r.category for r in recs})) or "the given categories"
-        raise ValueError(f"asked for {n} labelled records of {cats} but only {len(recs)} are "
-                         "available")
+        raise ValueError(f"asked for {n} labelled records of {cats} ({setting}) but only "
+                         f"{len(recs)} are available")
     ids = [r.uid for r in recs]
     chosen = list(dict.fromkeys(keep))
     missing = set(chosen) - set(ids)
@@ -205,13 +207,14 @@ def few_shot_splits(
     seed: int = 0,
     *,
     nested: bool = True,
+    setting: str = "n_labelled",
 ) -> dict[tuple[str, int], FewShotSplit]:
     """Few-shot splits for every category in ``train`` and every N in ``n_labelled``.
 
     Args:
         train, test: records (any categories; split per category).
         n_labelled: labelled-set sizes; with ``nested`` each set contains the smaller ones.
-        strategy, seed: see ``select_labelled``.
+        strategy, seed, setting: see ``select_labelled``.
     Returns:
         {(category, N): FewShotSplit}.
     """
@@ -230,7 +233,8 @@ def few_shot_splits(
         for n in sorted(set(n_labelled)):
             keep = previous if nested else ()
             labelled = select_labelled(recs, n, strategy, seed, keep=keep,
-                                       rng=rng if nested else _rng(seed, f"{category}/{n}"))
+                                       rng=rng if nested else _rng(seed, f"{category}/{n}"),
+                                       setting=setting)
             chosen = set(labelled)
             out[(category, n)] = FewShotSplit(
                 category=category, n_labelled=n, strategy=strategy, seed=seed,

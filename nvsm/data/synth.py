@@ -433,8 +433,8 @@ def _check_out(out: Path, overwrite: bool) -> None:
     check_output_folder(out)  # ValueError: out, or a folder above it, is a file
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{out} is not empty; pass overwrite=True (--overwrite) to "
-                                  "replace a synthetic dataset there")
+            raise FileExistsError(f"{out} is not empty; pass --overwrite (overwrite=True in "
+                                  "Python) to replace a synthetic dataset there")
         if not (out / MANIFEST_NAME).is_file():
             raise FileExistsError(f"{out} is not empty and holds no {MANIFEST_NAME}: refusing to "
                                   "overwrite a folder nvsm did not generate")
@@ -495,7 +495,8 @@ def generate_synthetic_dataset(
             the output is identical whatever the number.
         overwrite: replace an earlier synthetic dataset in ``out`` (only folders it owns).
         use_skimage_backgrounds: include scikit-image's shipped photos.
-        progress: called as ``progress(done, total)`` after each image.
+        progress: called as ``progress(0, total)`` when rendering starts (every option has
+            been checked by then) and ``progress(done, total)`` after each image.
     Returns:
         ``SynthSummary``.
     Raises:
@@ -552,6 +553,8 @@ def _render_dataset(
               (int(image_size[0]), int(image_size[1])), occlusion and split == 1)
         for cat in categories for split in (0, 1) for i in range(counts[cat][split])
     ]
+    if progress is not None:
+        progress(0, len(tasks))
     n_files = 0
     for i, (done, files) in enumerate(_run_all(tasks, backgrounds, use_skimage_backgrounds,
                                                workers)):
@@ -719,17 +722,22 @@ def synth_command(
             exit_with_error(console, f"--counts names {', '.join(unused)}, which the categories "
                             f"rendered ({', '.join(categories)}; --category) do not include", 2)
         size = {**SIZE_PRESETS["tiny" if tiny else "default"], **asked}
+    bar = Progress("[progress.description]{task.description}", BarColumn(),
+                   MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+    job = bar.add_task("rendering", total=None)
+
+    def report(done: int, total: int) -> None:
+        bar.start()  # at the first report, once every option has passed its checks
+        bar.update(job, completed=done, total=total)
+
     try:
-        with Progress("[progress.description]{task.description}", BarColumn(),
-                      MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
-            job = bar.add_task("rendering", total=None)
-
-            def report(done: int, total: int) -> None:
-                bar.update(job, completed=done, total=total)
-
+        try:
             summary = generate_synthetic_dataset(
                 out, size, seed, backgrounds, categories, occlusion=not no_occlusion,
                 workers=workers, overwrite=overwrite, progress=report)
+        finally:
+            if bar.live.is_started:  # an error before rendering prints no empty bar
+                bar.stop()
     except (ValueError, FileExistsError, FileNotFoundError) as exc:
         exit_with_error(console, str(exc), 2)
     except KeyboardInterrupt:  # the dataset is built aside and moved into place whole

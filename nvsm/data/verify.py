@@ -39,7 +39,10 @@ from nvsm.data.matlab import (
 from nvsm.data.occluded import occluded_folder, read_occluded_npz
 from nvsm.data.pascal3d import pascal3d_annotation_dir, read_image_set
 
-__all__ = ["PROBLEM_KINDS", "Problem", "load_manifest", "manifest_dir", "verify_dataset"]
+__all__ = [
+    "PROBLEM_KINDS", "Problem", "check_dataset_root", "load_manifest", "manifest_dir",
+    "verify_dataset",
+]
 
 PROBLEM_KINDS: tuple[str, ...] = (
     "missing_folder", "missing_file", "unreadable", "bad_field", "count_mismatch",
@@ -83,6 +86,14 @@ def load_manifest(name: str, directory: Path | None = None) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("name") != name or "layout" not in data:
         raise ValueError(f"{path}: not a manifest for {name!r} (needs 'name' and 'layout')")
     return data
+
+
+def check_dataset_root(root: Path) -> None:
+    """Raise ``NotADirectoryError`` unless ``root`` is a folder; the message says whether it
+    does not exist or is a file (a root that is no folder is no copy to check or read)."""
+    if not root.is_dir():
+        state = "is a file, not a folder" if root.exists() else "does not exist"
+        raise NotADirectoryError(f"the dataset root {root} {state}")
 
 
 def _from_error(exc: DataFormatError) -> Problem:
@@ -327,13 +338,13 @@ def verify_dataset(
         progress: optional callback receiving a short status line per stage.
     Returns:
         every problem found, in walk order (empty list = the copy matches the manifest).
+    Raises:
+        NotADirectoryError: ``root`` does not exist or is a file (``check_dataset_root``).
     """
     manifest = load_manifest(name, manifest_directory)
     root = Path(root)
+    check_dataset_root(root)
     out = _Collector(progress)
-    if not root.is_dir():
-        state = "is a file, not a folder" if root.exists() else "does not exist"
-        return [Problem("missing_folder", root, f"dataset root of {name} {state}")]
     layout = manifest["layout"]
     for folder in layout.get("folders", []):
         out.folder(root / folder)

@@ -119,11 +119,22 @@ def round_folders(run_dir: Path) -> dict[int, Path]:
         if p.is_dir() and (m := _ROUND_DIR.fullmatch(p.name))
     }
     if not found:
-        raise RunFolderError(
-            f"{run_dir} has no round_<k> folders; expected a run folder written by "
-            f"'nvsm fewshot --out {run_dir}'"
-        )
+        raise RunFolderError(_not_a_fewshot_run(run_dir))
     return dict(sorted(found.items()))
+
+
+def _not_a_fewshot_run(run_dir: Path) -> str:
+    """Why ``run_dir`` (a folder without round folders) is not a few-shot run folder: a round
+    folder itself, an ``nvsm train`` run, or neither."""
+    expected = "expected a run folder written by 'nvsm fewshot --out RUN'"
+    if m := _ROUND_DIR.fullmatch(run_dir.name):
+        return (f"{run_dir} is one round of a run; give its run folder {run_dir.parent} instead "
+                f"(with --round {m.group(1)} to export only this round)")
+    if (run_dir / "run_info.json").is_file() and any(
+        (run_dir / name).is_file() for name in ("model.pt", "train_summary.json")
+    ):
+        return f"{run_dir} is an 'nvsm train' run, which has no pseudo-labels; {expected}"
+    return f"{run_dir} has no round_<k> folders; {expected}"
 
 
 def label_files(run_dir: Path) -> dict[int, Path]:
