@@ -638,10 +638,11 @@ def _run_all(
     chunk = max(1, min(8, len(tasks) // (4 * workers)))
     try:
         # Ctrl-C reaches every process of the terminal's process group. The workers start with
-        # SIGINT ignored (map submits every task, which starts them; an ignored signal stays
-        # ignored in a spawned interpreter), so that this process alone stops, in one line,
-        # instead of each worker printing a KeyboardInterrupt traceback and the pool one more.
-        with _sigint_ignored():
+        # SIGINT blocked (map submits every task, which starts them; a spawned interpreter
+        # keeps the signal mask it is started with), so that this process alone stops, in one
+        # line, instead of each worker printing a KeyboardInterrupt traceback and the pool one
+        # more; a Ctrl-C while they start is held until they have.
+        with _sigint_deferred():
             results = pool.map(_run_task, tasks, chunksize=chunk)
         yield from zip(tasks, results, strict=True)
     except BaseException:
@@ -651,16 +652,28 @@ def _run_all(
 
 
 @contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """SIGINT ignored within (in the main thread; elsewhere signals cannot be set)."""
-    if threading.current_thread() is not threading.main_thread():
+def _sigint_deferred() -> Iterator[None]:
+    """SIGINT blocked within, in this thread and so in the processes it starts, and a SIGINT
+    that comes within raised as ``KeyboardInterrupt`` on leaving. Blocking alone is not
+    enough: the signal may go to another thread of this process (torch's), whose default
+    handling stopped this process while a worker was starting (that worker then printed an
+    ``EOFError`` traceback); ignoring it instead lost a Ctrl-C that came then. Only in the main
+    thread, where handlers can be set, and where signal masks exist (not on Windows)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(
+        signal, "pthread_sigmask"
+    ):
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    caught: list[int] = []
+    handler = signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a held SIGINT reaches the recorder
+        signal.signal(signal.SIGINT, handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 # ----------------------------------------------------------------------------- CLI
