@@ -202,7 +202,10 @@ def train(
 @app.command()
 def evaluate(
     model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint (model.pt).")],
-    out: Annotated[Path | None, typer.Option(help="Folder for metrics.json.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder for metrics.json (not one holding a metrics.json already)."),
+    ] = None,
     schedule: Annotated[str, typer.Option(help="Inference schedule: fast | reference.")] = "fast",
     occlusion_level: Annotated[
         list[int] | None, typer.Option("--occlusion-level", "-l", help="Levels 0..3 (repeat).")
@@ -255,7 +258,9 @@ def infer(
         typer.Option(help="Without PATHS: the checkpoint dataset's split, test (= val) | train."),
     ] = "test",
     out: Annotated[
-        Path | None, typer.Option(help="Output folder (default runs/infer-<time>).")
+        Path | None,
+        typer.Option(help="Output folder, without an earlier inference's outputs (default "
+                     "runs/infer-<time>)."),
     ] = None,
     overlays: Annotated[
         bool, typer.Option("--overlays", help="Also write OUT/overlays/*.png per image.")
