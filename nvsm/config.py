@@ -252,6 +252,16 @@ class RunConfig:
 _DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
+def check_choice(value: Any, choices: Any, where: str) -> Any:
+    """``value`` if it is one of the ``Literal`` type ``choices``; ``ConfigError`` (a
+    ``ValueError``) naming ``where`` otherwise. Loading checks every string setting with it;
+    code handed a setting by a caller that skipped loading checks it here too."""
+    allowed = typing.get_args(choices)
+    if isinstance(value, str) and value in allowed:
+        return value
+    raise ConfigError(f"{where}: expected one of {' | '.join(allowed)}, got {value!r}")
+
+
 def _check_type(value: Any, tp: Any, where: str) -> Any:
     """Validate (and lightly coerce) ``value`` against the annotation ``tp`` (``Bounds``
     included)."""
@@ -299,10 +309,7 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return number
     if origin is Literal:
-        choices = typing.get_args(tp)
-        if isinstance(value, str) and value in choices:
-            return value
-        raise ConfigError(f"{where}: expected one of {' | '.join(choices)}, got {value!r}")
+        return check_choice(value, tp, where)
     if tp is bool:
         if isinstance(value, bool):
             return value

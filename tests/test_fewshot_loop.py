@@ -605,7 +605,7 @@ def test_make_matcher_follows_the_config():
     assert (m.index_type, m.nlist, m.nprobe, m.pca_dim) == ("ivf", 16, 4, 32)
     with pytest.raises(ValueError, match=r"fewshot\.matcher"):
         make_matcher(dataclasses.replace(fs, matcher="annoy"))
-    with pytest.raises(ValueError, match="index_type"):
+    with pytest.raises(ValueError, match=r"index_type: expected one of flat \| ivf, got 'hnsw'"):
         make_matcher(dataclasses.replace(fs, matcher="faiss", faiss_index="hnsw"))
 
 

@@ -16,12 +16,11 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import get_args
 
 import numpy as np
 import torch
 
-from nvsm.config import FewShotConfig, RunConfig, ScoreArea
+from nvsm.config import FewShotConfig, RunConfig, ScoreArea, check_choice
 from nvsm.fewshot.matching import (
     Matcher,
     hubness_corrected,
@@ -153,10 +152,7 @@ def confidence_weights(labels: Sequence[PseudoLabel], min_weight: float) -> np.n
 def view_areas(views: SynthesizedViews, score_area: ScoreArea) -> torch.Tensor | None:
     """(M,) denominators of the NVSM score (``nvsm.fewshot.matching``) for ``score_area``: each
     view's silhouette pixel count, or None for the matcher's default (its usable pixels)."""
-    if score_area not in get_args(ScoreArea):
-        raise ValueError(f"fewshot.score_area: expected one of {' | '.join(get_args(ScoreArea))}, "
-                         f"got {score_area!r}")
-    if score_area == "usable":
+    if check_choice(score_area, ScoreArea, "fewshot.score_area") == "usable":
         return None
     return views.silhouette.flatten(1).sum(1)
 

@@ -33,7 +33,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import torch
 
@@ -42,6 +42,7 @@ from nvsm.config import (
     MatcherName,
     RunConfig,
     TrainConfig,
+    check_choice,
     config_differences,
     config_to_dict,
 )
@@ -180,18 +181,14 @@ def make_matcher(fs: FewShotConfig) -> Matcher:
     ``fewshot.faiss_index`` index, flat or IVF with ``faiss_nlist``/``faiss_nprobe``, optionally
     PCA-compressed to ``faiss_pca_dim`` and on the GPU with ``faiss_gpu``; shortlists re-scored
     exactly)."""
-    if fs.matcher == "torch":
+    if check_choice(fs.matcher, MatcherName, "fewshot.matcher") == "torch":
         return TorchMatcher()
-    if fs.matcher == "faiss":
-        return FaissMatcher(
-            index_type=fs.faiss_index,
-            nlist=fs.faiss_nlist,
-            nprobe=fs.faiss_nprobe,
-            pca_dim=fs.faiss_pca_dim,
-            use_gpu=fs.faiss_gpu,
-        )
-    raise ValueError(
-        f"fewshot.matcher: expected one of {' | '.join(get_args(MatcherName))}, got {fs.matcher!r}"
+    return FaissMatcher(
+        index_type=fs.faiss_index,
+        nlist=fs.faiss_nlist,
+        nprobe=fs.faiss_nprobe,
+        pca_dim=fs.faiss_pca_dim,
+        use_gpu=fs.faiss_gpu,
     )
 
 

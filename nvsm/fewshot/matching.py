@@ -49,13 +49,13 @@ Returned indices are −1 (and scores −inf) where fewer than k views can be ma
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, get_args, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nvsm.config import FaissIndexType
+from nvsm.config import FaissIndexType, check_choice
 
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
@@ -616,8 +616,7 @@ class FaissMatcher:
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
 
     def __post_init__(self) -> None:
-        if self.index_type not in get_args(FaissIndexType):
-            raise ValueError(f"index_type must be 'flat' or 'ivf', got {self.index_type!r}")
+        check_choice(self.index_type, FaissIndexType, "index_type")
         if self.nlist < 1 or self.nprobe < 1 or self.shortlist < 1 or self.query_batch < 1:
             raise ValueError("nlist, nprobe, shortlist and query_batch must be >= 1")
         if self.pca_dim is not None and self.pca_dim < 1:
