@@ -18,6 +18,7 @@ from nvsm.config import (
 )
 from nvsm.data.cad import load_cad_models
 from nvsm.data.datasets import load_dataset
+from nvsm.data.errors import id_sample
 from nvsm.data.kitti import KITTI_N_FOLDS, KITTI_TEST_FOLD
 from nvsm.data.record import ObjectRecord
 from nvsm.data.splits import Strategy, select_labelled
@@ -216,9 +217,9 @@ def load_splits(config: RunConfig, occlusion_levels: tuple[int, ...] = (0,)) -> 
         trained = {(r.category, r.image_id) for r in train}
         shared = sorted({(r.category, r.image_id) for r in recs} & trained)
         if shared:  # the occluded levels would score images the model was trained on
-            ids = ", ".join(i for _, i in shared[:5]) + (" ..." if len(shared) > 5 else "")
             raise ValueError(f"{occ_root}/lists: {len(shared)} occluded test image(s) are also "
-                             f"training images ({train_source}): {ids}")
+                             f"training images ({train_source}): "
+                             f"{id_sample([i for _, i in shared])}")
     _require_test_records(test, sources)
     return DatasetSplits(root, train, test)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from nvsm.data.categories import register_categories
-from nvsm.data.errors import DataFormatError
+from nvsm.data.errors import DataFormatError, id_sample
 from nvsm.data.kitti import KITTI_N_FOLDS, KITTI_TEST_FOLD, KittiConfig, kitti_folds, load_kitti
 from nvsm.data.matlab import ErrorMode, ReadResult
 from nvsm.data.objectnet3d import load_objectnet3d
@@ -95,7 +95,7 @@ def _check_disjoint(name: str, root: Path, train: ReadResult, test: ReadResult) 
     raise DataFormatError(
         split_list_file(name, root, category, "train"), f"{category} image ids",
         f"no id that {split_list_file(name, root, category, 'val')} (the test list) also holds",
-        f"{len(ids)} shared id(s): {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}")
+        f"{len(ids)} shared id(s): {id_sample(ids)}")
 
 
 def train_test_records(

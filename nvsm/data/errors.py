@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["DataFormatError", "check_items"]
+__all__ = ["DataFormatError", "check_items", "id_sample"]
 
 
 def _short(value: Any, limit: int = 120) -> str:
@@ -58,3 +59,9 @@ def check_items(
         index = tuple(int(i) for i in where[0])
         raise DataFormatError(path, f"{field}[{', '.join(map(str, index))}]", expected,
                               values[index].item())
+
+
+def id_sample(ids: Sequence[str], limit: int = 5) -> str:
+    """The first ``limit`` ids, comma-separated, then `` ...`` when there are more: enough of a
+    long list for an error message to be checked against the files."""
+    return ", ".join(ids[:limit]) + (" ..." if len(ids) > limit else "")

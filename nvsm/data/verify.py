@@ -26,7 +26,7 @@ import yaml
 from nvsm.data.cad import load_cad_models
 from nvsm.data.categories import register_categories
 from nvsm.data.datasets import DATASET_NAMES, synthetic_categories
-from nvsm.data.errors import DataFormatError
+from nvsm.data.errors import DataFormatError, id_sample
 from nvsm.data.images import check_image
 from nvsm.data.kitti import kitti_frame_id, read_kitti_calib, read_kitti_label
 from nvsm.data.matlab import (
@@ -251,7 +251,7 @@ def _check_lists_disjoint(listed: dict[str, tuple[Path, list[str]]], out: _Colle
     if shared:
         out.add(Problem("bad_field", train_path,
                         f"{len(shared)} id(s) also in {val_path.name} (the test list): "
-                        f"{', '.join(shared[:5])}{' ...' if len(shared) > 5 else ''}", "ids"))
+                        f"{id_sample(shared)}", "ids"))
 
 
 def _verify_occluded(root: Path, manifest: dict[str, Any], categories: list[str], decode: bool,
