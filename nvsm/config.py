@@ -27,6 +27,7 @@ import yaml
 from nvsm.data.datasets import DatasetName
 from nvsm.data.splits import Strategy
 from nvsm.data.synth import SynthSize
+from nvsm.models.common import STRIDE
 from nvsm.pose.camera import CropProtocol
 from nvsm.render.rasterizer import RasterizerName
 from nvsm.train.loss import NearMode, SampleMode
@@ -74,6 +75,22 @@ class Bounds:
 
 
 @dataclass(frozen=True)
+class ImageSize:
+    """Marks an (H, W) list setting: two items, each a multiple of ``multiple_of`` (the
+    backbone's feature stride, so that a crop maps onto whole feature cells). Checked on every
+    load, as ``Bounds`` are."""
+
+    multiple_of: int
+
+    def admits(self, value: list[int]) -> bool:
+        """Whether ``value`` is two multiples of ``multiple_of``."""
+        return len(value) == 2 and all(x % self.multiple_of == 0 for x in value)
+
+    def __str__(self) -> str:
+        return f"(H, W): two multiples of {self.multiple_of}"
+
+
+@dataclass(frozen=True)
 class AbsolutePath:
     """Marks a path setting: loading stores it absolute (``~`` expanded, a relative path taken
     from the working directory), so that the config a run records works from any folder."""
@@ -101,9 +118,17 @@ class DataConfig:
     occluded_root: PathSetting | None = None
     categories: list[str] = field(default_factory=lambda: ["car"])
     crop_protocol: CropProtocol = "gt-normalized"
-    crop_size: list[PositiveInt] | None = None  # (H, W); None: the per-category default
+    # None: the per-category default
+    crop_size: Annotated[list[PositiveInt], ImageSize(STRIDE)] | None = None
     synth_size: SynthSize = "default"  # the built-in dataset only
     crop_scale: PositiveFloat = 1.0  # crops and normalised focal ×this (1 = NeMo's 3000 px)
+
+    def crop_hw(self) -> tuple[int, int] | None:
+        """``crop_size`` as an (H, W) tuple; None for the per-category default."""
+        if self.crop_size is None:
+            return None
+        h, w = self.crop_size
+        return h, w
 
 
 @dataclass
@@ -270,7 +295,9 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         base, *extras = typing.get_args(tp)
         value = _check_type(value, base, where)
         for extra in extras:
-            if isinstance(extra, Bounds) and value is not None and not extra.admits(value):
+            if isinstance(extra, Bounds | ImageSize) and value is not None and not extra.admits(
+                value
+            ):
                 raise ConfigError(f"{where}: expected {extra}, got {value!r}")
             if isinstance(extra, AbsolutePath) and value is not None:
                 value = os.path.abspath(os.path.expanduser(value))
@@ -293,7 +320,7 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return _from_dict(tp, value, where)
@@ -404,7 +431,7 @@ class _RecipeLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=True)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} is given twice", key_node.start_mark

@@ -245,7 +245,7 @@ def labelled_subset(
 
 def cropsets(config: RunConfig, records: list[ObjectRecord], description: str) -> CropSet:
     """Crops of records of possibly several categories (one crop size per category)."""
-    size = tuple(config.data.crop_size) if config.data.crop_size else None
+    size = config.data.crop_hw()
     parts = []
     for cat in sorted({r.category for r in records}):
         recs = [r for r in records if r.category == cat]
@@ -257,7 +257,7 @@ def cropsets(config: RunConfig, records: list[ObjectRecord], description: str) -
                 size,
                 f"{description} ({cat})",
             )
-        )  # type: ignore[arg-type]
+        )
     return CropSet.concat(parts)
 
 

@@ -103,6 +103,18 @@ def test_numbers_out_of_range_name_file_and_key(tmp_path):
     assert cfg.train.bank_momentum == 1.0 and cfg.labels.annotations is None
 
 
+def test_crop_size_is_two_multiples_of_the_stride():
+    # Checked on loading, naming the key, rather than in the middle of cropping (where [64]
+    # raised an IndexError from deep inside and [60, 100] stopped only after the run began).
+    for value in ("[64]", "[64, 96, 3]", "[60, 100]", "[]"):
+        with pytest.raises(
+            ConfigError, match=r"data\.crop_size: expected \(H, W\): two multiples of 8, got"
+        ):
+            load_config(None, [f"data.crop_size={value}"])
+    cfg = load_config(None, ["data.crop_size=[64, 96]"])
+    assert cfg.data.crop_hw() == (64, 96) and load_config(None).data.crop_hw() is None
+
+
 def test_defaults_and_recipes_are_within_bounds():
     check_config(RunConfig(), "defaults")
     for name in list_recipes():

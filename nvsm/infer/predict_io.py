@@ -356,7 +356,7 @@ def run_inference(
     model = model.to(device)
     rasterizer = get_rasterizer(config.model.rasterizer, device)
     crop_scale = config.data.crop_scale
-    fixed_size = tuple(config.data.crop_size) if config.data.crop_size else None
+    fixed_size = config.data.crop_hw()
     parts: list[InferencePart] = []
     if paths:
         files = find_images(paths)
@@ -367,7 +367,7 @@ def run_inference(
             files,
             size,
             category or "",
-            PASCAL3D_VIEWPORT * crop_scale,  # type: ignore[arg-type]
+            PASCAL3D_VIEWPORT * crop_scale,
         )
         parts.append(InferencePart(data, [str(f) for f in files], failed, category is None))
         protocol, source = "bbox", "images"
@@ -384,7 +384,7 @@ def run_inference(
                 recs,
                 config.data.crop_protocol,
                 crop_scale,
-                fixed_size,  # type: ignore[arg-type]
+                fixed_size,
                 f"cropping {cat}",
                 show_progress,
             )
