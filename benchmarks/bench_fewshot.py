@@ -408,7 +408,7 @@ def bench_stages(args: argparse.Namespace) -> dict[str, Any]:
         Stage("pseudo-labels", "target", n_pool, _timed_runs(pseudo_labels, device, reps))
     )
     best = best_pose_and_margin(scores[:n_img], vposes, fs.min_separation_deg, index=index[:n_img])
-    matched = vposes[best.index.clamp(min=0)]
+    matched = vposes[best.view.clamp(min=0)]
     runs = _timed_runs(
         lambda: flip_margins(model, pool, pool_feats, range(n_img), matched, device, rasterizer),
         device,

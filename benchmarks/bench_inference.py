@@ -17,6 +17,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from _cli import positive_int, run_main
@@ -53,7 +54,7 @@ def main() -> None:
     n = min(args.images, len(data))
     data = data.subset(torch.arange(n))
     rasterizer = get_rasterizer(config.model.rasterizer, device)
-    results = {}
+    results: dict[str, Any] = {}
     for name in ("fast", "reference"):
         schedule = resolve_schedule(name)
         start = time.perf_counter()  # first call renders and caches this schedule's templates

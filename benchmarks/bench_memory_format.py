@@ -96,7 +96,7 @@ def main() -> None:
         "repeats": args.repeats,
         "batch_size": config.train.batch_size,
         "extract_batch": int(pool.shape[0]),  # at most --images (the pool crops there are)
-        "crop_size": list(config.data.crop_size),
+        "crop_size": list(train_set.images.shape[-2:]),
         "threads": torch.get_num_threads(),
         "max_loss_difference": max(
             abs(a - b) for a, b in zip(losses["nchw"], losses["nhwc"], strict=True)

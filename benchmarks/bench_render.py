@@ -93,11 +93,11 @@ def _bench_case(
             return render_pose(mesh, feats, *pose, k, FEATURE_SIZE, rast)
 
     def fwd_bwd() -> object:
-        p = [x.clone().requires_grad_() for x in pose]
+        a, e, t, d = (x.clone().requires_grad_() for x in pose)
         f = feats.clone().requires_grad_(args.feature_grad)
-        o = render_pose(mesh, f, *p, k, FEATURE_SIZE, rast)
+        o = render_pose(mesh, f, a, e, t, d, k, FEATURE_SIZE, rast)
         (o.features * target).sum().backward()
-        return p[0].grad
+        return a.grad
 
     res: dict[str, object] = {"backend": rast.name, "batch": batch, "mask_fill": fill}
     for col, fn in (("raster", raster), ("forward", forward), ("fwd+bwd", fwd_bwd)):

@@ -540,7 +540,7 @@ def test_best_pose_and_margin() -> None:
     poses = _ring_poses()
     scores = _hand_scores()
     best = best_pose_and_margin(scores, poses, min_separation_deg=30)
-    assert best.index.tolist() == [3, 7, -1]
+    assert best.view.tolist() == [3, 7, -1]
     assert best.score[0] == 0.9 and best.score[1] == 0.4 and best.score[2] == -math.inf
     assert math.isclose(float(best.margin[0]), 0.1, abs_tol=1e-12)
     assert best.margin[1] == math.inf and math.isnan(float(best.margin[2]))
@@ -551,7 +551,7 @@ def test_best_pose_and_margin() -> None:
     vals, idx = scores.topk(6, dim=1)
     idx = idx.masked_fill(vals == -math.inf, -1)
     sparse = best_pose_and_margin(vals, poses, 30, index=idx)
-    assert sparse.index.tolist() == best.index.tolist()
+    assert sparse.view.tolist() == best.view.tolist()
     assert torch.allclose(sparse.margin[:2], best.margin[:2])
 
 

@@ -164,7 +164,7 @@ def crop_object(
         crop (3, H, W) float32 in [0, 1], and the ``CropCamera`` (``camera.k`` projects the
         record's pose: ``project_opencv(X, *record.extrinsics(), camera.k)``).
     """
-    size = tuple(size or default_crop_size(record.category))  # type: ignore[assignment]
+    size = size or default_crop_size(record.category)
     if stride and (size[0] % stride or size[1] % stride):
         raise ValueError(f"crop size {size} is not a multiple of the stride {stride}")
     camera = crop_camera(record, protocol, size, fill=fill, principal_xy=principal_xy,

@@ -24,6 +24,7 @@ the left/right symmetry of real objects is kept.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -240,9 +241,9 @@ class _Builder:
             for k in range(segments):
                 k1 = (k + 1) % segments
                 quad = [a[k], a[k1], b[k1], b[k]]
-                for tri in ([quad[0], quad[1], quad[2]], [quad[0], quad[2], quad[3]]):
-                    if len(set(tri)) == 3:
-                        faces.append(tri)
+                for corners in ([quad[0], quad[1], quad[2]], [quad[0], quad[2], quad[3]]):
+                    if len(set(corners)) == 3:
+                        faces.append(corners)
                         kinds.append("side")
         for end_i, name in ((0, "cap0"), (len(ring_ids) - 1, "cap1")):
             if rs[end_i] > 0:
@@ -664,7 +665,7 @@ def _plastic_chair() -> PartMesh:
 
 #: Sub-type builders per category, in ``cad_index`` order (1-based in the dataset).
 CATEGORY_BUILDERS: dict[str, tuple[tuple[str, Callable[[], PartMesh]], ...]] = {
-    "car": tuple((spec.name, (lambda s=spec: _car(s))) for spec in _CARS),
+    "car": tuple((spec.name, functools.partial(_car, spec)) for spec in _CARS),
     "aeroplane": (
         ("airliner", lambda: _airliner(False)),
         ("jumbo", lambda: _airliner(True)),

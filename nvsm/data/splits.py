@@ -137,9 +137,9 @@ def select_labelled(
                 chosen.append(pick)
                 taken.add(pick)
     if len(chosen) < n:
-        pool = [k for k in ids if k not in taken]
-        extra = rng.choice(len(pool), size=n - len(chosen), replace=False)
-        chosen.extend(pool[int(i)] for i in sorted(extra))
+        rest = [k for k in ids if k not in taken]
+        extra = rng.choice(len(rest), size=n - len(chosen), replace=False)
+        chosen.extend(rest[int(i)] for i in sorted(extra))
     return sorted(chosen)
 
 
@@ -347,7 +347,9 @@ def unseen_azimuth_split(
     if not pattern or set(pattern) - {"T", "F"}:
         raise ValueError(f"pattern must be T/F letters, got {pattern!r}")
     width = 360.0 / len(pattern)
-    seen, unseen, boundary = [], [], []
+    seen: list[ObjectRecord] = []
+    unseen: list[ObjectRecord] = []
+    boundary: list[ObjectRecord] = []
     for rec in _sorted_unique(records):
         deg = math.degrees(rec.azimuth) % 360.0
         k = round(deg / width)

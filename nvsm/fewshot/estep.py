@@ -375,8 +375,8 @@ def e_step(
             )
             with timer("matching"):
                 best = best_pose_and_margin(scores, vposes, fs.min_separation_deg, index=index)
-        best_poses = vposes[best.index.clamp(min=0)].clone()
-        best_poses[best.index < 0] = math.nan
+        best_poses = vposes[best.view.clamp(min=0)].clone()
+        best_poses[best.view < 0] = math.nan
         with timer("flip check"):
             flip = flip_margins(model, pool, pool_feats, t_idx, best_poses, device, rasterizer)
         made = make_pseudo_labels(uids, cat, best, flip, vposes, vshift, vsource, round_index)

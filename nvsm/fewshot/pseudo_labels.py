@@ -197,10 +197,10 @@ class PseudoLabel:
 
 
 class BestMatch(NamedTuple):
-    """Per-target best match: index (T,) int64 view index (−1 when nothing scored), score (T,)
+    """Per-target best match: view (T,) int64 view index (−1 when nothing scored), score (T,)
     (−inf when none), margin (T,) (NaN when none, +inf when no distant competitor)."""
 
-    index: torch.Tensor
+    view: torch.Tensor
     score: torch.Tensor
     margin: torch.Tensor
 
@@ -274,7 +274,7 @@ def best_pose_and_margin(
         min_separation_deg: a competitor must be at least this far (geodesic rotation angle).
         index: optional (T, K) int64 view indices of the candidate scores (−1 = none).
     Returns:
-        ``BestMatch`` (index (T,) view indices, score (T,), margin (T,)).
+        ``BestMatch`` (view (T,) view indices, score (T,), margin (T,)).
     """
     rot = _view_rotations(view_poses)
     scores, idx = _check_scores(scores, rot.shape[0], index)
@@ -320,9 +320,9 @@ def make_pseudo_labels(
         T labels; targets without any match get NaN pose and score −inf.
     """
     t = len(uids)
-    if best.index.shape != (t,) or flip.shape != (t,):
+    if best.view.shape != (t,) or flip.shape != (t,):
         raise ValueError(f"best and flip must have {t} rows")
-    idx = best.index.cpu().numpy()
+    idx = best.view.cpu().numpy()
     poses = view_poses.detach().to("cpu", torch.float64).numpy()
     shifts = view_shifts.detach().to("cpu", torch.float64).numpy()
     score = best.score.detach().to("cpu", torch.float64).numpy()
@@ -545,7 +545,7 @@ class AcceptanceSchedule:
         rules = []
         for r in range(num_rounds):
             u = r / (num_rounds - 1) if num_rounds > 1 else 0.0
-            values = {}
+            values: dict[str, Any] = {}
             for name in _NUMERIC:
                 a, b = getattr(first, name), getattr(last, name)
                 values[name] = None if a is None else (1 - u) * a + u * b

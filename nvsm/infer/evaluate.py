@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -180,7 +181,7 @@ def category_templates(
     return hit[2]
 
 
-def score(data: CropSet, predictions: Predictions) -> dict[str, object]:
+def score(data: CropSet, predictions: Predictions) -> dict[str, Any]:
     """Metrics per category and occlusion level, pooled, and the image-weighted mean.
 
     Returns a JSON-able dict:
@@ -198,7 +199,8 @@ def score(data: CropSet, predictions: Predictions) -> dict[str, object]:
     err = pose_errors(preds, data.poses[:, :3].numpy())
     levels = data.occlusion_levels.numpy()
     cats = np.array(data.categories)
-    out: dict[str, dict[str, dict[str, float | int]]] = {
+    # per_category: {cat: {level: metrics}}; pooled and mean: {level: metrics}
+    out: dict[str, dict[str, Any]] = {
         "per_category": {},
         "pooled": {},
         "mean": {},

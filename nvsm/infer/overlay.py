@@ -203,11 +203,15 @@ def render_overlays(
                 continue
             mesh, bank = model.meshes[cat], model.banks[cat]
             k_feat = torch.as_tensor(feature_intrinsics(data.k[i].numpy(), STRIDE)).float()
+            azimuth, elevation, theta, distance = pose.to(fmap.device, torch.float32)
             with torch.no_grad():
                 out = render_pose(
                     mesh,
                     bank.memory.float(),
-                    *pose.to(fmap.device, torch.float32),
+                    azimuth,
+                    elevation,
+                    theta,
+                    distance,
                     k_feat,
                     (h, w),
                     rast,

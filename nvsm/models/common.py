@@ -195,7 +195,8 @@ class FeatureBackbone(nn.Module):
         bit. ``forward`` takes and returns NCHW-contiguous tensors either way.
         """
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.to(memory_format=self.memory_format)
+        # Module.to takes memory_format at run time; torch's type stubs leave it out.
+        self.to(memory_format=self.memory_format)  # type: ignore[call-overload]
         return self
 
     # -- forward ----------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def _plain_same_conv(conv: nn.Conv2d) -> nn.Conv2d:
     plain = nn.Conv2d(
         conv.in_channels,
         conv.out_channels,
-        k,
+        (k[0], k[1]),
         padding=(k[0] // 2, k[1] // 2),
         groups=conv.groups,
         bias=conv.bias is not None,
@@ -151,6 +151,10 @@ class EfficientNetLiteBackbone(FeatureBackbone):
         drop_connect_rate: stochastic-depth rate of the trainable blocks in training mode
             (scaled by block depth as in EfficientNet; 0 disables it).
     """
+
+    # Buffers made by register_buffer in __init__, declared for the type checker.
+    _in_scale: torch.Tensor
+    _in_shift: torch.Tensor
 
     def __init__(
         self,

@@ -228,9 +228,9 @@ def mirror_pose(azimuth: Array, elevation: Array, theta: Array) -> tuple[Array, 
     Valid for objects that are mirror-symmetric about their x = 0 plane (PASCAL3D+ CAD models:
     the left/right plane), with the flip taken about the column of the principal point.
     """
-    is_torch = isinstance(azimuth, torch.Tensor)
-    mod = torch.remainder if is_torch else np.mod
-    return mod(-azimuth, 2 * math.pi), elevation, -theta
+    if isinstance(azimuth, torch.Tensor):
+        return torch.remainder(-azimuth, 2 * math.pi), elevation, -theta
+    return np.mod(-azimuth, 2 * math.pi), elevation, -theta
 
 
 def wrap_angle(x: Array) -> Array:

@@ -175,7 +175,7 @@ class _InterpolateRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         weights: torch.Tensor,
         table: torch.Tensor,
@@ -194,7 +194,7 @@ class _InterpolateRows(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: Any, grad_out: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
         weights, table, idx, fg = ctx.saved_tensors

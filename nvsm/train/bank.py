@@ -279,7 +279,7 @@ class BankSet(nn.Module):
         return self.banks[category]  # type: ignore[return-value]
 
     def __contains__(self, category: object) -> bool:
-        return category in self.banks
+        return isinstance(category, str) and category in self.banks
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.banks.keys())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -20,6 +20,9 @@ from nvsm.models import (
     save_checkpoint,
 )
 from nvsm.train.bank import BankSet
+
+if TYPE_CHECKING:  # nvsm.infer imports this module
+    from nvsm.infer.solve import TemplateBank
 
 
 class NeMoModel(nn.Module):
@@ -39,7 +42,7 @@ class NeMoModel(nn.Module):
         self.meshes = dict(meshes)
         self.config = config
         #: Inference templates rendered from the banks (``nvsm.infer.evaluate``); not saved.
-        self.template_cache: dict[tuple[object, ...], tuple[torch.Tensor, int, object]] = {}
+        self.template_cache: dict[tuple[object, ...], tuple[torch.Tensor, int, TemplateBank]] = {}
         t = config.train
         self.banks = BankSet(
             {cat: mesh.num_vertices for cat, mesh in self.meshes.items()},
