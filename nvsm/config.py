@@ -75,6 +75,19 @@ class Bounds:
 
 
 @dataclass(frozen=True)
+class NonEmpty:
+    """Marks a list setting that needs at least one item. Checked on every load, as ``Bounds``
+    are."""
+
+    def admits(self, value: list[Any]) -> bool:
+        """Whether ``value`` has an item."""
+        return len(value) > 0
+
+    def __str__(self) -> str:
+        return "at least one item"
+
+
+@dataclass(frozen=True)
 class ImageSize:
     """Marks an (H, W) list setting: two items, each a multiple of ``multiple_of`` (the
     backbone's feature stride, so that a crop maps onto whole feature cells). Checked on every
@@ -116,7 +129,7 @@ class DataConfig:
     # Occluded PASCAL3D+ release (images/, annotations/, lists/) for test levels 1-3 of
     # PASCAL3D+-layout sets; None: <root>/OccludedPASCAL3D (where the synthetic set has it)
     occluded_root: PathSetting | None = None
-    categories: list[str] = field(default_factory=lambda: ["car"])
+    categories: Annotated[list[str], NonEmpty()] = field(default_factory=lambda: ["car"])
     crop_protocol: CropProtocol = "gt-normalized"
     # None: the per-category default
     crop_size: Annotated[list[PositiveInt], ImageSize(STRIDE)] | None = None
@@ -208,14 +221,20 @@ class FewShotConfig:
     rounds: PositiveInt = 2
     mstep_steps: PositiveInt = 300
     mstep_init: MStepInit = "continue"  # restart: from the labelled-only model
-    occlusion_levels: list[Annotated[int, Bounds(ge=0, le=3)]] = field(default_factory=lambda: [0])
+    occlusion_levels: Annotated[list[Annotated[int, Bounds(ge=0, le=3)]], NonEmpty()] = field(
+        default_factory=lambda: [0]
+    )
     unlabelled_limit: PositiveInt | None = None  # None: every unlabelled training image
     max_pseudo_anchors: NonNegativeInt = 64  # accepted pseudo-labels reused as anchors (the surest)
     shift_step_deg: PositiveFloat = 10.0
     shift_base_deg: NonNegativeFloat = 30.0
     shift_growth_deg: NonNegativeFloat = 30.0
-    shift_elevations_deg: list[float] = field(default_factory=lambda: [-10.0, 0.0, 10.0])
-    shift_thetas_deg: list[float] = field(default_factory=lambda: [0.0])  # in-plane Δθ
+    shift_elevations_deg: Annotated[list[float], NonEmpty()] = field(
+        default_factory=lambda: [-10.0, 0.0, 10.0]
+    )
+    shift_thetas_deg: Annotated[list[float], NonEmpty()] = field(  # in-plane Δθ
+        default_factory=lambda: [0.0]
+    )
     matcher: MatcherName = "torch"
     faiss_index: FaissIndexType = "flat"  # with fewshot.matcher=faiss
     faiss_nlist: PositiveInt = 64
@@ -295,9 +314,8 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         base, *extras = typing.get_args(tp)
         value = _check_type(value, base, where)
         for extra in extras:
-            if isinstance(extra, Bounds | ImageSize) and value is not None and not extra.admits(
-                value
-            ):
+            checked = Bounds | NonEmpty | ImageSize
+            if isinstance(extra, checked) and value is not None and not extra.admits(value):
                 raise ConfigError(f"{where}: expected {extra}, got {value!r}")
             if isinstance(extra, AbsolutePath) and value is not None:
                 value = os.path.abspath(os.path.expanduser(value))

@@ -103,7 +103,7 @@ def test_numbers_out_of_range_name_file_and_key(tmp_path):
     assert cfg.train.bank_momentum == 1.0 and cfg.labels.annotations is None
 
 
-def test_crop_size_is_two_multiples_of_the_stride():
+def test_list_settings_have_the_length_they_need():
     # Checked on loading, naming the key, rather than in the middle of cropping (where [64]
     # raised an IndexError from deep inside and [60, 100] stopped only after the run began).
     for value in ("[64]", "[64, 96, 3]", "[60, 100]", "[]"):
@@ -112,6 +112,8 @@ def test_crop_size_is_two_multiples_of_the_stride():
         ):
             load_config(None, [f"data.crop_size={value}"])
     cfg = load_config(None, ["data.crop_size=[64, 96]"])
+    with pytest.raises(ConfigError, match=r"data\.categories: expected at least one item"):
+        load_config(None, ["data.categories=[]"])  # it read every category's lists
     assert cfg.data.crop_hw() == (64, 96) and load_config(None).data.crop_hw() is None
 
 

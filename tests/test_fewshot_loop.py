@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from nvsm.cli import app
-from nvsm.config import config_differences, config_to_dict, load_config
+from nvsm.config import ConfigError, config_differences, config_to_dict, load_config
 from nvsm.fewshot.estep import confidence_weights
 from nvsm.fewshot.loop import (
     RESUMABLE_KEYS,
@@ -583,12 +583,21 @@ def test_hubness_correction_in_the_matching(tiny_data, sample, chunk):
     assert torch.allclose(got_s[ok], want_s[ok].float(), atol=1e-5)
 
 
-@pytest.mark.parametrize("key", ["shift_elevations_deg", "shift_thetas_deg"])
-def test_an_empty_shift_list_fails_before_training(key, tmp_path):
-    cfg = load_config("synthetic-car-tiny", [f"fewshot.{key}=[]"])
-    with pytest.raises(ValueError, match=f"fewshot.{key} must list at least one shift"):
+@pytest.mark.parametrize(
+    "key", ["shift_elevations_deg", "shift_thetas_deg", "occlusion_levels"]
+)
+def test_an_empty_list_fails_before_training(key, tmp_path):
+    # Loading names the key; a config built in code fails the same way before any work (an
+    # empty occlusion_levels list used to fail after cropping, as "CropSet.concat needs at
+    # least one set").
+    message = rf"fewshot\.{key}: expected at least one item, got \[\]"
+    with pytest.raises(ConfigError, match=message):
+        load_config("synthetic-car-tiny", [f"fewshot.{key}=[]"])
+    cfg = load_config("synthetic-car-tiny")
+    cfg = dataclasses.replace(cfg, fewshot=dataclasses.replace(cfg.fewshot, **{key: []}))
+    with pytest.raises(ConfigError, match=message):
         run_fewshot(cfg, tmp_path / "run", show_progress=False)
-    assert not (tmp_path / "run" / "round_0").exists()
+    assert not (tmp_path / "run").exists()
 
 
 def test_make_matcher_follows_the_config():

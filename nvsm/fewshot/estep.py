@@ -90,9 +90,6 @@ class StageTimer:
 def round_shifts(fs: FewShotConfig, round_index: int) -> torch.Tensor:
     """(S, 3) pose shifts of EM round ``round_index`` (≥ 1): the configured expanding grid
     (azimuth widening per round, ``fs.shift_elevations_deg`` × ``fs.shift_thetas_deg``)."""
-    for key in ("shift_elevations_deg", "shift_thetas_deg"):
-        if not getattr(fs, key):
-            raise ValueError(f"fewshot.{key} must list at least one shift in degrees, got []")
     return expanding_shift_grid(
         round_index - 1,
         fs.shift_step_deg,

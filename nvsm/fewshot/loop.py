@@ -52,7 +52,6 @@ from nvsm.fewshot.estep import (
     accept_and_weight,
     e_step,
     extract_features,
-    round_shifts,
     self_training_labels,
 )
 from nvsm.fewshot.matching import FaissMatcher, Matcher, TorchMatcher
@@ -631,7 +630,6 @@ def validate_fewshot_config(config: RunConfig) -> torch.device:
 
     device = check_run_config(config)
     fs = config.fewshot
-    round_shifts(fs, 1)  # an empty shift list
     bad = [x for x in fs.mstep_image_shifts_deg if not 0 < abs(x) <= 90]
     if bad:
         raise ValueError(
