@@ -16,7 +16,7 @@ from rich.table import Table
 from nvsm.cli_pseudo_labels import app as pseudo_labels_app
 from nvsm.config import RunConfig
 from nvsm.data.cli import app as data_app
-from nvsm.runtime import exit_with_error, flow_help, keep_freed_memory
+from nvsm.runtime import exit_interrupted, exit_with_error, flow_help, keep_freed_memory
 
 app = typer.Typer(
     help="""nvsm: few-shot category-level 3D pose (Neural View Synthesis and Matching on NeMo).
@@ -242,6 +242,8 @@ def evaluate(
     except ValueError as exc:
         _fail(str(exc))
         return
+    except KeyboardInterrupt:  # metrics.json is written at the end
+        exit_interrupted(console, out)
     subset = " unseen azimuths" if unseen_azimuth else ""
     print_metrics_table(metrics, f"{model}: test{subset} ({schedule})")
 
@@ -314,6 +316,8 @@ def infer(
     except (ValueError, FileNotFoundError, ConfigError) as exc:
         _fail(str(exc))
         return
+    except KeyboardInterrupt:  # the outputs are written aside and moved into place at the end
+        exit_interrupted(console, folder)
     console.print(
         f"{summary['images']} image(s), {summary['failures']} failure(s), category "
         f"{summary['category']}, protocol {summary['protocol']} → {folder}/predictions.csv, "

@@ -161,3 +161,16 @@ def staging_folder(target: str | os.PathLike[str]) -> Iterator[Path]:
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def move_entries(staged: str | os.PathLike[str], folder: str | os.PathLike[str],
+                 last: str | None = None) -> None:
+    """Rename every entry of ``staged`` into ``folder`` (made if missing; a sibling on the same
+    file system, as ``staging_folder`` makes), ``last`` after all the others, so that
+    ``folder`` holds ``last`` only once the rest is in place. The caller has made sure that
+    ``folder`` holds none of the names."""
+    staged, folder = Path(staged), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = sorted(staged.iterdir(), key=lambda p: (p.name == last, p.name))
+    for entry in entries:
+        entry.rename(folder / entry.name)

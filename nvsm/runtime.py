@@ -65,6 +65,14 @@ def exit_with_error(console: Console, message: str, code: int) -> NoReturn:
     raise typer.Exit(code)
 
 
+def exit_interrupted(console: Console, out: object = None) -> NoReturn:
+    """Ctrl-C in a command that writes only at its end (or aside, moved into place whole): say
+    that nothing was written (to ``out``, when it has one) and exit 130, the shell's code for an
+    interrupt."""
+    where = f" to {out}" if out is not None else ""
+    exit_with_error(console, f"interrupted: nothing was written{where}", 130)
+
+
 def flowing_help(text: str) -> str:
     """``text`` (a docstring) with each prose paragraph joined into one line, for the terminal
     to wrap. Typer's rich help keeps a paragraph's line breaks, so a paragraph wrapped in the

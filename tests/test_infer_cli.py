@@ -317,6 +317,27 @@ def test_evaluate_refuses_to_replace_a_metrics_json(tmp_path):
     assert (run / "metrics.json").read_text() == "{}"
 
 
+def test_ctrl_c_in_infer_and_evaluate_says_nothing_was_written(tmp_path, monkeypatch):
+    # Both exited 130 without a word. Neither writes before its end (infer writes aside and
+    # moves its outputs into place: ``test_infer_end_to_end``).
+    import nvsm.infer.predict_io
+    import nvsm.pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nvsm.infer.predict_io, "run_inference", interrupted)
+    monkeypatch.setattr(nvsm.pipeline, "evaluate_checkpoint", interrupted)
+    out = tmp_path / "out"
+    for cmd, said in (
+        (["infer", "-m", "model.pt", "--out", str(out)], f"nothing was written to {out}"),
+        (["evaluate", "-m", "model.pt", "--out", str(out)], f"nothing was written to {out}"),
+        (["evaluate", "-m", "model.pt"], "nothing was written"),
+    ):
+        res = runner.invoke(app, cmd)
+        assert res.exit_code == 130 and f"error: interrupted: {said}\n" in res.output, res.output
+
+
 def test_infer_and_evaluate_help_have_examples():
     for cmd in (["infer"], ["evaluate"]):
         res = runner.invoke(app, [*cmd, "--help"])
@@ -374,6 +395,24 @@ def test_infer_end_to_end(tiny_synthetic, tmp_path):
     broken = str(photos / "zz_broken.jpg")
     assert [f["image"] for f in info["failed"]] == [broken]
     assert f"failed: {broken} (zz_broken:0): DataFormatError" in res.output
+    # Interrupted after its first overlay, an inference leaves its --out as it was: the overlays
+    # were written into --out one by one, beside no predictions.
+    import nvsm.infer.overlay
+
+    real_overlays = nvsm.infer.overlay.render_overlays
+
+    def first_then_ctrl_c(*args, **kwargs):
+        yield next(iter(real_overlays(*args, **kwargs)))
+        raise KeyboardInterrupt
+
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(nvsm.infer.overlay, "render_overlays", first_then_ctrl_c)
+        res = runner.invoke(app, ["infer", "-m", ckpt, str(photos), "--overlays", "--out",
+                                  str(stopped)])
+    assert res.exit_code == 130 and f"interrupted: nothing was written to {stopped}" in res.output
+    assert list(stopped.iterdir()) == [] and sorted(tmp_path.glob(".stopped*")) == []
     # When no image can be read the command fails (it exited 0, the reasons only in the CSV).
     junk = tmp_path / "junk"
     junk.mkdir()

@@ -90,6 +90,7 @@ from nvsm.io import (
     atomic_write_json,
     atomic_write_text,
     check_output_folder,
+    move_entries,
     staging_folder,
 )
 from nvsm.mesh import write_off
@@ -459,10 +460,7 @@ def _move_into_place(build: Path, out: Path, overwrite: bool) -> None:
     for name in _OWNED:
         if (out / name).is_dir():
             shutil.rmtree(out / name)
-    for entry in sorted(build.iterdir()):
-        if entry.name != MANIFEST_NAME:
-            entry.rename(out / entry.name)
-    (build / MANIFEST_NAME).rename(out / MANIFEST_NAME)
+    move_entries(build, out, last=MANIFEST_NAME)
     build.rmdir()
 
 
@@ -723,7 +721,7 @@ def synth_command(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from nvsm.runtime import exit_with_error
+    from nvsm.runtime import exit_interrupted, exit_with_error
 
     size: str | dict[str, tuple[int, int]] = "tiny" if tiny else "default"
     categories = categories or ["car", "aeroplane", "chair"]
@@ -754,7 +752,7 @@ def synth_command(
     except (ValueError, FileExistsError, FileNotFoundError) as exc:
         exit_with_error(console, str(exc), 2)
     except KeyboardInterrupt:  # the dataset is built aside and moved into place whole
-        exit_with_error(console, f"interrupted: nothing was written to {out}", 130)
+        exit_interrupted(console, out)
     for cat, c in summary.counts.items():
         console.print(f"{cat}: {c['train']} train, {c['val']} val, "
                       f"{summary.cad_models[cat]} CAD models")

@@ -34,7 +34,14 @@ import numpy as np
 import torch
 
 from nvsm.infer.evaluate import Predictions
-from nvsm.io import atomic_open, atomic_write_bytes, atomic_write_json, check_output_folder
+from nvsm.io import (
+    atomic_open,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_output_folder,
+    move_entries,
+    staging_folder,
+)
 from nvsm.pose.camera import bbox_crop
 from nvsm.pose.convention import PASCAL3D_VIEWPORT, pose_from_rotation, rotation_matrix
 from nvsm.train.cropset import CropSet
@@ -390,55 +397,61 @@ def run_inference(
             )
             parts.append(InferencePart(data, [str(r.image_path) for r in recs], {}, infer_category))
         protocol, source = config.data.crop_protocol, f"{config.data.dataset}:{split}"
-    rows: list[Row] = []
-    n_overlays = 0
-    for part in parts:
-        preds = predict(
-            model,
-            part.data,
-            sched,
-            config.infer.batch_size,
-            device,
-            rasterizer,
-            show_progress,
-            infer_category=part.infer_category,
-        )
-        preds = mark_failed(preds, part.failed)
-        part_rows = prediction_rows(part.data, preds, part.images)
-        if overlays:
-            pictures = render_overlays(
-                model, part.data, preds, device, rasterizer, config.infer.batch_size
+    # Everything is written aside and moved into OUT at the end, so that an error or Ctrl-C
+    # part way (overlays are written image by image) leaves OUT as it was.
+    with staging_folder(out) as tmp:
+        staged = tmp / "out"
+        staged.mkdir()
+        rows: list[Row] = []
+        n_overlays = 0
+        for part in parts:
+            preds = predict(
+                model,
+                part.data,
+                sched,
+                config.infer.batch_size,
+                device,
+                rasterizer,
+                show_progress,
+                infer_category=part.infer_category,
             )
-            for j, (row, picture) in enumerate(zip(part_rows, pictures, strict=True)):
-                if picture is None:  # a failed crop: no pose to draw
-                    continue
-                buf = io.BytesIO()
-                picture.save(buf, format="PNG")
-                name = f"{len(rows) + j:05d}_{_safe_name(row['uid'])}.png"
-                atomic_write_bytes(Path(out) / "overlays" / name, buf.getvalue())
-                n_overlays += 1
-        rows += part_rows
-    write_predictions_csv(Path(out) / "predictions.csv", rows)
-    write_predictions_jsonl(Path(out) / "predictions.jsonl", rows)
-    summary: dict[str, Any] = {
-        "checkpoint": str(checkpoint),
-        "source": source,
-        "protocol": protocol,
-        "schedule": schedule,
-        "category": "inferred" if any(p.infer_category for p in parts) else "given",
-        "images": len(rows),
-        "failures": sum(bool(r["error"]) for r in rows),
-        "failed": [{k: r[k] for k in ("image", "uid", "error")} for r in rows if r["error"]],
-        "overlays": n_overlays,
-        "units": {"angles": "degrees", "distance": "object units", "score": "1 - loss"},
-        "files": ["predictions.csv", "predictions.jsonl"],
-    }
-    if paths:
-        summary["assumption"] = (
-            "one roughly centred object per image: the whole image is the object's box (bbox "
-            f"protocol, fill 0.8) and the focal length is {ASSUMED_FOCAL_PX:g} px"
-        )
-    atomic_write_json(Path(out) / "infer_info.json", summary)
+            preds = mark_failed(preds, part.failed)
+            part_rows = prediction_rows(part.data, preds, part.images)
+            if overlays:
+                pictures = render_overlays(
+                    model, part.data, preds, device, rasterizer, config.infer.batch_size
+                )
+                for j, (row, picture) in enumerate(zip(part_rows, pictures, strict=True)):
+                    if picture is None:  # a failed crop: no pose to draw
+                        continue
+                    buf = io.BytesIO()
+                    picture.save(buf, format="PNG")
+                    name = f"{len(rows) + j:05d}_{_safe_name(row['uid'])}.png"
+                    atomic_write_bytes(staged / "overlays" / name, buf.getvalue())
+                    n_overlays += 1
+            rows += part_rows
+        write_predictions_csv(staged / "predictions.csv", rows)
+        write_predictions_jsonl(staged / "predictions.jsonl", rows)
+        summary: dict[str, Any] = {
+            "checkpoint": str(checkpoint),
+            "source": source,
+            "protocol": protocol,
+            "schedule": schedule,
+            "category": "inferred" if any(p.infer_category for p in parts) else "given",
+            "images": len(rows),
+            "failures": sum(bool(r["error"]) for r in rows),
+            "failed": [{k: r[k] for k in ("image", "uid", "error")} for r in rows if r["error"]],
+            "overlays": n_overlays,
+            "units": {"angles": "degrees", "distance": "object units", "score": "1 - loss"},
+            "files": ["predictions.csv", "predictions.jsonl"],
+        }
+        if paths:
+            summary["assumption"] = (
+                "one roughly centred object per image: the whole image is the object's box (bbox "
+                f"protocol, fill 0.8) and the focal length is {ASSUMED_FOCAL_PX:g} px"
+            )
+        atomic_write_json(staged / "infer_info.json", summary)
+        move_entries(staged, out, last="infer_info.json")
     return summary
 
 
