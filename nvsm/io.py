@@ -105,19 +105,22 @@ def git_commit(cwd: str | os.PathLike[str] | None = None) -> str | None:
     return sha + ("+dirty" if dirty else "")
 
 
+def run_record(config: dict[str, Any], seed: int) -> dict[str, Any]:
+    """What a run needs to be reproduced: resolved config, seed, package versions, git commit
+    and command line."""
+    return {
+        "config": config,
+        "seed": seed,
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "argv": sys.argv,
+    }
+
+
 def write_run_info(run_dir: str | os.PathLike[str], config: dict[str, Any], seed: int) -> Path:
-    """Record what a run needs to be reproduced: resolved config, seed, versions, git commit."""
+    """Write ``run_record`` to RUN/run_info.json."""
     path = Path(run_dir) / "run_info.json"
-    atomic_write_json(
-        path,
-        {
-            "config": config,
-            "seed": seed,
-            "versions": package_versions(),
-            "git_commit": git_commit(),
-            "argv": sys.argv,
-        },
-    )
+    atomic_write_json(path, run_record(config, seed))
     return path
 
 

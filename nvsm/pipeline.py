@@ -420,7 +420,7 @@ def evaluate_checkpoint(
     OUT/metrics.json, which must not exist yet, with ``out``; without it nothing is written.
     """
     from nvsm.infer.evaluate import resolve_schedule
-    from nvsm.io import atomic_write_json, check_output_folder
+    from nvsm.io import atomic_write_json, check_output_folder, run_record
     from nvsm.train.model import NeMoModel
 
     resolve_schedule(schedule)  # before the cropping
@@ -450,5 +450,8 @@ def evaluate_checkpoint(
         subset = "unseen-azimuth"
     metrics = {"subset": subset, **evaluate_model(model, config, test, schedule, device)}
     if out is not None:
-        atomic_write_json(Path(out) / "metrics.json", metrics)
+        # The record goes inside metrics.json: --out may be a train run's folder (one evaluated
+        # with --no-evaluate), whose run_info.json is the training's.
+        record = {"checkpoint": str(checkpoint), **run_record(config_to_dict(config), config.seed)}
+        atomic_write_json(Path(out) / "metrics.json", {**metrics, "run": record})
     return metrics

@@ -65,7 +65,7 @@ def exit_with_error(console: Console, message: str, code: int) -> NoReturn:
     raise typer.Exit(code)
 
 
-def exit_interrupted(console: Console, out: object = None) -> NoReturn:
+def exit_interrupted(console: Console, out: os.PathLike[str] | None = None) -> NoReturn:
     """Ctrl-C in a command that writes only at its end (or aside, moved into place whole): say
     that nothing was written (to ``out``, when it has one) and exit 130, the shell's code for an
     interrupt."""

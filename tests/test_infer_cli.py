@@ -392,6 +392,9 @@ def test_infer_end_to_end(tiny_synthetic, tmp_path):
     info = json.loads((out / "infer_info.json").read_text())
     assert info["protocol"] == "bbox" and info["category"] == "inferred" and info["failures"] == 1
     assert info["overlays"] == 2
+    # The resolved config, seed, package versions, commit and command line, as a run records.
+    assert info["run"]["config"]["data"]["crop_size"] == [64, 120] and info["run"]["seed"] == 0
+    assert info["run"]["versions"]["torch"] and "git_commit" in info["run"]
     broken = str(photos / "zz_broken.jpg")
     assert [f["image"] for f in info["failed"]] == [broken]
     assert f"failed: {broken} (zz_broken:0): DataFormatError" in res.output
@@ -440,6 +443,8 @@ def test_infer_end_to_end(tiny_synthetic, tmp_path):
     assert res.exit_code == 0, res.output
     ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert ev["subset"] == "unseen-azimuth" and ev["pooled"]["L0"]["n"] == 3
+    assert ev["run"]["checkpoint"] == ckpt and ev["run"]["config"]["data"]["crop_scale"] == 0.2
+    assert ev["run"]["versions"]["torch"] and "git_commit" in ev["run"]
     # Evaluating into a folder with a metrics.json is refused (it replaced a train run's).
     res = runner.invoke(app, ["evaluate", "-m", ckpt, "--out", str(tmp_path / "ev")])
     assert res.exit_code == 2 and f"{tmp_path / 'ev' / 'metrics.json'} exists already" in res.output

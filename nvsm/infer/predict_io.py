@@ -40,6 +40,7 @@ from nvsm.io import (
     atomic_write_json,
     check_output_folder,
     move_entries,
+    run_record,
     staging_folder,
 )
 from nvsm.pose.camera import bbox_crop
@@ -342,7 +343,7 @@ def run_inference(
     Returns:
         summary dict (the content of infer_info.json).
     """
-    from nvsm.config import override_config
+    from nvsm.config import config_to_dict, override_config
     from nvsm.infer.evaluate import predict, resolve_schedule
     from nvsm.infer.overlay import render_overlays
     from nvsm.pipeline import check_run_config, load_splits
@@ -444,6 +445,7 @@ def run_inference(
             "overlays": n_overlays,
             "units": {"angles": "degrees", "distance": "object units", "score": "1 - loss"},
             "files": ["predictions.csv", "predictions.jsonl"],
+            "run": run_record(config_to_dict(config), config.seed),
         }
         if paths:
             summary["assumption"] = (
