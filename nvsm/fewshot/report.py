@@ -383,13 +383,14 @@ def _round_figure(labels: Sequence[PseudoLabel]) -> str:
 
 def _accuracy_figure(series: dict[str, tuple[list[int], list[float]]]) -> str:
     """PNG data URI of the accuracy-per-round lines (percent)."""
-    fig = Figure(figsize=(6.5, 3.0), layout="constrained")
+    fig = Figure(figsize=(8.0, 3.0), layout="constrained")
     ax = fig.subplots()
     for name, (xs, ys) in series.items():
         ax.plot(xs, [100 * y for y in ys], marker="o", label=name)
     rounds = sorted({x for xs, _ in series.values() for x in xs})
     ax.set(xlabel="round", ylabel="%", ylim=(0, 100), xticks=rounds, title="accuracy per round")
-    ax.legend(fontsize=8)
+    # Beside the axes: inside, it hid the lines it names (every corner holds some accuracy).
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _png_uri(fig)
 
 
