@@ -176,3 +176,18 @@ def test_the_examples_are_found() -> None:
     assert {Path(shlex.split(c)[1]).stem for c in BENCHMARK_COMMANDS} >= {
         "bench_fewshot", "bench_inference", "bench_malloc", "bench_memory_format", "bench_render",
         "fewshot_draws", "flip_diagnostics", "pseudo_label_controls"}
+
+
+def _heading_anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation but hyphens dropped, spaces to
+    hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_links_within_the_page_lead_somewhere():
+    text = README.read_text()
+    targets = {_heading_anchor(h) for h in re.findall(r"^#+ (.*)$", text, re.M)}
+    targets |= set(re.findall(r'<a id="([^"]+)"></a>', text))
+    links = re.findall(r"\]\(#([^)]+)\)", text)
+    assert len(links) > 30  # the contents and the measured section's index
+    assert sorted(set(links) - targets) == []
