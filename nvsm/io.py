@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
@@ -177,3 +177,27 @@ def move_entries(staged: str | os.PathLike[str], folder: str | os.PathLike[str],
     entries = sorted(staged.iterdir(), key=lambda p: (p.name == last, p.name))
     for entry in entries:
         entry.rename(folder / entry.name)
+
+
+@contextmanager
+def staged_writes(folder: str | os.PathLike[str], last: str | None = None) -> Iterator[Path]:
+    """A hidden folder inside ``folder`` (made if missing) to write a command's outputs into;
+    on leaving without an error they move into ``folder`` (``move_entries``, ``last`` last).
+    On an error or Ctrl-C they are removed, and so is ``folder`` if this made it, so that a
+    command that stops part way leaves ``folder`` as it was. Inside, not beside: renames stay
+    on ``folder``'s file system even when it is a mount point."""
+    folder = Path(folder)
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder))
+    try:
+        yield staging
+        move_entries(staging, folder, last)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if made:
+            with suppress(OSError):  # only if still empty: nothing but this wrote into it
+                folder.rmdir()
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -412,10 +412,12 @@ def test_infer_end_to_end(tiny_synthetic, tmp_path):
     stopped.mkdir()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(nvsm.infer.overlay, "render_overlays", first_then_ctrl_c)
-        res = runner.invoke(app, ["infer", "-m", ckpt, str(photos), "--overlays", "--out",
-                                  str(stopped)])
-    assert res.exit_code == 130 and f"interrupted: nothing was written to {stopped}" in res.output
-    assert list(stopped.iterdir()) == [] and sorted(tmp_path.glob(".stopped*")) == []
+        for target in (stopped, tmp_path / "new"):  # one there before, one the command makes
+            res = runner.invoke(app, ["infer", "-m", ckpt, str(photos), "--overlays", "--out",
+                                      str(target)])
+            assert res.exit_code == 130, res.output
+            assert f"interrupted: nothing was written to {target}" in res.output
+    assert list(stopped.iterdir()) == [] and not (tmp_path / "new").exists()
     # When no image can be read the command fails (it exited 0, the reasons only in the CSV).
     junk = tmp_path / "junk"
     junk.mkdir()

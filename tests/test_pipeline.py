@@ -1,4 +1,5 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,6 +55,33 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
     os.umask(umask)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~umask
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_staged_writes_move_in_whole_or_not_at_all(tmp_path, monkeypatch):
+    from nvsm.io import staged_writes
+
+    moved = []
+    real_rename = Path.rename
+    monkeypatch.setattr(Path, "rename", lambda p, t: moved.append(p.name) or real_rename(p, t))
+    out = tmp_path / "out"
+    with staged_writes(out, last="info.json") as staged:
+        for name in ("info.json", "b.csv", "a.csv"):
+            (staged / name).write_text(name)
+        (staged / "pictures").mkdir()
+        (staged / "pictures" / "0.png").write_bytes(b"png")
+        assert list(out.iterdir()) == [staged]  # nothing in place before the end
+    assert moved == ["a.csv", "b.csv", "pictures", "info.json"]  # the named one last
+    assert sorted(p.name for p in out.iterdir()) == ["a.csv", "b.csv", "info.json", "pictures"]
+    assert (out / "pictures" / "0.png").read_bytes() == b"png"
+    # An error part way: a folder that was there keeps what it had; one it made is removed.
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "mine.txt").write_text("mine")
+    for target in (tmp_path / "kept", tmp_path / "new"):
+        with pytest.raises(KeyboardInterrupt), staged_writes(target) as staged:
+            (staged / "half.csv").write_text("half")
+            raise KeyboardInterrupt
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["mine.txt"]
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_device_this_machine_lacks_is_named_before_any_work(monkeypatch):

@@ -39,9 +39,8 @@ from nvsm.io import (
     atomic_write_bytes,
     atomic_write_json,
     check_output_folder,
-    move_entries,
     run_record,
-    staging_folder,
+    staged_writes,
 )
 from nvsm.pose.camera import bbox_crop
 from nvsm.pose.convention import PASCAL3D_VIEWPORT, pose_from_rotation, rotation_matrix
@@ -398,11 +397,9 @@ def run_inference(
             )
             parts.append(InferencePart(data, [str(r.image_path) for r in recs], {}, infer_category))
         protocol, source = config.data.crop_protocol, f"{config.data.dataset}:{split}"
-    # Everything is written aside and moved into OUT at the end, so that an error or Ctrl-C
-    # part way (overlays are written image by image) leaves OUT as it was.
-    with staging_folder(out) as tmp:
-        staged = tmp / "out"
-        staged.mkdir()
+    # Written aside and moved into OUT at the end, so that an error or Ctrl-C part way
+    # (overlays are written image by image) leaves OUT as it was.
+    with staged_writes(out, last="infer_info.json") as staged:
         rows: list[Row] = []
         n_overlays = 0
         for part in parts:
@@ -453,7 +450,6 @@ def run_inference(
                 f"protocol, fill 0.8) and the focal length is {ASSUMED_FOCAL_PX:g} px"
             )
         atomic_write_json(staged / "infer_info.json", summary)
-        move_entries(staged, out, last="infer_info.json")
     return summary
 
 
