@@ -79,6 +79,41 @@ def test_template_search_and_refinement_recover_known_pose():
     assert (pred.loss <= pred.hypothesis_loss.min(1).values + 1e-6).all()
 
 
+def test_the_solver_follows_the_feature_maps_device(monkeypatch):
+    # No GPU here: the "meta" device stands in for one. The crop set hands in its cameras and
+    # starting distances on the CPU; the solver made its best-loss buffer there too, so on a GPU
+    # every image failed (a 180° error each). Rendering is stubbed (the rasteriser needs data).
+    from types import SimpleNamespace
+
+    import nvsm.infer.solve as solve
+    from nvsm.infer import TemplateBank
+
+    dev = torch.device("meta")
+
+    def render_on_meta(mesh, vertex_features, a, e, t, d, k, size, rasterizer=None):
+        assert {x.device for x in (vertex_features, a, e, t, d, k)} == {dev}
+        pose_term = (a + e + t + d).sum() * 0  # keeps the loss differentiable in the pose
+        features = vertex_features.new_zeros(len(a), vertex_features.shape[1], *size) + pose_term
+        return SimpleNamespace(features=features, mask=torch.ones(len(a), *size, device=dev) > 0)
+
+    mesh, feats, clutter, k = _scene()
+    schedule = InferenceSchedule(top_k=2, steps=3)  # tolerance 0: nothing read back to the host
+    bank = render_templates(mesh, feats, schedule, SIZE, 8)
+    monkeypatch.setattr(solve, "render_pose", render_on_meta)
+    pred = estimate_poses(
+        torch.empty(2, feats.shape[1], *SIZE, device=dev),
+        k,
+        torch.tensor([5.0, 5.0]),
+        mesh,
+        feats.to(dev),
+        clutter.to(dev),
+        TemplateBank(bank.poses.to(dev), bank.features.to(dev), bank.masks.to(dev)),
+        schedule,
+    )
+    assert pred.poses.device == dev and pred.poses.shape == (2, 4)
+    assert pred.hypothesis_loss.device == dev and pred.hypothesis_loss.shape == (2, 2)
+
+
 def test_flip_margin_is_the_loss_difference_to_the_half_turn():
     mesh, feats, clutter, k = _scene()
     gt = torch.tensor([[1.0, 0.3, 0.1, 5.0], [4.0, 0.1, -0.05, 5.3], [2.0, 0.2, 0.0, 5.0]])

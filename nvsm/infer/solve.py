@@ -39,8 +39,9 @@ class InferenceSchedule:
         elevations_deg, thetas_deg: template elevations and in-plane rotations (degrees).
         top_k: hypotheses refined per image.
         steps: Adam steps; lr, betas: Adam; lr decays ×``lr_decay`` every ``lr_decay_every``.
-        tolerance: stop early once no hypothesis' loss improved by more than this over
-            ``patience`` steps (0 disables early stopping).
+        tolerance: stop early after ``patience`` steps in a row in none of which a
+            hypothesis' loss fell more than this below its best so far (a loss falling by less
+            each step stops too; 0 disables early stopping).
     """
 
     n_azimuth: int = 12
@@ -268,13 +269,15 @@ def refine_poses(
     """
     b, k, _ = init.shape
     _, _, h, w = feature_maps.shape
-    params = init.detach().clone().reshape(b * k, 4).requires_grad_(True)
+    # Everything follows the feature maps' device: callers hand in crop cameras and starting
+    # distances from the (CPU) crop set.
+    params = init.detach().to(feature_maps.device).reshape(b * k, 4).clone().requires_grad_(True)
     fmap = feature_maps.detach().repeat_interleave(k, dim=0)
-    kk = k_feat.to(feature_maps.dtype)
+    kk = k_feat.to(feature_maps)
     kk = kk.expand(b, 3, 3) if kk.ndim == 2 else kk
     kk = kk.repeat_interleave(k, dim=0)
     best = params.detach().clone()
-    best_loss = torch.full((b * k,), math.inf, dtype=feature_maps.dtype)
+    best_loss = torch.full_like(params[:, 0].detach(), math.inf)
 
     def render_loss(p: torch.Tensor) -> torch.Tensor:
         out = render_pose(
@@ -292,12 +295,15 @@ def refine_poses(
     for _ in range(schedule.steps):
         loss = render_loss(params)
         with torch.no_grad():
-            # Keep the best pose seen; only improvements above the tolerance reset patience.
+            # Keep the best pose seen; a step that improves no hypothesis' best loss by more
+            # than the tolerance counts towards patience (reading it back waits for the device,
+            # so only when early stopping is on).
             better = loss < best_loss
-            significant = bool((loss < best_loss - schedule.tolerance).any())
+            if schedule.tolerance > 0:
+                significant = bool((loss < best_loss - schedule.tolerance).any())
+                stale = 0 if significant else stale + 1
             best = torch.where(better[:, None], params.detach(), best)
             best_loss = torch.where(better, loss.detach(), best_loss)
-        stale = 0 if significant else stale + 1
         if schedule.tolerance > 0 and stale >= schedule.patience:
             break
         opt.zero_grad(set_to_none=True)
@@ -328,13 +334,13 @@ def estimate_poses(
     top = torch.topk(-scores, k=min(schedule.top_k, scores.shape[1]), dim=1).indices  # (B, k)
     init_rot = templates.poses[top]  # (B, k, 3)
     init = torch.cat(
-        [init_rot, init_distance.to(init_rot.dtype)[:, None, None].expand(*top.shape, 1)], dim=-1
+        [init_rot, init_distance.to(init_rot)[:, None, None].expand(*top.shape, 1)], dim=-1
     )
     hyp, hyp_loss = refine_poses(
         feature_maps, init, mesh, vertex_features, clutter, k_feat, schedule, rasterizer
     )
     best = hyp_loss.argmin(1)
-    poses = hyp[torch.arange(len(best)), best]
+    poses = hyp[torch.arange(len(best), device=best.device), best]
     poses = torch.cat([torch.remainder(poses[:, :1], 2 * math.pi), poses[:, 1:]], dim=1)
     return PosePrediction(
         poses=poses, loss=hyp_loss.min(1).values, hypotheses=hyp, hypothesis_loss=hyp_loss

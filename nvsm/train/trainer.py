@@ -202,8 +202,10 @@ class NeMoTrainer:
         ix = torch.floor(vpx[..., 0] + 0.5).long()
         iy = torch.floor(vpx[..., 1] + 0.5).long()
         inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
-        under = occluded[torch.arange(len(ix))[:, None], iy.clamp(0, h - 1), ix.clamp(0, w - 1)]
-        visible = visible & inside & ~under.to(self.device)
+        # The cell indices are on the model's device; a CPU mask indexed by them fails on a GPU.
+        rows = torch.arange(len(ix), device=self.device)[:, None]
+        under = occluded.to(self.device)[rows, iy.clamp(0, h - 1), ix.clamp(0, w - 1)]
+        visible = visible & inside & ~under
         feats = sample_vertex_features(fmap, vpx, visible, mode=cfg.sample_mode)
         # Clutter comes from outside the rendered cuboid silhouette (dilated by one cell).
         with torch.no_grad():
