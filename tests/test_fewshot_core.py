@@ -438,6 +438,15 @@ def test_faiss_matches_brute_force() -> None:
         views, masks, targets, 3
     )
     assert lossy_v.shape == (15, 3)
+    # A chunk of views without a usable pixel (all holes) scores -inf / -1, as the torch
+    # matcher does (encoding no view raised a reshape error).
+    holes = torch.zeros_like(masks)
+    want = torch_m.search(views, holes, targets, 3, clutter=clutter)
+    assert bool((want[1] == -1).all())
+    for m in (flat, ivf, pca, full):
+        for c in (None, clutter):
+            got = m.search(views, holes, targets, 3, clutter=c)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     exact_lin = nvsm_similarity(views, masks, targets).gather(1, lossy_i)
     assert torch.allclose(lossy_v, exact_lin, atol=1e-5)
     # Build once, stream targets in chunks.

@@ -123,8 +123,8 @@ class PreparedViews:
     def encoded(self, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
         """(M', D·Ps) u_m = vec(1_Ω V̂_m) / A_m of the selected views (a new tensor; zero
         rows for empty views)."""
-        f = self.features[rows]
-        return f.reshape(f.shape[0], -1) / self.areas[rows].clamp(min=1)[:, None]
+        f = self.features[rows].flatten(1)  # (reshape(n, -1) is ambiguous with no rows)
+        return f / self.areas[rows].clamp(min=1)[:, None]
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
