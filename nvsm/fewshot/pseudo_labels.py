@@ -497,9 +497,6 @@ def apply_acceptance(
     ]
 
 
-_NUMERIC = ("min_score", "min_margin", "min_flip_margin", "top_fraction")
-
-
 @dataclass(frozen=True)
 class AcceptanceSchedule:
     """Acceptance rules per EM round; rounds past the last rule keep the last rule.
@@ -519,38 +516,6 @@ class AcceptanceSchedule:
         if round_index < 0:
             raise ValueError(f"round_index must be >= 0, got {round_index}")
         return self.rules[min(round_index, len(self.rules) - 1)]
-
-    @classmethod
-    def linear(
-        cls, first: AcceptanceRule, last: AcceptanceRule, num_rounds: int
-    ) -> AcceptanceSchedule:
-        """Linear loosening from ``first`` (round 0) to ``last`` (round num_rounds − 1).
-
-        Each numeric criterion is interpolated; it must be set in both rules or in neither,
-        and the boolean options and ``azimuth_bins`` must agree.
-        """
-        if num_rounds < 1:
-            raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
-        if (first.require_flip_evidence, first.per_category, first.azimuth_bins) != (
-            last.require_flip_evidence,
-            last.per_category,
-            last.azimuth_bins,
-        ):
-            raise ValueError(
-                "AcceptanceSchedule.linear: the boolean options and azimuth_bins must agree"
-            )
-        for name in _NUMERIC:
-            if (getattr(first, name) is None) != (getattr(last, name) is None):
-                raise ValueError(f"AcceptanceSchedule.linear: {name} set in only one rule")
-        rules = []
-        for r in range(num_rounds):
-            u = r / (num_rounds - 1) if num_rounds > 1 else 0.0
-            values: dict[str, Any] = {}
-            for name in _NUMERIC:
-                a, b = getattr(first, name), getattr(last, name)
-                values[name] = None if a is None else (1 - u) * a + u * b
-            rules.append(dataclasses.replace(first, **values))
-        return cls(tuple(rules))
 
 
 # --------------------------------------------------------------------------------------------
