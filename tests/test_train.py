@@ -180,3 +180,20 @@ def test_a_checkpoint_with_the_wrong_contents_is_named(tiny_synthetic, tmp_path)
     torch.save({**payload, "metadata": "[1, 2]"}, tmp_path / "list_meta.pt")
     with pytest.raises(CheckpointError, match=r"list_meta\.pt: metadata lacks the run's config"):
         NeMoModel.load(tmp_path / "list_meta.pt")
+
+
+def test_vertex_projection_follows_the_mesh_device():
+    # Training moves the mesh to the model's device and hands in the crop set's CPU poses and
+    # cameras: the projection mixed the two, so every training step failed on a GPU. No GPU
+    # here: a fake CUDA device (fake tensors carry a device and shape but no data) shows it.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from nvsm.mesh import cuboid_mesh
+    from nvsm.train.trainer import project_mesh_vertices
+
+    vertices = cuboid_mesh([-1, -1, -1], [1, 1, 1], 50).vertices
+    poses = torch.tensor([[0.3, 0.2, 0.0, 5.0], [1.0, 0.1, 0.1, 5.0]], dtype=torch.float64)
+    k = torch.tensor([[[375.0, 0, 40], [0, 375.0, 16], [0, 0, 1]]] * 2, dtype=torch.float64)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        px = project_mesh_vertices(vertices.to("cuda"), poses, k)
+    assert px.device.type == "cuda" and px.shape == (2, len(vertices), 2)

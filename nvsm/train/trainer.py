@@ -76,10 +76,12 @@ def project_mesh_vertices(
     vertices: torch.Tensor, poses: torch.Tensor, k_feat: torch.Tensor
 ) -> torch.Tensor:
     """Feature-map pixels (B, V, 2) of mesh vertices (V, 3) at poses (B, 4) = (a, e, θ, d)
-    seen through feature intrinsics k_feat (B, 3, 3); computed in float64."""
-    p = poses.to(torch.float64)
+    seen through feature intrinsics k_feat (B, 3, 3); computed in float64 on the vertices'
+    device (the crop set's poses and cameras are on the CPU)."""
+    p = poses.to(vertices.device, torch.float64)
     r_cv, t_cv = opencv_extrinsics(p[:, 0], p[:, 1], p[:, 2], p[:, 3])
-    px, _ = project_opencv(vertices.double()[None], r_cv, t_cv, k_feat.double())
+    k = k_feat.to(vertices.device, torch.float64)
+    px, _ = project_opencv(vertices.double()[None], r_cv, t_cv, k)
     return px.float()
 
 
