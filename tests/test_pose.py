@@ -116,6 +116,31 @@ def test_mirror_pose_matches_flipped_image():
     np.testing.assert_allclose(pix_m[:, 1], pix[:, 1], atol=1e-9)
 
 
+def test_angles_come_back_in_their_documented_ranges():
+    # The remainder rounded a tiny negative angle up to 2π itself (atan2 gives −2e−16 for an
+    # azimuth of 360°), and atan2 gives θ = −π for a half turn in plane.
+    for az in (2 * math.pi, -1e-17, 4 * math.pi):
+        a, _, _ = P.pose_from_rotation(P.rotation_matrix(az, 0.3, 0.1))
+        assert 0 <= a < 2 * math.pi and abs(P.wrap_angle(a - az)) < 1e-9
+    a32, _, _ = P.pose_from_rotation(P.rotation_matrix(torch.tensor(-1e-8), 0.3, 0.1).float())
+    assert 0 <= float(a32) < 2 * math.pi
+    _, _, t = P.pose_from_rotation(P.rotation_matrix(0.5, 0.3, -math.pi))
+    assert t == math.pi
+    for x in (-math.pi, 3 * math.pi, -1e-17):
+        assert -math.pi < P.wrap_angle(x) <= math.pi and 0 <= P.wrap_azimuth(x) < 2 * math.pi
+    assert float(P.wrap_azimuth(torch.tensor(-1e-8, dtype=torch.float32))) == 0.0
+    assert float(P.wrap_angle(torch.tensor(-math.pi, dtype=torch.float32))) > 0
+
+
+def test_an_integer_tensor_does_not_truncate_the_other_values():
+    # The other values took the first tensor's dtype: an int azimuth made elevation 0.5 → 0.
+    want = P.rotation_matrix(0.0, 0.5, 0.25)
+    np.testing.assert_allclose(P.rotation_matrix(torch.tensor(0), 0.5, 0.25), want, atol=1e-6)
+    np.testing.assert_allclose(
+        P.camera_centre(torch.tensor(0), 0.5, 7.9), P.camera_centre(0.0, 0.5, 7.9), atol=1e-5
+    )
+
+
 def test_rotation_error_is_clamped_and_handles_nan():
     r = P.rotation_matrix(0.3, 0.2, 0.1)
     assert P.rotation_error(r, r) == 0.0

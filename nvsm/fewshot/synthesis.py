@@ -35,7 +35,13 @@ import torch.nn.functional as F
 
 from nvsm.data.crops import gaussian_blur
 from nvsm.mesh import Mesh, facing_visibility
-from nvsm.pose.convention import camera_centre, opencv_extrinsics, project_opencv, wrap_angle
+from nvsm.pose.convention import (
+    camera_centre,
+    opencv_extrinsics,
+    project_opencv,
+    wrap_angle,
+    wrap_azimuth,
+)
 from nvsm.render import Rasterizer, default_rasterizer, render_pose
 from nvsm.train.loss import SampleMode, sample_vertex_features
 from nvsm.train.trainer import project_mesh_vertices
@@ -189,7 +195,7 @@ def canonical_pose(
     e = torch.where(over, torch.sign(e) * math.pi - e, e)
     a = torch.where(over, azimuth + math.pi, azimuth)
     t = torch.where(over, theta + math.pi, theta)
-    return torch.remainder(a, 2 * math.pi), e, wrap_angle(t)
+    return wrap_azimuth(a), e, wrap_angle(t)
 
 
 def shifted_poses(

@@ -26,7 +26,7 @@ import torch
 from nvsm.config import ScheduleName
 from nvsm.mesh import Mesh
 from nvsm.pose.camera import feature_intrinsics
-from nvsm.pose.convention import NORMALIZED_DISTANCE, PASCAL3D_VIEWPORT, intrinsics
+from nvsm.pose.convention import NORMALIZED_DISTANCE, PASCAL3D_VIEWPORT, intrinsics, wrap_azimuth
 from nvsm.render import Rasterizer, render_pose
 
 
@@ -341,7 +341,7 @@ def estimate_poses(
     )
     best = hyp_loss.argmin(1)
     poses = hyp[torch.arange(len(best), device=best.device), best]
-    poses = torch.cat([torch.remainder(poses[:, :1], 2 * math.pi), poses[:, 1:]], dim=1)
+    poses = torch.cat([wrap_azimuth(poses[:, :1]), poses[:, 1:]], dim=1)
     return PosePrediction(
         poses=poses, loss=hyp_loss.min(1).values, hypotheses=hyp, hypothesis_loss=hyp_loss
     )

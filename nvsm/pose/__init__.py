@@ -20,6 +20,7 @@ from nvsm.pose.convention import (
     project_pascal3d,
     rotation_matrix,
     wrap_angle,
+    wrap_azimuth,
 )
 from nvsm.pose.metrics import (
     PoseMetrics,
@@ -52,4 +53,5 @@ __all__ = [
     "summarize_errors",
     "weighted_mean",
     "wrap_angle",
+    "wrap_azimuth",
 ]

@@ -60,19 +60,24 @@ _FLIP_YZ = (1.0, -1.0, -1.0)
 def _to_torch(*values: ArrayLike) -> tuple[list[torch.Tensor], bool]:
     """Return the values as torch tensors and whether the caller passed any torch tensor.
 
-    Numpy/float input is computed in float64 and handed back as numpy by ``_back``.
+    Numpy/float input is computed in float64 and handed back as numpy by ``_back``. With torch
+    input, the rest follows the first floating tensor's dtype (the default dtype if none is
+    floating: an integer tensor must not truncate the other values) and the first tensor's
+    device.
     """
-    is_torch = any(isinstance(v, torch.Tensor) for v in values)
-    ref = next((v for v in values if isinstance(v, torch.Tensor)), None)
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return [torch.as_tensor(np.asarray(v, dtype=np.float64)) for v in values], False
+    floating = next((v for v in tensors if v.is_floating_point()), None)
+    dtype = floating.dtype if floating is not None else torch.get_default_dtype()
+    device = tensors[0].device
     out = []
     for v in values:
         if isinstance(v, torch.Tensor):
-            out.append(v)
-        elif ref is not None:
-            out.append(torch.as_tensor(np.asarray(v), dtype=ref.dtype, device=ref.device))
+            out.append(v if v.is_floating_point() else v.to(dtype))
         else:
-            out.append(torch.as_tensor(np.asarray(v, dtype=np.float64)))
-    return out, is_torch
+            out.append(torch.as_tensor(np.asarray(v), dtype=dtype, device=device))
+    return out, True
 
 
 def _back(x: torch.Tensor, is_torch: bool) -> Any:
@@ -207,8 +212,11 @@ def pose_from_rotation(rotation: ArrayLike) -> tuple[Any, Any, Any]:
     theta = torch.where(
         pole, torch.atan2(r[..., 1, 0], r[..., 0, 0]), torch.atan2(-r[..., 0, 2], r[..., 1, 2])
     )
-    azimuth = torch.remainder(azimuth, 2 * math.pi)
-    return _back(azimuth, is_torch), _back(elevation, is_torch), _back(theta, is_torch)
+    return (
+        _back(wrap_azimuth(azimuth), is_torch),
+        _back(elevation, is_torch),
+        _back(wrap_angle(theta), is_torch),
+    )
 
 
 def pose_from_opencv(r_cv: ArrayLike, t_cv: ArrayLike) -> tuple[Any, Any, Any, Any]:
@@ -228,13 +236,19 @@ def mirror_pose(azimuth: Array, elevation: Array, theta: Array) -> tuple[Array, 
     Valid for objects that are mirror-symmetric about their x = 0 plane (PASCAL3D+ CAD models:
     the left/right plane), with the flip taken about the column of the principal point.
     """
-    if isinstance(azimuth, torch.Tensor):
-        return torch.remainder(-azimuth, 2 * math.pi), elevation, -theta
-    return np.mod(-azimuth, 2 * math.pi), elevation, -theta
+    return wrap_azimuth(-azimuth), elevation, -theta
 
 
 def wrap_angle(x: Array) -> Array:
     """Wrap radians to (−π, π]."""
+    return math.pi - wrap_azimuth(math.pi - x)
+
+
+def wrap_azimuth(x: Array) -> Array:
+    """Wrap radians to [0, 2π). The remainder alone rounds a tiny negative angle (such as the
+    −2e−16 that 2π comes back as from atan2) up to 2π itself."""
     if isinstance(x, torch.Tensor):
-        return math.pi - torch.remainder(math.pi - x, 2 * math.pi)
-    return math.pi - np.mod(math.pi - np.asarray(x), 2 * math.pi)
+        r = torch.remainder(x, 2 * math.pi)
+        return torch.where(r >= 2 * math.pi, r - 2 * math.pi, r)
+    r = np.mod(np.asarray(x), 2 * math.pi)
+    return np.where(r >= 2 * math.pi, r - 2 * math.pi, r)

@@ -82,7 +82,9 @@ def summarize_errors(errors: np.ndarray, failures: int | None = None) -> PoseMet
 
     Args:
         errors: (N,) radians; non-finite entries are counted as failures with error π.
-        failures: number of failed images if known (defaults to non-finite or π entries).
+        failures: number of failed images if known; by default the non-finite entries. Errors
+            from ``pose_errors`` hold a failed prediction as π already, which cannot be told
+            from a true half turn: pass the count with them.
     """
     err = np.asarray(errors, dtype=np.float64).reshape(-1)
     bad = ~np.isfinite(err)
