@@ -4,6 +4,7 @@ train, evaluate. Each function is a thin composition of the library's pure parts
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,35 @@ DATA_HOME_ENV = "NVSM_DATA"
 def data_home() -> Path:
     """``$NVSM_DATA`` or ``~/.cache/nvsm``."""
     return Path(os.environ.get(DATA_HOME_ENV, "~/.cache/nvsm")).expanduser()
+
+
+#: Settings a checkpoint's network and meshes were built with: evaluating or inferring with
+#: another value would record it beside results that did not use it.
+CHECKPOINT_FIXED_KEYS = frozenset(
+    {"model.backbone", "model.backbone_weights", "model.feature_dim", "model.n_vertices"}
+)
+
+
+def checkpoint_config(model: NeMoModel, overrides: Sequence[str], checkpoint: Path) -> RunConfig:
+    """The config of ``model`` (loaded from ``checkpoint``) with ``-s`` overrides, for
+    evaluating or inferring with it. Refuses (``ValueError``, naming the key) a change of what
+    the checkpoint fixes and a category it has no mesh for (a KeyError from deep inside)."""
+    config = override_config(model.config, overrides, f"{checkpoint}: config")
+    saved = config_to_dict(model.config)
+    changed = sorted(set(config_differences(saved, config_to_dict(config))) & CHECKPOINT_FIXED_KEYS)
+    if changed:
+        section, key = changed[0].split(".")
+        raise ValueError(
+            f"{changed[0]}: {checkpoint} was trained with {saved[section][key]!r}; it cannot be "
+            "changed for evaluation or inference (train a model with it instead)"
+        )
+    missing = [c for c in config.data.categories if c not in model.meshes]
+    if missing:
+        raise ValueError(
+            f"data.categories: {checkpoint} has no mesh for {', '.join(missing)} (it has "
+            f"{', '.join(model.categories)})"
+        )
+    return config
 
 
 #: Config keys ``nvsm train --resume`` may change: more steps, another device or name.
@@ -432,7 +462,7 @@ def evaluate_checkpoint(
             raise ValueError(f"{Path(out) / 'metrics.json'} exists already: choose another "
                              "folder (--out) or delete it")
     model, _ = NeMoModel.load(checkpoint)
-    config = override_config(model.config, overrides, f"{checkpoint}: config")
+    config = checkpoint_config(model, overrides, checkpoint)
     device = check_run_config(config)
     model = model.to(device)
     splits = load_splits(config, levels)

@@ -462,6 +462,16 @@ def test_infer_end_to_end(tiny_synthetic, tmp_path):
             assert res.exit_code == 2, res.output
             assert f"cannot write into {target}: {blocker} is a file" in res.output
     assert blocker.read_text() == "x"
+    # What the checkpoint fixes cannot be overridden (it was recorded but not used), and a
+    # category without a mesh is named (a KeyError traceback).
+    for cmd in (["evaluate", "-m", ckpt], ["infer", "-m", ckpt, "--out", str(tmp_path / "o")]):
+        res = runner.invoke(app, [*cmd, "-s", "model.feature_dim=64"])
+        assert res.exit_code == 2 and "error: model.feature_dim: " in res.output, res.output
+        assert "was trained with 128; it cannot be changed" in res.output
+        res = runner.invoke(app, [*cmd, "-s", "data.categories=[aeroplane]"])
+        assert res.exit_code == 2, res.output
+        assert f"error: data.categories: {ckpt} has no mesh for aeroplane (it has car)" in res.output
+    assert not (tmp_path / "o").exists()
     res = runner.invoke(app, ["evaluate", "-m", ckpt, "--schedule", "slow"])
     assert res.exit_code == 2 and "unknown inference schedule 'slow'" in res.output
 

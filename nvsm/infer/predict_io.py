@@ -342,10 +342,10 @@ def run_inference(
     Returns:
         summary dict (the content of infer_info.json).
     """
-    from nvsm.config import config_to_dict, override_config
+    from nvsm.config import config_to_dict
     from nvsm.infer.evaluate import predict, resolve_schedule
     from nvsm.infer.overlay import render_overlays
-    from nvsm.pipeline import check_run_config, load_splits
+    from nvsm.pipeline import check_run_config, checkpoint_config, load_splits
     from nvsm.render import get_rasterizer
     from nvsm.train.cropset import build_cropset, crop_size_for
     from nvsm.train.model import NeMoModel
@@ -353,7 +353,7 @@ def run_inference(
     sched = resolve_schedule(schedule)
     _check_output_names(Path(out))
     model, _ = NeMoModel.load(checkpoint)
-    config = override_config(model.config, overrides, f"{checkpoint}: config")
+    config = checkpoint_config(model, overrides, checkpoint)
     if category is not None and category not in model.meshes:
         raise ValueError(f"category {category!r} is not in the model ({model.categories})")
     split = {"val": "test"}.get(dataset_split, dataset_split)
