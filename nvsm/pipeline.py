@@ -22,7 +22,7 @@ from nvsm.data.datasets import load_dataset
 from nvsm.data.errors import id_sample
 from nvsm.data.kitti import KITTI_N_FOLDS, KITTI_TEST_FOLD
 from nvsm.data.record import ObjectRecord
-from nvsm.data.splits import Strategy, select_labelled
+from nvsm.data.splits import FEW_SHOT_LADDER, LABELS_SETTING, Strategy, few_shot_splits
 from nvsm.mesh import Mesh, single_cuboid
 from nvsm.train import distributed as ddp
 from nvsm.train.cropset import CropSet, build_cropset
@@ -264,13 +264,13 @@ def _require_test_records(test: dict[int, list[ObjectRecord]], sources: dict[int
 def labelled_subset(
     records: list[ObjectRecord], n: int, strategy: Strategy, seed: int
 ) -> list[ObjectRecord]:
-    """The ``n`` labelled records per category chosen by the deterministic split."""
-    out = []
-    for cat in sorted({r.category for r in records}):
-        recs = [r for r in records if r.category == cat]
-        ids = set(select_labelled(recs, n, strategy, seed, tag=cat))
-        out += [r for r in recs if r.uid in ids]
-    return out
+    """The ``n`` labelled records per category of the deterministic split: the lists ``nvsm
+    data split`` writes by default, nested through the sizes of ``FEW_SHOT_LADDER`` below
+    ``n`` (so the 20 hold the 7 and the 50 the 20; each size drew on its own before)."""
+    sizes = [m for m in FEW_SHOT_LADDER if m < n] + [n]
+    splits = few_shot_splits(records, (), sizes, strategy, seed, setting=LABELS_SETTING)
+    ids = {uid for (_, size), split in splits.items() if size == n for uid in split.labelled}
+    return [r for r in records if r.uid in ids]
 
 
 def cropsets(config: RunConfig, records: list[ObjectRecord], description: str) -> CropSet:

@@ -184,3 +184,31 @@ def test_several_splits_are_written_all_or_nothing(tmp_path: Path, monkeypatch: 
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
     with pytest.raises(ValueError, match="no splits"):
         write_few_shot_splits([], out)
+
+
+def test_stratified_draws_which_bins_when_bins_outnumber_the_records() -> None:
+    # Visited in bin order, the last bins never got a record: 4 records over 8 bins all lay in
+    # the first half of the circle, whatever the seed.
+    recs = [_rec(i, 360.0 * i / 80) for i in range(80)]
+    azimuth = {r.uid: r.azimuth for r in recs}
+    used: set[int] = set()
+    for seed in range(10):
+        ids = select_labelled(recs, 4, "stratified", seed=seed, tag="car", n_bins=8)
+        bins = azimuth_bins([azimuth[k] for k in ids], 8).tolist()
+        assert len(set(bins)) == 4  # still one per bin
+        used |= set(bins)
+    assert used == set(range(8))
+
+
+def test_runs_take_the_nested_lists_of_data_split(records: list[ObjectRecord]) -> None:
+    # nvsm fewshot/train --annotations N drew each N on its own: the 20 did not hold the 7, and
+    # neither matched the lists nvsm data split writes.
+    from nvsm.pipeline import labelled_subset
+
+    lists = few_shot_splits(records, [], (7, 20, 50), "stratified", seed=0)
+    runs = {n: [r.uid for r in labelled_subset(records, n, "stratified", 0)] for n in (7, 20, 50)}
+    for n, uids in runs.items():
+        assert sorted(uids) == list(lists[("car", n)].labelled)
+    assert set(runs[7]) < set(runs[20]) < set(runs[50])
+    # The 7 are the draw of every run measured before (the anchors of the default).
+    assert sorted(runs[7]) == select_labelled(records, 7, "stratified", seed=0, tag="car")

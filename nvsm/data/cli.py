@@ -14,7 +14,12 @@ from nvsm.data.datasets import DATASET_NAMES, train_test_records
 from nvsm.data.errors import DataFormatError
 from nvsm.data.kitti import KITTI_N_FOLDS, KITTI_TEST_FOLD
 from nvsm.data.matlab import ReadResult
-from nvsm.data.splits import SPLIT_STRATEGIES, few_shot_splits, write_few_shot_splits
+from nvsm.data.splits import (
+    FEW_SHOT_LADDER,
+    SPLIT_STRATEGIES,
+    few_shot_splits,
+    write_few_shot_splits,
+)
 from nvsm.data.synth import synth_command
 from nvsm.data.verify import check_dataset_root, verify_dataset
 from nvsm.io import check_output_folder
@@ -96,7 +101,7 @@ def split(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
     annotations: Annotated[str, typer.Option(
         "--annotations", "-n", help="Labelled-set sizes: '--annotations 7 20 50' or '7,20,50'.")
-    ] = "7,20,50",
+    ] = ",".join(map(str, FEW_SHOT_LADDER)),
     seed: Annotated[int, typer.Option("--seed", help="Seed of the PCG64 stream.")] = 0,
     strategy: Annotated[str, typer.Option(
         "--strategy", help=f"One of: {', '.join(SPLIT_STRATEGIES)}.")] = "stratified",

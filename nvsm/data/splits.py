@@ -12,7 +12,11 @@ set. Strategies:
 * ``random``: N draws without replacement.
 * ``stratified``: azimuth split into ``n_bins`` equal bins (default N) centred on
   k·360°/n_bins (so 0° = front views get their own bin); one record is drawn from each bin that
-  does not hold a labelled record yet; if bins are empty the remainder is drawn at random.
+  does not hold a labelled record yet (when there are more such bins than records still to
+  draw, which bins get one is drawn too); if bins are empty the remainder is drawn at random.
+
+``nvsm fewshot`` and ``nvsm train`` take their N labelled records from the same nested chain as
+``nvsm data split``'s default lists: through the sizes of ``FEW_SHOT_LADDER`` below N, then N.
 
 Unseen-azimuth split (NeMo ``create_vp_limited_list.py``): 8 bins of 45° starting at 0° with mask
 ``TFFTTFFT`` (T = seen: train on [0, 45), [135, 225), [315, 360); test on the F bins). Bounds are
@@ -39,6 +43,8 @@ from nvsm.data.record import ObjectRecord
 from nvsm.io import atomic_write_text, check_output_folder, staging_folder
 
 __all__ = [
+    "FEW_SHOT_LADDER",
+    "LABELS_SETTING",
     "SPLIT_STRATEGIES",
     "UNSEEN_AZIMUTH_PATTERN",
     "AzimuthCoverage",
@@ -57,6 +63,10 @@ __all__ = [
 
 Strategy = Literal["random", "stratified"]
 SPLIT_STRATEGIES: tuple[str, ...] = get_args(Strategy)
+#: The papers' labelled-set sizes: ``nvsm data split``'s default lists, nested in this order.
+FEW_SHOT_LADDER = (7, 20, 50)
+#: What sets the labelled-set size of a run, named when it asks for more records than there are.
+LABELS_SETTING = "labels.annotations, the --annotations option of 'nvsm fewshot'"
 UNSEEN_AZIMUTH_PATTERN = "TFFTTFFT"
 _TWO_PI = 2 * math.pi
 
@@ -91,7 +101,7 @@ def select_labelled(
     keep: Sequence[str] = (),
     tag: str = "",
     rng: np.random.Generator | None = None,
-    setting: str = "labels.annotations, the --annotations option of 'nvsm fewshot'",
+    setting: str = LABELS_SETTING,
 ) -> list[str]:
     """Pick ``n`` labelled record ids (``uid``) from ``records``.
 
@@ -126,16 +136,20 @@ def select_labelled(
     if strategy == "stratified" and len(chosen) < n:
         bins = azimuth_bins([r.azimuth for r in recs], n_bins or n)
         covered = {int(bins[ids.index(k)]) for k in chosen}
-        for b in range(n_bins or n):
-            if len(chosen) >= n:
-                break
-            if b in covered:
-                continue
-            pool = [i for i in np.flatnonzero(bins == b) if ids[i] not in taken]
-            if pool:
-                pick = ids[pool[int(rng.integers(len(pool)))]]
-                chosen.append(pick)
-                taken.add(pick)
+        pools = {
+            b: pool
+            for b in range(n_bins or n)
+            if b not in covered
+            and (pool := [i for i in np.flatnonzero(bins == b) if ids[i] not in taken])
+        }
+        if len(pools) > n - len(chosen):
+            # Visited in bin order, the last bins never got a record whatever the seed.
+            drawn = rng.choice(len(pools), size=n - len(chosen), replace=False)
+            pools = {b: pools[b] for b in sorted(np.array(list(pools))[drawn].tolist())}
+        for pool in pools.values():
+            pick = ids[pool[int(rng.integers(len(pool)))]]
+            chosen.append(pick)
+            taken.add(pick)
     if len(chosen) < n:
         rest = [k for k in ids if k not in taken]
         extra = rng.choice(len(rest), size=n - len(chosen), replace=False)
