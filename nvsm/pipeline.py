@@ -394,6 +394,7 @@ def _train_and_evaluate(
             raise ValueError(f"cannot resume {run_dir}: {ckpt} was trained with another config, "
                              f"which differs from this run's in {diff}")
         done_steps = int(meta.get("step", 0))
+        model.config = config  # what the checkpoint saved from here on records (steps, device)
     else:
         model = build_model(
             config,

@@ -282,6 +282,14 @@ def test_train_resume_continues_step_count(tiny_synthetic, tmp_path):
     summary = json.loads((run / "train_summary.json").read_text())  # "steps" alone read as 2
     assert (summary["steps"], summary["resumed_at_step"], summary["total_steps"]) == (2, 2, 4)
     assert not torch.equal(first.banks["car"].memory, second.banks["car"].memory)
+    # The checkpoint records the config it was trained on to the end (it kept train.steps=2).
+    assert second.config.train.steps == 4
+    # Resumed once more with nothing left to do (as after Ctrl-C during the evaluation that
+    # follows training): a ZeroDivisionError traceback from the trainer's empty loss list.
+    res = runner.invoke(app, [*base, "-s", "train.steps=4", "--resume"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert (summary["steps"], summary["total_steps"], summary["final_loss"]) == (0, 4, None)
     # Resuming under another config went on with the checkpoint's model (feature_dim 16),
     # exit 0, while run_info.json recorded the new config.
     info = (run / "run_info.json").read_bytes()

@@ -383,7 +383,8 @@ class NeMoTrainer:
         return {
             "steps": steps,
             "seconds": time.perf_counter() - start,
-            "final_loss": sum(tail) / len(tail),
+            # None when no step ran: a resumed run whose checkpoint holds every step already.
+            "final_loss": sum(tail) / len(tail) if tail else None,
         }
 
     def save(self, path: Path) -> None:
