@@ -331,6 +331,20 @@ def test_occluded_bad_npz(tmp_path: Path, p3d_root: Path) -> None:
     assert {e.path.name for e in res.errors} == {"n0001.JPEG", "n0003.npz"}
 
 
+def test_occluded_npz_source_may_be_bytes(tmp_path: Path) -> None:
+    # A bytes name (numpy 'S') was accepted but read as the text "b'...'", so its PASCAL3D+
+    # annotation was not found.
+    fields = {"mask": np.zeros((2, 2)), "occluder_mask": np.zeros((2, 2)), "box": np.arange(6),
+              "occluder_box": np.zeros((0, 6))}
+    npz = tmp_path / "n0001.npz"
+    for source in (np.asarray("dir\\n0003.JPEG"), np.asarray(b"n0003.JPEG")):
+        np.savez(npz, source=source, **fields)
+        assert read_occluded_npz(npz).source == "n0003"
+    np.savez(npz, source=np.asarray(b"\xff.JPEG"), **fields)
+    with pytest.raises(DataFormatError, match="field 'source': expected a UTF-8 image name"):
+        read_occluded_npz(npz)
+
+
 @pytest.mark.parametrize(("key", "value", "field", "got"), [
     ("box", np.arange(6).reshape(2, 3), "box", "shape (2, 3)"),
     ("box", np.array([1.0, 2, np.inf, 4, 5, 6]), "box[2]", "inf"),

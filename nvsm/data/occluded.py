@@ -95,7 +95,11 @@ def read_occluded_npz(path: Path, check_masks: bool = False) -> OccludedAnnotati
                               f"{type(exc).__name__}: {exc}") from exc
     if source.dtype.kind not in "US" or source.size != 1:
         raise DataFormatError(path, "source", "the source image name (a string)", source)
-    text = str(source.reshape(()))
+    value = source.reshape(()).item()
+    try:  # a bytes name (numpy 'S') is text too; str() of it read "b'...'"
+        text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(path, "source", "a UTF-8 image name", repr(value)) from exc
     stem = Path(text.replace("\\", "/")).stem
     if not stem:
         raise DataFormatError(path, "source", "a non-empty image name", text)
