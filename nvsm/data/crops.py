@@ -68,7 +68,8 @@ def crop_camera(
     Args:
         record: the object.
         protocol: ``"gt-normalized"`` (ground-truth centre and distance; NeMo) or ``"bbox"``
-            (scale and centre from the 2D box only; its longer side fills ``fill`` of the crop).
+            (window and scale from the 2D box, which fits in ``fill`` of the crop; see
+            ``nvsm.pose.camera`` for what stays ground truth).
         size: (H, W); default ``default_crop_size(record.category)``.
         principal_xy: principal point of the original camera for ``"bbox"``; default the
             record's (px, py), the principal point of its PASCAL3D+ camera model, so the record's

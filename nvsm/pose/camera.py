@@ -10,8 +10,11 @@ Protocols (named in configs and outputs):
 * ``gt-normalized`` (NeMo's reference protocol; uses ground-truth centre and distance): the image
   is scaled so that the object looks as if it stood at ``NORMALIZED_DISTANCE`` (5) in front of a
   ``PASCAL3D_VIEWPORT`` (3000 px) camera, and the crop is centred on the projected object origin.
-* ``bbox`` (realistic): the scale comes from the 2D box only (its longer side is mapped to a fixed
-  fraction of the crop) and the crop is centred on the box centre; distance is left to estimate.
+* ``bbox``: the scale comes from the 2D box (the box, aspect kept, fits in a fixed fraction of
+  the crop) and the crop is centred on the box centre; distance is left to estimate. The camera
+  keeps the original principal point, which for PASCAL3D+ annotations is (px, py), where the
+  object's origin projects: the object's 2D centre is still ground truth (NeMo estimates no 2D
+  translation). Less is given than with ``gt-normalized``, not only the box.
 """
 
 from __future__ import annotations
@@ -140,9 +143,10 @@ def bbox_crop(
     fill: float = 0.8,
     normalized_focal: float = PASCAL3D_VIEWPORT,
 ) -> CropCamera:
-    """Realistic crop from a 2D box only: the box is centred and its aspect-corrected size fills
-    ``fill`` of the crop. ``principal_xy`` is the original camera's principal point (the image
-    centre when unknown); no ground-truth pose enters.
+    """Crop from a 2D box: the box is centred and, aspect kept, fits in ``fill`` of the crop (its
+    limiting side fills it). ``principal_xy`` is the original camera's principal point (the image
+    centre when unknown); a PASCAL3D+ annotation's (px, py) is where the object's origin
+    projects, so passing it gives the object's 2D centre (module docstring).
     """
     x0, y0, x1, y1 = bbox_xyxy
     if not (x1 > x0 and y1 > y0):
