@@ -278,10 +278,10 @@ def background_regulariser(
             f"clutter_feats must be (B, n, {bank.shape[1]}), got {tuple(clutter_feats.shape)}"
         )
     sims = clutter_feats @ bank.to(clutter_feats.dtype).mean(0)  # (B, n): mean_j c · m_j
-    if valid is None:
-        return weight * sims.mean() if sims.numel() else clutter_feats.sum() * 0.0
-    if valid.shape != sims.shape:
+    if valid is not None and valid.shape != sims.shape:
         raise ValueError(f"valid must be (B, n) = {tuple(sims.shape)}, got {tuple(valid.shape)}")
+    if valid is None or bool(valid.all()):  # the plain mean (the same float result as before)
+        return weight * sims.mean() if sims.numel() else clutter_feats.sum() * 0.0
     m = valid.to(sims.dtype)
     if float(m.sum()) == 0:
         return clutter_feats.sum() * 0.0

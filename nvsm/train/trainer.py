@@ -229,7 +229,7 @@ class NeMoTrainer:
             cfg.temperature,
             cfg.clutter_weight,
             weights,
-        ) + background_regulariser(clutter, bank.memory, cfg.regulariser_weight)
+        ) + background_regulariser(clutter, bank.memory, cfg.regulariser_weight, valid)
         return loss, {
             "feats": feats.detach(),
             "visible": visible,
