@@ -145,6 +145,34 @@ def test_near_mode_2d_trains_and_bad_mode_is_rejected(tiny_synthetic):
         NeMoTrainer(build_model(cfg, meshes), bad)
 
 
+def test_a_loss_scaler_wraps_the_step_when_mixed_precision_is_on(tiny_synthetic):
+    # On CUDA, float16 autocast ran without loss scaling (small gradients flush to zero). No GPU
+    # here: on the CPU there is no scaler, and a recording one shows how a step uses it.
+    recs = load_dataset("synthetic", tiny_synthetic, split="train").records
+    data = build_cropset(recs, crop_scale=0.2, crop_size=tuple(SIZE), show_progress=False)
+    cfg = _cfg()
+    trainer = NeMoTrainer(build_model(cfg, category_meshes(tiny_synthetic, ["car"], 200)),
+                          cfg.train, seed=0)
+    assert cfg.train.amp and not trainer.use_amp and trainer.scaler is None
+    calls = []
+
+    class RecordingScaler:
+        def scale(self, loss):
+            calls.append("scale")
+            return loss
+
+        def step(self, optimizer):
+            calls.append("step")
+            optimizer.step()
+
+        def update(self):
+            calls.append("update")
+
+    trainer.scaler = RecordingScaler()
+    trainer.fit(data, steps=2, show_progress=False)
+    assert calls == ["scale", "step", "update"] * 2
+
+
 def test_a_checkpoint_with_the_wrong_contents_is_named(tiny_synthetic, tmp_path):
     # Each of these is nvsm's own file format holding parts that do not fit the model; loading
     # used to end in torch's RuntimeError, a KeyError or an IndexError from inside.

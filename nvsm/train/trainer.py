@@ -31,6 +31,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -83,6 +84,13 @@ def project_mesh_vertices(
     k = k_feat.to(vertices.device, torch.float64)
     px, _ = project_opencv(vertices.double()[None], r_cv, t_cv, k)
     return px.float()
+
+
+def _cuda_grad_scaler() -> Any:
+    """A CUDA loss scaler (``torch.amp.GradScaler`` from torch 2.3 on, ``torch.cuda.amp``'s
+    before)."""
+    scaler = getattr(torch.amp, "GradScaler", None)
+    return scaler("cuda") if scaler is not None else torch.cuda.amp.GradScaler()
 
 
 #: Seed offset between ranks for augmentation and clutter draws (rank 0 keeps the base seed).
@@ -166,6 +174,10 @@ class NeMoTrainer:
         )
         for group in self.optimizer.param_groups:
             group["base_lr"] = group["lr"]
+        #: Mixed precision (float16 autocast) on CUDA only; its gradients need loss scaling, or
+        #: the small ones flush to zero.
+        self.use_amp = config.amp and self.device.type == "cuda"
+        self.scaler: Any = _cuda_grad_scaler() if self.use_amp else None
         # 3D neighbours are fixed per mesh; 2D ones depend on the pose (computed per batch).
         self.near = {
             cat: near_vertex_mask_3d(mesh.vertices, config.near_radius).to(self.device)
@@ -252,8 +264,7 @@ class NeMoTrainer:
         k_feat = torch.as_tensor(feature_intrinsics(k.numpy(), STRIDE))
         occ_cells = F.max_pool2d(occluded[:, None].float(), STRIDE)[:, 0] > 0.5
         images = normalize_images(images.to(self.device))
-        use_amp = self.config.amp and self.device.type == "cuda"
-        with torch.autocast(self.device.type, enabled=use_amp):
+        with torch.autocast(self.device.type, enabled=self.use_amp):
             fmap = self.net(images)
         fmap = fmap.float()
         weights = data.weights[index].to(self.device)
@@ -311,8 +322,13 @@ class NeMoTrainer:
         self._set_lr()
         total, updates = self.batch_loss(data, index)
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
+        if self.scaler is None:
+            total.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(total).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         vis_mean = self.update_banks(updates)
         loss = total.detach().clone()
         if is_initialized():
@@ -348,7 +364,7 @@ class NeMoTrainer:
         checkpoint_path: Path | None = None,
         description: str = "training",
         show_progress: bool = True,
-    ) -> dict[str, float]:
+    ) -> dict[str, float | None]:
         """Train for ``steps`` (default ``config.steps``) steps; returns ``steps`` (those of
         this call), ``seconds`` and ``final_loss`` (the mean loss of its last tenth of steps,
         steadier than the last step's, which the progress bar shows).
