@@ -372,6 +372,11 @@ def test_resume_equals_uninterrupted_run(tiny_synthetic, tiny_data, tmp_path):
     # Without resume, a folder that holds a run is refused (its later rounds would stay).
     with pytest.raises(ValueError, match="holds a run already"):
         run_fewshot(cfg1, part, data=tiny_data, show_progress=False)
+    # So is resuming it with fewer rounds than it holds: round_2 stayed beside 1-round results,
+    # and the pseudo-label export and report read it as the run's last round.
+    with pytest.raises(ValueError, match=r"with 1 round\(s\) .*it holds round 2 already; ask "
+                                         r"for at least 2"):
+        run_fewshot(cfg1, part, resume=True, data=tiny_data, show_progress=False)
     # A damaged stage file is named, with the way out; deleting the stage recomputes it.
     (part / "round_2" / "metrics.json").write_text("{truncated")
     with pytest.raises(ValueError, match=r"round_2/metrics\.json: expected a JSON object.*delete"):

@@ -690,6 +690,21 @@ def run_fewshot(
         if diff:
             raise ValueError(f"cannot resume {run_dir}: its run_info.json records another "
                              f"config, which differs from this run's in {diff}")
+    if resume:
+        # Fewer rounds than the folder holds left the later rounds beside results of fewer
+        # (the pseudo-label export and report read the last round there is).
+        held = [
+            int(p.name.removeprefix("round_"))
+            for root in (run_dir, run_dir / "self_training")
+            for p in root.glob("round_*")
+            if p.name.removeprefix("round_").isdigit() and int(p.name.removeprefix("round_")) > 0
+        ]
+        if held and max(held) > fs.rounds:
+            raise ValueError(
+                f"cannot resume {run_dir} with {fs.rounds} round(s) (fewshot.rounds, --rounds): "
+                f"it holds round {max(held)} already; ask for at least {max(held)}, or start a "
+                "new run in another folder"
+            )
     data = data or prepare_fewshot_data(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_info(run_dir, config_json, config.seed)
