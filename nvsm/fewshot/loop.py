@@ -693,17 +693,20 @@ def run_fewshot(
     if resume:
         # Fewer rounds than the folder holds left the later rounds beside results of fewer
         # (the pseudo-label export and report read the last round there is).
-        held = [
-            int(p.name.removeprefix("round_"))
-            for root in (run_dir, run_dir / "self_training")
-            for p in root.glob("round_*")
-            if p.name.removeprefix("round_").isdigit() and int(p.name.removeprefix("round_")) > 0
-        ]
-        if held and max(held) > fs.rounds:
+        held = max(
+            (
+                int(k)
+                for root in (run_dir, run_dir / "self_training")
+                for p in root.glob("round_*")
+                if (k := p.name.removeprefix("round_")).isdigit()
+            ),
+            default=0,
+        )
+        if held > fs.rounds:
             raise ValueError(
                 f"cannot resume {run_dir} with {fs.rounds} round(s) (fewshot.rounds, --rounds): "
-                f"it holds round {max(held)} already; ask for at least {max(held)}, or start a "
-                "new run in another folder"
+                f"it holds round {held} already; ask for at least {held}, or start a new run in "
+                "another folder"
             )
     data = data or prepare_fewshot_data(config)
     run_dir.mkdir(parents=True, exist_ok=True)
