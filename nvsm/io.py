@@ -153,13 +153,18 @@ def check_run_folder(folder: str | os.PathLike[str], resume: bool) -> None:
 
 @contextmanager
 def staging_folder(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """A new hidden folder beside ``target`` (``.<name>.partial-*``, on the same file system, so
-    that what is built in it can be renamed into place whole), removed on exit with whatever
-    is left in it. Build one level down (``staging / "out"``): the folder itself has
-    ``mkdtemp``'s 0700 mode, which must not become the output's."""
+    """A new hidden folder on ``target``'s file system, for building what is then renamed into
+    place whole; removed on exit with whatever is left in it. Inside ``target`` when that is a
+    folder already (``.partial-*``: it may be a mount point, which nothing can be renamed
+    onto or across), else beside it (``.<name>.partial-*``). Build one level down
+    (``staging / "out"``): the folder itself has ``mkdtemp``'s 0700 mode, which must not
+    become the output's."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    if target.is_dir():
+        staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=target))
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         yield staging
     finally:
@@ -168,8 +173,8 @@ def staging_folder(target: str | os.PathLike[str]) -> Iterator[Path]:
 
 def move_entries(staged: str | os.PathLike[str], folder: str | os.PathLike[str],
                  last: str | None = None) -> None:
-    """Rename every entry of ``staged`` into ``folder`` (made if missing; a sibling on the same
-    file system, as ``staging_folder`` makes), ``last`` after all the others, so that
+    """Rename every entry of ``staged`` into ``folder`` (made if missing; ``staged`` is on its
+    file system, as ``staging_folder`` makes it), ``last`` after all the others, so that
     ``folder`` holds ``last`` only once the rest is in place. The caller has made sure that
     ``folder`` holds none of the names."""
     staged, folder = Path(staged), Path(folder)
@@ -189,15 +194,12 @@ def staged_writes(folder: str | os.PathLike[str], last: str | None = None) -> It
     folder = Path(folder)
     made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder))
     try:
-        yield staging
-        move_entries(staging, folder, last)
+        with staging_folder(folder) as staging:
+            yield staging
+            move_entries(staging, folder, last)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
         if made:
             with suppress(OSError):  # only if still empty: nothing but this wrote into it
                 folder.rmdir()
         raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -301,7 +301,7 @@ def write_few_shot_splits(
 ) -> list[Path]:
     """Write several splits (``write_few_shot_split``) as one unit; returns their folders.
 
-    All are written into a temporary folder beside ``out_dir`` first, so that a failure leaves
+    All are written into a staging folder first (``staging_folder``), so that a failure leaves
     ``out_dir`` as it was rather than holding the splits of some categories only. A new
     ``out_dir`` is then renamed into place whole; in an existing one each split folder is
     swapped in (one it held already is replaced), after checking that no file stands in the

@@ -442,26 +442,25 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def _move_into_place(build: Path, out: Path, overwrite: bool) -> None:
-    """Move the complete dataset in ``build`` (a sibling of ``out``) to ``out`` by renames.
+    """Move the complete dataset in ``build`` (made by ``staging_folder(out)``) to ``out`` by
+    renames.
 
-    With ``overwrite`` an earlier dataset's own folders are replaced; its manifest goes first
-    and the new one comes last, so ``out`` holds a manifest only when its dataset is whole.
-    Without it, ``out`` must still be missing or empty (a concurrent run may have filled it:
-    FileExistsError)."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
+    A missing ``out`` is ``build`` renamed. Into an existing one (a mount point, perhaps) the
+    entries move one by one; with ``overwrite`` an earlier dataset's own folders are replaced,
+    its manifest going first and the new one coming last, so that ``out`` holds a manifest
+    only when its dataset is whole. Without it, ``out`` must still hold nothing but the
+    staging folder (a concurrent run may have filled it: FileExistsError)."""
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         build.rename(out)
         return
-    if not overwrite:
+    if not overwrite and any(entry != build.parent for entry in out.iterdir()):
         raise FileExistsError(f"{out} was filled while this dataset was generated")
-    (out / MANIFEST_NAME).unlink()
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
     for name in _OWNED:
         if (out / name).is_dir():
             shutil.rmtree(out / name)
     move_entries(build, out, last=MANIFEST_NAME)
-    build.rmdir()
 
 
 def generate_synthetic_dataset(
@@ -511,8 +510,8 @@ def generate_synthetic_dataset(
     _check_out(out, overwrite)
     # Every option is checked before anything is written; the photos here, not mid-render.
     bank_names = BackgroundBank.default(backgrounds, use_skimage_backgrounds, check=True).names
-    # Rendered into a hidden sibling and moved into place when complete: a failure or an
-    # interruption leaves ``out`` as it was (an earlier dataset there included).
+    # Rendered into a hidden staging folder and moved into place when complete: a failure or
+    # an interruption leaves ``out`` as it was (an earlier dataset there included).
     with staging_folder(out) as staging:
         build = staging / "out"
         n_files = _render_dataset(build, seed, backgrounds, categories, counts, image_size,
