@@ -166,7 +166,7 @@ def _choice_settings(cls: type = RunConfig, prefix: str = "") -> dict[str, tuple
     hints = typing.get_type_hints(cls, include_extras=True)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             out.update(_choice_settings(tp, f"{prefix}{f.name}."))
         elif typing.get_origin(tp) is Literal:
             out[f"{prefix}{f.name}"] = typing.get_args(tp)

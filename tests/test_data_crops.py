@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,12 +26,13 @@ CAD = np.array([[0, 0, 0], [0.5, -1.0, 0.3], [-0.5, 1.0, -0.3], [0.4, 0.9, 0.2],
 SMALL = CAD * 0.08  # stays well inside small crops
 
 
-def _rec(**kw) -> ObjectRecord:
-    base = dict(image_path="a.png", category="car", bbox=(100.3, 80.7, 230.2, 170.9),
-                azimuth=math.radians(37), elevation=math.radians(12), theta=math.radians(-8),
-                distance=9.0, px=161.37, py=122.61, focal=1.0, viewport=3000.0, cad_index=0,
-                truncated=False, occluded=False, difficult=False, occlusion_level=0,
-                source="pascal3d", image_id="a", object_index=0)
+def _rec(**kw: Any) -> ObjectRecord:
+    base: dict[str, Any] = dict(
+        image_path="a.png", category="car", bbox=(100.3, 80.7, 230.2, 170.9),
+        azimuth=math.radians(37), elevation=math.radians(12), theta=math.radians(-8),
+        distance=9.0, px=161.37, py=122.61, focal=1.0, viewport=3000.0, cad_index=0,
+        truncated=False, occluded=False, difficult=False, occlusion_level=0,
+        source="pascal3d", image_id="a", object_index=0)
     base.update(kw)
     return ObjectRecord(**base)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -63,7 +64,8 @@ def _vp(az: float = 30.0, el: float = 10.0, th: float = 5.0, d: float = 6.0, px:
             "py": py, "viewport": 3000.0, "azimuth_coarse": az, "elevation_coarse": el}
 
 
-def _obj(cls: str = "car", bbox=(5, 6, 40, 30), viewpoint: dict | None = None, cad: int = 2,
+def _obj(cls: str = "car", bbox=(5, 6, 40, 30), viewpoint: dict | np.ndarray | None = None,
+         cad: int = 2,
          **flags: int) -> dict:
     return {"class": cls, "bbox": np.array(bbox, dtype=np.float64),
             "truncated": flags.get("truncated", 0), "occluded": flags.get("occluded", 0),
@@ -221,12 +223,13 @@ def test_unknown_category_is_an_error(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- ObjectRecord
-def _record(**kw) -> ObjectRecord:
-    base = dict(image_path="a.png", category="car", bbox=(1, 2, 30, 40), azimuth=0.3,
-                elevation=0.1, theta=0.0, distance=5.0, px=10.0, py=12.0, focal=1.0,
-                viewport=3000.0, cad_index=0, truncated=False, occluded=False, difficult=False,
-                occlusion_level=0, source="pascal3d", image_id="a", object_index=0,
-                annotation_path="a.mat")
+def _record(**kw: Any) -> ObjectRecord:
+    base: dict[str, Any] = dict(
+        image_path="a.png", category="car", bbox=(1, 2, 30, 40), azimuth=0.3,
+        elevation=0.1, theta=0.0, distance=5.0, px=10.0, py=12.0, focal=1.0,
+        viewport=3000.0, cad_index=0, truncated=False, occluded=False, difficult=False,
+        occlusion_level=0, source="pascal3d", image_id="a", object_index=0,
+        annotation_path="a.mat")
     base.update(kw)
     return ObjectRecord(**base)
 
@@ -305,6 +308,7 @@ def test_occluded_reader(tmp_path: Path, p3d_root: Path) -> None:
     assert r.image_path == root / "images/carFGL1_BGL1/n0001.JPEG"
     assert r.azimuth == pytest.approx(math.radians(30)) and r.bbox == (4.0, 5.0, 39.0, 29.0)
     obj, occ = load_masks(r)
+    assert obj is not None and occ is not None
     assert obj.shape == (H, W) and obj.dtype == bool and obj[10, 10] and not obj[0, 0]
     assert occ.sum() == 100
     # the coarse-only and viewpoint-less cars of n0001 are still reported
@@ -334,8 +338,8 @@ def test_occluded_bad_npz(tmp_path: Path, p3d_root: Path) -> None:
 def test_occluded_npz_source_may_be_bytes(tmp_path: Path) -> None:
     # A bytes name (numpy 'S') was accepted but read as the text "b'...'", so its PASCAL3D+
     # annotation was not found.
-    fields = {"mask": np.zeros((2, 2)), "occluder_mask": np.zeros((2, 2)), "box": np.arange(6),
-              "occluder_box": np.zeros((0, 6))}
+    fields: dict[str, Any] = {"mask": np.zeros((2, 2)), "occluder_mask": np.zeros((2, 2)),
+                              "box": np.arange(6), "occluder_box": np.zeros((0, 6))}
     npz = tmp_path / "n0001.npz"
     for source in (np.asarray("dir\\n0003.JPEG"), np.asarray(b"n0003.JPEG")):
         np.savez(npz, source=source, **fields)
@@ -355,9 +359,9 @@ def test_occluded_npz_source_may_be_bytes(tmp_path: Path) -> None:
 ])
 def test_occluded_npz_bad_boxes(tmp_path: Path, key: str, value: np.ndarray, field: str,
                                 got: str) -> None:
-    fields = {"source": np.asarray("n0001.JPEG"), "mask": np.zeros((2, 2)),
-              "occluder_mask": np.zeros((2, 2)), "box": np.arange(6),
-              "occluder_box": np.zeros((0,)), key: value}
+    fields: dict[str, Any] = {"source": np.asarray("n0001.JPEG"), "mask": np.zeros((2, 2)),
+                              "occluder_mask": np.zeros((2, 2)), "box": np.arange(6),
+                              "occluder_box": np.zeros((0,)), key: value}
     npz = tmp_path / "n0001.npz"
     np.savez(npz, **fields)
     with pytest.raises(DataFormatError) as info:
@@ -439,7 +443,7 @@ def test_kitti_pose_reproduces_the_3d_box_exactly(car: KittiObject, units: float
     r_real = rotation_y_matrix(car.rotation_y) @ np.array([[0, -1, 0], [0, 0, -1], [1, 0, 0.0]])
     r_align = r_cv @ r_real.T
     c2 = (kitti_centre(car) + kitti_camera2_offset(P2)) * units
-    np.testing.assert_allclose(r_align @ c2, [0, 0, np.linalg.norm(c2)], atol=1e-9)
+    np.testing.assert_allclose(r_align @ c2, [0, 0, float(np.linalg.norm(c2))], atol=1e-9)
     assert abs(r_align[0, 1]) < 1e-12  # the virtual camera's x axis stays level: theta = 0
     uvw = (x_virtual @ r_align) @ P2[:, :3].T
     np.testing.assert_allclose(uvw[:, :2] / uvw[:, 2:], _project(corners), atol=1e-6)
@@ -798,7 +802,8 @@ def test_synthetic_layout_and_kitti_split(tmp_path: Path, p3d_root: Path) -> Non
     recs = load_dataset("synthetic", syn, split="val").records
     assert [(r.source, r.image_id) for r in recs] == [("synthetic", "s1")]
     assert recs[0].object_mask_path == syn / "Masks/car_imagenet/s1.png"
-    assert load_masks(recs[0])[0].all()
+    mask = load_masks(recs[0])[0]
+    assert mask is not None and mask.all()
     (syn / "CAD" / "car" / "01.off").unlink()
     assert [p.kind for p in verify_dataset("synthetic", syn)] == ["missing_file"]
 

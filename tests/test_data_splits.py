@@ -25,7 +25,7 @@ from nvsm.data.splits import (
 
 def _rec(i: int, azimuth_deg: float, category: str = "car") -> ObjectRecord:
     return ObjectRecord(
-        image_path=f"img{i}.JPEG", category=category, bbox=(1, 1, 20, 20),
+        image_path=Path(f"img{i}.JPEG"), category=category, bbox=(1, 1, 20, 20),
         azimuth=math.radians(azimuth_deg), elevation=0.1, theta=0.0, distance=5.0, px=10,
         py=10, focal=1.0, viewport=3000.0, cad_index=0, truncated=False, occluded=False,
         difficult=False, occlusion_level=0, source="pascal3d", image_id=f"n{i:04d}",

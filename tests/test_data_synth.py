@@ -58,7 +58,7 @@ def _ids(root: Path, cat: str, split: str) -> list[str]:
     return (root / "Image_sets" / f"{cat}_imagenet_{split}.txt").read_text().split()
 
 
-def _load_record(root: Path, cat: str, image_id: str) -> dict:
+def _load_record(root: Path, cat: str, image_id: str) -> np.ndarray:
     """record.objects[0] in the plain ``loadmat`` indexing PASCAL3D+ users write."""
     rec = scipy.io.loadmat(root / "Annotations" / f"{cat}_imagenet" / f"{image_id}.mat")["record"]
     return rec
@@ -84,6 +84,7 @@ def test_layout_and_mat_fields(dataset: Path) -> None:
                 assert im.format == "JPEG" and im.mode == "RGB"
                 w, h = im.size
             rec = _load_record(dataset, cat, image_id)
+            assert rec.dtype.names is not None  # a MATLAB struct: named fields
             for name in ("filename", "folder", "imgsize", "database", "objects"):
                 assert name in rec.dtype.names
             assert rec["filename"][0, 0][0] == f"{image_id}.JPEG"
@@ -282,7 +283,7 @@ def test_mirrored_pose_renders_flipped_image() -> None:
             a, e, t = rng.uniform(0, 2 * math.pi), rng.uniform(-0.2, 0.6), rng.uniform(-0.25, 0.25)
             px, py = rng.uniform(70, 90), rng.uniform(50, 70)
             mask = rasterize(mesh, ViewPose(a, e, t, 30.0, px, py), size, ras) >= 0
-            ma, me, mt = mirror_pose(np.float64(a), np.float64(e), np.float64(t))
+            ma, me, mt = mirror_pose(np.asarray(a), np.asarray(e), np.asarray(t))
             flipped = rasterize(mesh, ViewPose(float(ma), float(me), float(mt), 30.0,
                                                size[1] - 1 - px, py), size, ras) >= 0
             iou = (mask & flipped[:, ::-1]).sum() / (mask | flipped[:, ::-1]).sum()

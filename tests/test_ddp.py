@@ -36,7 +36,7 @@ from nvsm.train.distributed import (
     is_main_process,
     launched_by_torchrun,
 )
-from nvsm.train.model import build_model
+from nvsm.train.model import NeMoModel, build_model
 from nvsm.train.trainer import NeMoTrainer, all_gather_rows, rank_seed
 
 WORLD = 2
@@ -113,7 +113,12 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _bank_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    assert p.grad is not None  # a trainable parameter after a step
+    return p.grad
+
+
+def _bank_state(model: NeMoModel) -> dict[str, torch.Tensor]:
     return {
         f"{cat}.{k}": v.detach().clone()
         for cat, bank in model.banks.items()
@@ -233,7 +238,7 @@ def _step_worker(
     result = trainer.train_step(data, torch.tensor(INDEX[rank]))
     torch.save(
         {
-            "grads": {n: p.grad.clone() for n, p in _trainable(model).items()},
+            "grads": {n: _grad(p).clone() for n, p in _trainable(model).items()},
             "params": {n: p.detach().clone() for n, p in _trainable(model).items()},
             "banks": _bank_state(model),
             "loss": result.loss,

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import typer
+from typer.core import TyperGroup
 from typer.testing import CliRunner
 
 from nvsm.cli import app
@@ -87,7 +88,7 @@ def _parse(args: list[str]) -> tuple[tuple[str, ...], dict[str, Any]]:
     the parsed parameters. Raises click's usage errors (unknown option, bad value, missing
     argument) as they are."""
     command, path, rest = ROOT_COMMAND, [], list(args)
-    while getattr(command, "commands", None) and rest and rest[0] in command.commands:
+    while isinstance(command, TyperGroup) and rest and rest[0] in command.commands:
         path.append(rest[0])
         command = command.commands[rest.pop(0)]
     assert not getattr(command, "commands", None), f"no such command: {args}"

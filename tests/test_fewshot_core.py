@@ -199,7 +199,9 @@ def _textured_crop(mesh: Mesh, pose: list[float], background: float = 20.0) -> t
     return img[0].round().clamp(0, 255).to(torch.uint8)
 
 
-def _rendered_points(mesh: Mesh, pose: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _rendered_points(
+    mesh: Mesh, pose: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(H, W, 3) object point and (H, W, 3) outward normal shown at each pixel, (H, W) mask."""
     m = Mesh(mesh.vertices.double(), mesh.faces)
     data = torch.cat([m.vertices, vertex_normals(m)], 1)
@@ -471,6 +473,7 @@ def test_hubness_correction_is_csls() -> None:
     top = None
     for start in range(0, t, 4):
         top = top_scores(s[start : start + 4], k, top)
+    assert top is not None
     assert torch.equal(top, s.topk(k, dim=0).values)
     r = view_hubness(top)
     for j in (0, 11, 39):
@@ -677,7 +680,9 @@ def test_run_fewshot_refuses_bad_fewshot_options_before_any_work(tmp_path: Path)
     from nvsm.fewshot.loop import run_fewshot
 
     config = override_config(RunConfig(), ["labels.annotations=7"])
-    bad = dataclasses.replace(config, fewshot=dataclasses.replace(config.fewshot, score_area="x"))
+    # "x" is not one of score_area's choices, on purpose: run_fewshot must refuse it.
+    bad_fewshot = dataclasses.replace(config.fewshot, score_area="x")  # type: ignore[arg-type]
+    bad = dataclasses.replace(config, fewshot=bad_fewshot)
     message = "config.fewshot.score_area: expected one of silhouette | usable, got 'x'"
     with pytest.raises(ConfigError, match=re.escape(message)):
         run_fewshot(bad, tmp_path / "run")

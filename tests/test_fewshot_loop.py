@@ -17,6 +17,7 @@ from nvsm.config import ConfigError, config_differences, config_to_dict, load_co
 from nvsm.fewshot.estep import confidence_weights
 from nvsm.fewshot.loop import (
     RESUMABLE_KEYS,
+    FewShotData,
     acceptance_schedule,
     hide_poses,
     prepare_fewshot_data,
@@ -434,8 +435,9 @@ def test_unlabelled_ground_truth_not_used_for_decisions(tiny_synthetic, tiny_dat
 @pytest.mark.slow
 @pytest.mark.parametrize("init", ["continue", "restart"])
 def test_mstep_init_picks_the_starting_weights(
-    init, tiny_synthetic, tiny_data, tmp_path, monkeypatch
-):
+    init: str, tiny_synthetic: Path, tiny_data: FewShotData, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Round 2's M-step starts from round 1's model (continue) or round 0's (restart)."""
     from nvsm.fewshot import loop
 
@@ -534,7 +536,9 @@ def test_theta_shifts_are_configurable(tiny_data):
 
 
 @pytest.mark.parametrize(("sample", "chunk"), [(4096, 1024), (2, 1024), (2, 2)])
-def test_hubness_correction_in_the_matching(tiny_data, sample, chunk):
+def test_hubness_correction_in_the_matching(
+    tiny_data: FewShotData, sample: int, chunk: int
+) -> None:
     """With ``fewshot.hubness_k`` every target's candidates are ranked by s − r_m / 2, r_m taken
     over the evenly spaced sample of ``fewshot.hubness_sample`` pool images, whatever the
     target chunking: checked against the full score matrix of the same views (candidates =
@@ -664,8 +668,8 @@ def test_with_synthesized_images_appends_each_crop_at_each_shift(tiny_data):
 
 @pytest.mark.slow
 def test_image_synthesis_feeds_the_em_msteps_only(
-    tiny_synthetic, tiny_data, tmp_path, monkeypatch
-):
+    tiny_synthetic: Path, tiny_data: FewShotData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``fewshot.mstep_image_shifts_deg``: the M-steps of NVSM and self-training train on every
     image at each shift too; round 0 and ``nemo_same_steps`` train on the labels alone."""
     from nvsm.fewshot import loop

@@ -477,7 +477,7 @@ def test_infer_end_to_end(tiny_synthetic, tmp_path):
     assert res.exit_code == 2 and "unknown inference schedule 'slow'" in res.output
 
 
-def test_templates_are_cached_per_model_until_the_bank_changes():
+def test_templates_are_cached_per_model_until_the_bank_changes() -> None:
     from nvsm.infer.evaluate import category_templates
     from nvsm.infer.solve import FAST_SCHEDULE
     from nvsm.mesh import cuboid_mesh
@@ -491,6 +491,7 @@ def test_templates_are_cached_per_model_until_the_bank_changes():
 
     cfg = load_config(None, ["model.feature_dim=8", "train.clutter_size=4"])
     mesh = cuboid_mesh([-0.2, -0.5, -0.2], [0.2, 0.5, 0.2], 100)
+    # A bare module, not a FeatureBackbone, on purpose: the templates use only the banks.
     model = NeMoModel(_Backbone(), {"car": mesh}, cfg)  # type: ignore[arg-type]
     ras = get_rasterizer("torch")
     first = category_templates(model, "car", (8, 12), 1000.0, FAST_SCHEDULE, ras)

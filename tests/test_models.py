@@ -67,7 +67,12 @@ def _features_and_grads(
     out = backbone(x)
     assert out.is_contiguous()  # callers always get NCHW
     (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
-    return out.detach(), [p.grad.clone() for p in backbone.parameters() if p.requires_grad]
+    grads = []
+    for p in backbone.parameters():
+        if p.requires_grad:
+            assert p.grad is not None  # every trainable parameter gets a gradient
+            grads.append(p.grad.clone())
+    return out.detach(), grads
 
 
 @pytest.mark.parametrize("name", ["efficientnet-lite0", "resnet50-unet"])
