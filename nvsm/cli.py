@@ -16,7 +16,14 @@ from rich.table import Table
 from nvsm.cli_pseudo_labels import app as pseudo_labels_app
 from nvsm.config import RunConfig
 from nvsm.data.cli import app as data_app
-from nvsm.runtime import exit_interrupted, exit_with_error, flow_help, keep_freed_memory
+from nvsm.runtime import (
+    exit_interrupted,
+    exit_with_error,
+    flow_help,
+    interruption,
+    keep_freed_memory,
+    raise_on_sigterm,
+)
 
 app = typer.Typer(
     help="""nvsm: few-shot category-level 3D pose (Neural View Synthesis and Matching on NeMo).
@@ -51,6 +58,7 @@ console = Console()
 def _startup(ctx: typer.Context) -> None:
     # Before any command allocates: see keep_freed_memory for the page-fault cost it removes.
     keep_freed_memory()
+    raise_on_sigterm()  # a `kill` cleans up as Ctrl-C does
     # Only `train` shares its work among torchrun's processes; any other command would run in
     # full once per process, every copy writing the same files.
     world = os.environ.get("WORLD_SIZE", "1")
@@ -73,17 +81,18 @@ def _fail(message: str) -> NoReturn:
     exit_with_error(console, message, 2)
 
 
-def _interrupted(folder: Path, kept: str) -> NoReturn:
-    """Ctrl-C in a long command: say what is kept and how to go on; exit 130, the shell's code
-    for an interrupt (it exited 130 without a word)."""
+def _interrupted(exc: KeyboardInterrupt, folder: Path, kept: str) -> NoReturn:
+    """Ctrl-C or SIGTERM (``exc``) in a long command: say what is kept and how to go on; exit
+    with ``interruption``'s code (it exited 130 without a word)."""
+    word, code = interruption(exc)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
-        raise typer.Exit(130)
+        raise typer.Exit(code)
     if (folder / "run_info.json").is_file():
-        message = (f"interrupted: {folder} keeps {kept}; run the same command again with "
+        message = (f"{word}: {folder} keeps {kept}; run the same command again with "
                    "--resume to go on from there")
     else:
-        message = "interrupted before the run folder was written"
-    exit_with_error(console, message, 130)
+        message = f"{word} before the run folder was written"
+    exit_with_error(console, message, code)
 
 
 def _config(recipe: str | None, overrides: list[str] | None) -> RunConfig:
@@ -192,8 +201,8 @@ def train(
         metrics = train_and_evaluate(cfg, folder, resume=resume, evaluate=evaluate)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
-    except KeyboardInterrupt:
-        _interrupted(folder, "its last checkpoint, model.pt, if one was saved "
+    except KeyboardInterrupt as exc:
+        _interrupted(exc, folder, "its last checkpoint, model.pt, if one was saved "
                              "(every train.checkpoint_every steps)")
     if metrics is not None:
         print_metrics_table(metrics, f"{cfg.name}: test")
@@ -242,8 +251,8 @@ def evaluate(
     except ValueError as exc:
         _fail(str(exc))
         return
-    except KeyboardInterrupt:  # metrics.json is written at the end
-        exit_interrupted(console, out)
+    except KeyboardInterrupt as exc:  # metrics.json is written at the end
+        exit_interrupted(console, exc, out)
     subset = " unseen azimuths" if unseen_azimuth else ""
     print_metrics_table(metrics, f"{model}: test{subset} ({schedule})")
 
@@ -316,8 +325,8 @@ def infer(
     except (ValueError, FileNotFoundError, ConfigError) as exc:
         _fail(str(exc))
         return
-    except KeyboardInterrupt:  # the outputs are written aside and moved into place at the end
-        exit_interrupted(console, folder)
+    except KeyboardInterrupt as exc:  # the outputs are written aside, moved into place at the end
+        exit_interrupted(console, exc, folder)
     console.print(
         f"{summary['images']} image(s), {summary['failures']} failure(s), category "
         f"{summary['category']}, protocol {summary['protocol']} → {folder}/predictions.csv, "
@@ -431,8 +440,8 @@ def fewshot(
         result = run_fewshot(cfg, folder, resume=resume, log=console.print)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
-    except KeyboardInterrupt:
-        _interrupted(folder, "every complete stage")
+    except KeyboardInterrupt as exc:
+        _interrupted(exc, folder, "every complete stage")
     title = (
         f"{cfg.name}: {cfg.labels.annotations} labels ({cfg.labels.anchors}, seed {cfg.seed}), "
         f"{cfg.data.crop_protocol} test crops"

@@ -10,6 +10,8 @@ import ctypes
 import ctypes.util
 import inspect
 import os
+import signal
+import threading
 from typing import NoReturn
 
 import typer
@@ -65,12 +67,45 @@ def exit_with_error(console: Console, message: str, code: int) -> NoReturn:
     raise typer.Exit(code)
 
 
-def exit_interrupted(console: Console, out: os.PathLike[str] | None = None) -> NoReturn:
-    """Ctrl-C in a command that writes only at its end (or aside, moved into place whole): say
-    that nothing was written (to ``out``, when it has one) and exit 130, the shell's code for an
-    interrupt."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises ``KeyboardInterrupt`` (``raise_on_sigterm``), so
+    that every ``except KeyboardInterrupt`` and ``finally`` that cleans up after Ctrl-C does
+    so after a ``kill`` too."""
+
+
+def raise_on_sigterm() -> None:
+    """From now on, SIGTERM (``kill``, a container's or job scheduler's stop, torchrun
+    stopping its other workers) raises ``Terminated`` in this process. Its default action ends
+    the process at once, with no ``finally`` run, which left the hidden staging folder of
+    ``nvsm data synth`` behind. A second SIGTERM ends the process at once, as before: whoever
+    sends it asks for no more cleanup. Only from the main thread, the only one that may set
+    handlers (elsewhere: nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def terminate(signum: int, _frame: object) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, terminate)
+
+
+def interruption(exc: KeyboardInterrupt) -> tuple[str, int]:
+    """What stopped a command, in a word, and its exit code: 128 + the signal's number, the
+    shell's code for a process a signal ended (130 for Ctrl-C's SIGINT, 143 for SIGTERM)."""
+    if isinstance(exc, Terminated):
+        return "terminated", 128 + signal.SIGTERM
+    return "interrupted", 128 + signal.SIGINT
+
+
+def exit_interrupted(console: Console, exc: KeyboardInterrupt,
+                     out: os.PathLike[str] | None = None) -> NoReturn:
+    """Ctrl-C or SIGTERM (``exc``) in a command that writes only at its end (or aside, moved
+    into place whole): say that nothing was written (to ``out``, when it has one) and exit
+    with ``interruption``'s code."""
+    word, code = interruption(exc)
     where = f" to {out}" if out is not None else ""
-    exit_with_error(console, f"interrupted: nothing was written{where}", 130)
+    exit_with_error(console, f"{word}: nothing was written{where}", code)
 
 
 def flowing_help(text: str) -> str:

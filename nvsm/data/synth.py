@@ -750,8 +750,8 @@ def synth_command(
                 bar.stop()
     except (ValueError, FileExistsError, FileNotFoundError) as exc:
         exit_with_error(console, str(exc), 2)
-    except KeyboardInterrupt:  # the dataset is built aside and moved into place whole
-        exit_interrupted(console, out)
+    except KeyboardInterrupt as exc:  # the dataset is built aside and moved into place whole
+        exit_interrupted(console, exc, out)
     for cat, c in summary.counts.items():
         console.print(f"{cat}: {c['train']} train, {c['val']} val, "
                       f"{summary.cad_models[cat]} CAD models")
