@@ -274,7 +274,9 @@ def labelled_subset(
 
 
 def cropsets(config: RunConfig, records: list[ObjectRecord], description: str) -> CropSet:
-    """Crops of records of possibly several categories (one crop size per category)."""
+    """Crops of records of possibly several categories (one crop size per category), held on
+    disk (``build_cropset(on_disk=True)``): a dataset's crops, the unlabelled pool's above all,
+    need not fit in memory."""
     size = config.data.crop_hw()
     parts = []
     for cat in sorted({r.category for r in records}):
@@ -286,6 +288,7 @@ def cropsets(config: RunConfig, records: list[ObjectRecord], description: str) -
                 config.data.crop_scale,
                 size,
                 f"{description} ({cat})",
+                on_disk=True,
             )
         )
     return CropSet.concat(parts)

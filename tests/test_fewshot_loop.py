@@ -129,10 +129,10 @@ def test_diagnostics_and_csv_agree_with_jsonl():
 
 
 def test_hide_poses():
-    from nvsm.train.cropset import CropSet
+    from nvsm.train.cropset import CropImages, CropSet
 
     data = CropSet(
-        images=torch.zeros(2, 3, 8, 8, dtype=torch.uint8),
+        images=CropImages.of(torch.zeros(2, 3, 8, 8, dtype=torch.uint8)),
         k=torch.eye(3, dtype=torch.float64).expand(2, 3, 3).clone(),
         poses=torch.ones(2, 4, dtype=torch.float64),
         weights=torch.ones(2),
@@ -651,7 +651,7 @@ def test_with_synthesized_images_appends_each_crop_at_each_shift(tiny_data):
     rasterizer = get_rasterizer("torch", "cpu")
     out = with_synthesized_images(crops, tiny_data.meshes, [-30.0, 30.0], rasterizer, chunk=2)
     assert len(out) == 3 * n
-    assert torch.equal(out.images[:n], crops.images) and torch.equal(out.poses[:n], crops.poses)
+    assert torch.equal(out.images[:n], crops.images[:]) and torch.equal(out.poses[:n], crops.poses)
     assert out.uids == crops.uids * 3 and torch.equal(out.weights, crops.weights.repeat(3))
     for j, shift in enumerate((-30.0, 30.0), start=1):
         part = slice(j * n, (j + 1) * n)
@@ -661,7 +661,7 @@ def test_with_synthesized_images_appends_each_crop_at_each_shift(tiny_data):
         shifts = torch.zeros(n, 3, dtype=torch.float64)
         shifts[:, 0] = math.radians(shift)
         images, _, _ = synthesize_images(
-            crops.images, crops.k, crops.poses, shifts, tiny_data.meshes["car"], rasterizer
+            crops.images[:], crops.k, crops.poses, shifts, tiny_data.meshes["car"], rasterizer
         )
         assert torch.equal(out.images[part], images)
 

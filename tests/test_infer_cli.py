@@ -43,7 +43,7 @@ from nvsm.mesh import cuboid_mesh
 from nvsm.models.common import normalize_images
 from nvsm.pose.convention import intrinsics
 from nvsm.render import render_pose
-from nvsm.train.cropset import CropSet
+from nvsm.train.cropset import CropImages, CropSet
 from nvsm.train.model import NeMoModel
 
 runner = CliRunner()
@@ -53,7 +53,7 @@ def _cropset(n: int, size=(8, 8), focal=3000.0) -> CropSet:
     h, w = size
     k = torch.as_tensor(intrinsics(focal, (w - 1) / 2, (h - 1) / 2)).double()
     return CropSet(
-        images=torch.zeros(n, 3, h, w, dtype=torch.uint8),
+        images=CropImages.of(torch.zeros(n, 3, h, w, dtype=torch.uint8)),
         k=k.repeat(n, 1, 1),
         poses=torch.full((n, 4), math.nan, dtype=torch.float64),
         weights=torch.ones(n),
@@ -244,7 +244,9 @@ def test_predict_infers_the_category_with_a_model():
         bank.clutter = clutter[None].repeat(4, 1)
         bank.clutter_count = torch.tensor(4)
     data = _cropset(2, (MAP[0] * 8, MAP[1] * 8), FOCAL)
-    data.images[:, :, 0, 0] = torch.arange(2, dtype=torch.uint8)[:, None]
+    images = data.images[:]
+    images[:, :, 0, 0] = torch.arange(2, dtype=torch.uint8)[:, None]
+    data.images = CropImages.of(images)
     data.categories = ["car", "car"]  # wrong for image 1: ignored when inferring
     preds = predict(model, data, SCHEDULE, show_progress=False, infer_category=True)
     assert preds.categories == ["car", "bottle"] and preds.errors == [None, None]
@@ -273,7 +275,7 @@ def test_image_cropset_centres_the_whole_image(tmp_path):
     data, failed = image_cropset([tmp_path / "a.png", tmp_path / "broken.jpg"], (32, 48))
     assert data.images.shape == (2, 3, 32, 48) and list(failed) == [1]
     assert data.uids == ["a:0", "broken:0"] and data.categories == ["", ""]
-    crop = data.images[0, 0]
+    crop = data.images[0][0]
     # The image (aspect 2:1) fills 0.8 of the crop width, centred: 38.4 of 48 columns.
     cols = (crop > 100).any(0).nonzero().flatten()
     assert abs((cols.min() + cols.max()).item() / 2 - 23.5) <= 0.5

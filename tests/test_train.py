@@ -11,7 +11,14 @@ from nvsm.data.datasets import load_dataset
 from nvsm.infer.evaluate import Predictions, score
 from nvsm.pipeline import category_meshes
 from nvsm.pose.convention import opencv_extrinsics, project_opencv
-from nvsm.train.cropset import BatchAugmenter, CropSet, affine_jitter, build_cropset, flip_batch
+from nvsm.train.cropset import (
+    BatchAugmenter,
+    CropImages,
+    CropSet,
+    affine_jitter,
+    build_cropset,
+    flip_batch,
+)
 from nvsm.train.model import NeMoModel, build_model
 from nvsm.train.trainer import NeMoTrainer
 
@@ -86,7 +93,7 @@ def test_augmenter_is_seeded():
 
 def test_score_counts_failures_and_levels():
     data = CropSet(
-        images=torch.zeros(4, 3, 8, 8, dtype=torch.uint8),
+        images=CropImages.of(torch.zeros(4, 3, 8, 8, dtype=torch.uint8)),
         k=torch.eye(3).repeat(4, 1, 1).double(),
         poses=torch.tensor([[0.0, 0.1, 0.0, 5.0]] * 4).double(),
         weights=torch.ones(4),

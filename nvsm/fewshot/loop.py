@@ -75,7 +75,7 @@ from nvsm.io import (
 from nvsm.mesh import Mesh
 from nvsm.models import load_checkpoint
 from nvsm.render import Rasterizer, get_rasterizer
-from nvsm.train.cropset import CropSet
+from nvsm.train.cropset import CropImages, CropSet
 from nvsm.train.model import NeMoModel, build_model
 from nvsm.train.trainer import NeMoTrainer
 
@@ -413,7 +413,7 @@ def with_synthesized_images(
     image-level view synthesis. ``chunk`` crops are rendered at a time (bounds memory)."""
     parts = [crops]
     for shift_deg in azimuth_shifts_deg:
-        images = torch.empty_like(crops.images)
+        images = torch.empty(crops.images.shape, dtype=torch.uint8)
         poses = torch.empty_like(crops.poses, dtype=torch.float64)
         for cat in sorted(set(crops.categories)):
             idx = torch.tensor([i for i, c in enumerate(crops.categories) if c == cat])
@@ -424,7 +424,7 @@ def with_synthesized_images(
                     crops.images[part], crops.k[part], crops.poses[part], shifts, meshes[cat],
                     rasterizer,
                 )  # fmt: skip
-        parts.append(dataclasses.replace(crops, images=images, poses=poses))
+        parts.append(dataclasses.replace(crops, images=CropImages.of(images), poses=poses))
     return CropSet.concat(parts)
 
 

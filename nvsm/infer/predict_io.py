@@ -44,7 +44,7 @@ from nvsm.io import (
 )
 from nvsm.pose.camera import bbox_crop
 from nvsm.pose.convention import PASCAL3D_VIEWPORT, pose_from_rotation, rotation_matrix
-from nvsm.train.cropset import CropSet
+from nvsm.train.cropset import CropImages, CropSet
 
 ROW_FIELDS: tuple[str, ...] = (
     "image",
@@ -264,7 +264,9 @@ def image_cropset(
         ref.append(cam.reference_distance())
     n = len(images)
     data = CropSet(
-        images=torch.stack(images) if n else torch.zeros(0, 3, h, w, dtype=torch.uint8),
+        images=CropImages.of(
+            torch.stack(images) if n else torch.zeros(0, 3, h, w, dtype=torch.uint8)
+        ),
         k=torch.stack(ks).double() if n else torch.zeros(0, 3, 3, dtype=torch.float64),
         poses=torch.full((n, 4), math.nan, dtype=torch.float64),
         weights=torch.ones(n),
@@ -394,6 +396,7 @@ def run_inference(
                 fixed_size,
                 f"cropping {cat}",
                 show_progress,
+                on_disk=True,  # a whole split: see cropsets
             )
             parts.append(InferencePart(data, [str(r.image_path) for r in recs], {}, infer_category))
         protocol, source = config.data.crop_protocol, f"{config.data.dataset}:{split}"

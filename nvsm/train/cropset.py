@@ -1,8 +1,11 @@
-"""Cropped training/evaluation images held in memory, and the batch augmentations that keep
-their cameras exact.
+"""Cropped training/evaluation images, and the batch augmentations that keep their cameras
+exact.
 
-Crops are cut once (``build_cropset``) and stored as uint8; every augmentation below edits the
-image AND its camera/pose together, so the pose annotation stays exact:
+Crops are cut once (``build_cropset``) and stored as uint8, in memory or in a memory-mapped
+temporary file (``on_disk``: only the rows a batch asks for are read, so a large unlabelled
+pool never needs to fit in RAM); subsets, concatenations and mirrors are index operations
+(``CropImages``) that copy no crop. Every augmentation below edits the image AND its
+camera/pose together, so the pose annotation stays exact:
 
 * horizontal flip about the crop's centre column: x → (W − 1) − x, so the principal point
   becomes (W − 1 − cx) and the pose is mirrored, (a, e, θ) → (−a, e, −θ) (``mirror_pose``);
@@ -14,6 +17,7 @@ image AND its camera/pose together, so the pose annotation stays exact:
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -31,12 +35,100 @@ from nvsm.data.record import ObjectRecord
 from nvsm.pose.convention import PASCAL3D_VIEWPORT, mirror_pose
 
 
+@dataclass(frozen=True)
+class CropImages:
+    """(N, 3, H, W) uint8 crops read by index: crop i is row ``rows[i]`` of
+    ``sources[origin[i]]``, flipped left-right where ``flip[i]``.
+
+    ``subset``, ``concat`` and ``mirrored`` change only these (N,) index vectors, never a
+    source, so crops held in memory-mapped files (``build_cropset(on_disk=True)``) are read
+    from disk only when indexed, and only the rows asked for: the unlabelled pool's crops are
+    never all in memory, however many EM rounds train on subsets of them.
+
+    Attributes:
+        sources: (M_j, 3, H, W) uint8 tensors of one (H, W), in memory or memory-mapped.
+        origin: (N,) int64 index into ``sources``.
+        rows: (N,) int64 row in that source.
+        flip: (N,) bool.
+    """
+
+    sources: tuple[torch.Tensor, ...]
+    origin: torch.Tensor
+    rows: torch.Tensor
+    flip: torch.Tensor
+
+    @staticmethod
+    def of(images: torch.Tensor) -> CropImages:
+        """Every row of one (N, 3, H, W) uint8 tensor, unflipped."""
+        n = int(images.shape[0])
+        return CropImages(
+            sources=(images,),
+            origin=torch.zeros(n, dtype=torch.long),
+            rows=torch.arange(n),
+            flip=torch.zeros(n, dtype=torch.bool),
+        )
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.rows), *self.sources[0].shape[1:]))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int | slice | Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """The crops at ``index`` (an int: one (3, H, W) crop; a slice, sequence or index /
+        bool tensor: (B, 3, H, W)), as a new uint8 tensor in memory. Indices follow torch's
+        rules (negative ones count from the end; out of range: IndexError)."""
+        sel = torch.arange(len(self))[index]
+        if sel.dim() == 0:
+            return self[sel[None]][0]
+        origin, rows, flip = self.origin[sel], self.rows[sel], self.flip[sel]
+        if len(self.sources) == 1:
+            out = self.sources[0][rows]
+        else:
+            out = torch.empty((len(sel), *self.shape[1:]), dtype=torch.uint8)
+            for j, source in enumerate(self.sources):
+                mask = origin == j
+                if bool(mask.any()):
+                    out[mask] = source[rows[mask]]
+        if bool(flip.any()):
+            out[flip] = out[flip].flip(-1)
+        return out
+
+    def subset(self, index: torch.Tensor) -> CropImages:
+        return replace(self, origin=self.origin[index], rows=self.rows[index],
+                       flip=self.flip[index])
+
+    def mirrored(self) -> CropImages:
+        return replace(self, flip=~self.flip)
+
+    @staticmethod
+    def concat(parts: Sequence[CropImages]) -> CropImages:
+        """The crops of ``parts`` in turn; a source they share stays one source."""
+        sources: list[torch.Tensor] = []
+        origins = []
+        for part in parts:
+            ids = []
+            for source in part.sources:
+                j = next((i for i, known in enumerate(sources) if known is source), len(sources))
+                if j == len(sources):
+                    sources.append(source)
+                ids.append(j)
+            origins.append(torch.tensor(ids, dtype=torch.long)[part.origin])
+        return CropImages(
+            sources=tuple(sources),
+            origin=torch.cat(origins),
+            rows=torch.cat([p.rows for p in parts]),
+            flip=torch.cat([p.flip for p in parts]),
+        )
+
+
 @dataclass
 class CropSet:
     """N object crops with exact cameras and (possibly pseudo-) poses.
 
     Attributes:
-        images: (N, 3, H, W) uint8.
+        images: the (N, 3, H, W) uint8 crops (``CropImages``; index it for tensors).
         k: (N, 3, 3) float64 crop intrinsics (OpenCV).
         poses: (N, 4) float64 (azimuth, elevation, θ, distance) — labels, pseudo-labels or the
             ground truth kept for evaluation.
@@ -48,7 +140,7 @@ class CropSet:
         normalized_focal: the crops' ``CropCamera.normalized_focal``.
     """
 
-    images: torch.Tensor
+    images: CropImages
     k: torch.Tensor
     poses: torch.Tensor
     weights: torch.Tensor
@@ -59,14 +151,14 @@ class CropSet:
     normalized_focal: float = PASCAL3D_VIEWPORT
 
     def __len__(self) -> int:
-        return int(self.images.shape[0])
+        return len(self.images)
 
     def subset(self, index: Sequence[int] | torch.Tensor) -> CropSet:
         idx = torch.as_tensor(index, dtype=torch.long)
         il = idx.tolist()
         return replace(
             self,
-            images=self.images[idx],
+            images=self.images.subset(idx),
             k=self.k[idx],
             poses=self.poses[idx],
             weights=self.weights[idx],
@@ -81,11 +173,12 @@ class CropSet:
         return replace(self, poses=poses.to(torch.float64), weights=weights.float())
 
     def mirrored(self) -> CropSet:
-        """The horizontally flipped crops with exact cameras and mirrored poses (``flip_batch``);
-        uids are kept, so a mirror is still excluded from matching its own source image."""
+        """The horizontally flipped crops with exact cameras and mirrored poses
+        (``mirror_cameras``); uids are kept, so a mirror is still excluded from matching its own
+        source image."""
         flip = torch.ones(len(self), dtype=torch.bool)
-        images, k, poses = flip_batch(self.images, self.k, self.poses, flip)
-        return replace(self, images=images, k=k, poses=poses)
+        k, poses = mirror_cameras(self.k, self.poses, flip, self.images.shape[-1])
+        return replace(self, images=self.images.mirrored(), k=k, poses=poses)
 
     @staticmethod
     def concat(sets: Sequence[CropSet]) -> CropSet:
@@ -100,7 +193,7 @@ class CropSet:
                 "(data.crop_size) to train several categories together"
             )
         return CropSet(
-            images=torch.cat([s.images for s in sets]),
+            images=CropImages.concat([s.images for s in sets]),
             k=torch.cat([s.k for s in sets]),
             poses=torch.cat([s.poses for s in sets]),
             weights=torch.cat([s.weights for s in sets]),
@@ -128,14 +221,19 @@ def build_cropset(
     crop_size: tuple[int, int] | None = None,
     description: str = "cropping",
     show_progress: bool = True,
+    on_disk: bool = False,
 ) -> CropSet:
-    """Crop every record once (exact cameras) into an in-memory ``CropSet``.
+    """Crop every record once (exact cameras) into a ``CropSet``.
 
     Args:
         records: objects (one category per crop size: all records must share a crop size).
         protocol: ``gt-normalized`` or ``bbox`` (see ``nvsm.pose.camera``).
         crop_scale: crops and the normalised focal are scaled by this (1 = NeMo's 3000 px).
         crop_size: (H, W); default the category's NeMo size times ``crop_scale``.
+        on_disk: keep the crops in a memory-mapped anonymous temporary file (in ``TMPDIR``)
+            instead of in memory: the OS pages them in as they are read and may drop them
+            again. The file has no name to leave behind (on POSIX it is unlinked at once) and
+            is gone when the last view of it is.
     """
     if not records:
         raise ValueError("build_cropset: no records")
@@ -144,19 +242,20 @@ def build_cropset(
     if len(sizes) != 1:
         raise ValueError(f"build_cropset: records need one crop size, got {sorted(sizes)}")
     size = sizes.pop()
-    images, ks, ref = [], [], []
+    images = crop_storage(len(records), size, on_disk)
+    ks, ref = [], []
     cache: dict[str, np.ndarray] = {}
     iterator = track(records, description=description) if show_progress else records
-    for rec in iterator:
+    for i, rec in enumerate(iterator):
         key = str(rec.image_path)
         if key not in cache:
             cache = {key: load_image(rec.image_path)}  # objects of one image are adjacent
         crop, cam = crop_object(cache[key], rec, protocol, size, normalized_focal=normalized_focal)
-        images.append((crop * 255).round().to(torch.uint8))
+        images[i] = (crop * 255).round().to(torch.uint8)
         ks.append(torch.as_tensor(cam.k))
         ref.append(cam.reference_distance())
     return CropSet(
-        images=torch.stack(images),
+        images=CropImages.of(images),
         k=torch.stack(ks).double(),
         poses=torch.tensor([r.pose for r in records], dtype=torch.float64),
         weights=torch.ones(len(records)),
@@ -168,6 +267,16 @@ def build_cropset(
     )
 
 
+def crop_storage(n: int, size: tuple[int, int], on_disk: bool) -> torch.Tensor:
+    """An uninitialised (n, 3, H, W) uint8 tensor for crops: in memory, or (``on_disk``) a view
+    of a memory-mapped anonymous temporary file in ``TMPDIR`` (see ``build_cropset``)."""
+    shape = (n, 3, *size)
+    if not on_disk:
+        return torch.empty(shape, dtype=torch.uint8)
+    with tempfile.TemporaryFile() as file:  # the map keeps its own handle of the file
+        return torch.from_numpy(np.memmap(file, dtype=np.uint8, mode="w+", shape=shape))
+
+
 def flip_batch(
     images: torch.Tensor, k: torch.Tensor, poses: torch.Tensor, flip: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -176,14 +285,25 @@ def flip_batch(
     Args:
         images: (B, C, H, W); k: (B, 3, 3); poses: (B, 4); flip: (B,) bool.
     """
-    w = images.shape[-1]
     images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    k, poses = mirror_cameras(k, poses, flip, images.shape[-1])
+    return images, k, poses
+
+
+def mirror_cameras(
+    k: torch.Tensor, poses: torch.Tensor, flip: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The intrinsics and poses of the selected crops flipped horizontally (``flip_batch``
+    without the images): cx → (W − 1) − cx, (a, e, θ) → (−a, e, −θ).
+
+    Args:
+        k: (B, 3, 3); poses: (B, 4); flip: (B,) bool; width: the crops' W.
+    """
     k = k.clone()
-    k[:, 0, 2] = torch.where(flip, (w - 1) - k[:, 0, 2], k[:, 0, 2])
+    k[:, 0, 2] = torch.where(flip, (width - 1) - k[:, 0, 2], k[:, 0, 2])
     a, e, t = mirror_pose(poses[:, 0], poses[:, 1], poses[:, 2])
     mirrored = torch.stack([a, e, t, poses[:, 3]], dim=1)
-    poses = torch.where(flip[:, None], mirrored, poses)
-    return images, k, poses
+    return k, torch.where(flip[:, None], mirrored, poses)
 
 
 def affine_jitter(

@@ -1,0 +1,94 @@
+"""``CropImages``: subsets, concatenations and mirrors of crops are index operations that read
+what a tensor holding the same crops would give, and crops can live in a memory-mapped file."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from nvsm.data.datasets import load_dataset
+from nvsm.train.cropset import CropImages, CropSet, build_cropset, flip_batch
+
+
+def _crops(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 4, 6), dtype=torch.uint8, generator=g)
+
+
+def test_indexing_follows_torch() -> None:
+    ref = _crops(5, 0)
+    images = CropImages.of(ref)
+    assert images.shape == ref.shape and len(images) == 5
+    for index in (2, -1, slice(1, 4), slice(None, None, 2), [4, 0, 0],
+                  torch.tensor([3, 1]), torch.tensor([True, False, True, False, False])):
+        assert torch.equal(images[index], ref[index]), index
+    with pytest.raises(IndexError):
+        images[5]
+    with pytest.raises(IndexError):
+        images[[0, 7]]
+
+
+def test_subset_concat_and_mirror_read_as_the_materialised_crops() -> None:
+    a, b = _crops(4, 1), _crops(3, 2)
+    left, right = CropImages.of(a), CropImages.of(b)
+    picked = torch.tensor([3, 0, 2])
+    rows = torch.tensor([1, 0])
+    mixed = CropImages.concat([right, left.subset(picked).mirrored(), left, right.subset(rows)])
+    expected = torch.cat([b, a[picked].flip(-1), a, b[rows]])
+    assert torch.equal(mixed[:], expected)
+    assert len(mixed.sources) == 2  # the shared sources are not repeated, nor copied
+    assert mixed.sources[0] is b and mixed.sources[1] is a
+    twice = mixed.mirrored().mirrored().subset(torch.arange(len(mixed)).flip(0))
+    assert torch.equal(twice[:], expected.flip(0))
+    assert torch.equal(mixed[torch.tensor([4, 0, 9])], expected[[4, 0, 9]])
+    assert torch.equal(mixed[8], expected[8])
+
+
+def test_a_mirrored_cropset_matches_flip_batch() -> None:
+    n = 3
+    images = _crops(n, 3)
+    k = torch.tensor([[100.0, 0, 2.0], [0, 100.0, 1.5], [0, 0, 1]], dtype=torch.float64)
+    data = CropSet(
+        images=CropImages.of(images),
+        k=k.repeat(n, 1, 1),
+        poses=torch.tensor([[0.3, 0.1, 0.2, 5.0]] * n, dtype=torch.float64),
+        weights=torch.ones(n),
+        categories=["car"] * n,
+        uids=list("abc"),
+        occlusion_levels=torch.zeros(n, dtype=torch.long),
+        reference_distance=torch.full((n,), 5.0, dtype=torch.float64),
+    )
+    mirrored = data.mirrored()
+    f_images, f_k, f_poses = flip_batch(images, data.k, data.poses, torch.ones(n, dtype=torch.bool))
+    assert torch.equal(mirrored.images[:], f_images)
+    assert torch.equal(mirrored.k, f_k) and torch.equal(mirrored.poses, f_poses)
+    assert mirrored.images.sources[0] is images  # no copy
+    both = CropSet.concat([data, mirrored]).subset([4, 1])
+    assert torch.equal(both.images[:], torch.stack([f_images[1], images[1]]))
+
+
+def test_crops_on_disk_equal_those_in_memory_and_leave_no_file(
+    tiny_synthetic: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    records = load_dataset("synthetic", tiny_synthetic, split="train").records
+    in_memory = build_cropset(records, crop_scale=0.2, crop_size=(64, 120), show_progress=False)
+    on_disk = build_cropset(records, crop_scale=0.2, crop_size=(64, 120), show_progress=False,
+                            on_disk=True)
+    assert torch.equal(on_disk.images[:], in_memory.images[:])
+    assert torch.equal(on_disk.k, in_memory.k) and on_disk.uids == in_memory.uids
+    # The crops are in an anonymous file, mapped: nothing is listed in the folder.
+    assert list(tmp_path.iterdir()) == []
+    source = on_disk.images.sources[0]
+    maps = Path("/proc/self/maps")
+    if maps.is_file():  # Linux: the crops are mapped from the file, deleted at once
+        start = source.data_ptr()
+        mapped = []
+        for line in maps.read_text().splitlines():
+            low, high = (int(x, 16) for x in line.split()[0].split("-"))
+            if low <= start < high:
+                mapped.append(line)
+        assert len(mapped) == 1 and str(tmp_path) in mapped[0] and "(deleted)" in mapped[0], mapped
