@@ -92,3 +92,20 @@ def test_crops_on_disk_equal_those_in_memory_and_leave_no_file(
             if low <= start < high:
                 mapped.append(line)
         assert len(mapped) == 1 and str(tmp_path) in mapped[0] and "(deleted)" in mapped[0], mapped
+
+
+def test_an_unreadable_image_stops_the_progress_bar(tiny_synthetic: Path, tmp_path: Path) -> None:
+    # rich's ``track`` left its bar redrawing (a live thread) after an error in the loop for as
+    # long as the error was held: while the command printed its message, and in tests as long
+    # as CliRunner's result (which keeps the error), into the output of later commands.
+    import dataclasses
+    import threading
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    records = load_dataset("synthetic", tiny_synthetic, split="train").records
+    records = [records[0], dataclasses.replace(records[1], image_path=broken)]
+    with pytest.raises(ValueError, match=r"broken\.jpg") as caught:
+        build_cropset(records, crop_scale=0.2, crop_size=(64, 120), show_progress=True)
+    assert caught.tb is not None  # the error is still held, as while a command reports it
+    assert not [t for t in threading.enumerate() if type(t).__name__ == "_RefreshThread"]

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import track
+from rich.progress import Progress
 
 from nvsm.infer.solve import (
     SCHEDULES,
@@ -117,31 +117,33 @@ def predict(
             idx = [i for i, c in enumerate(data.categories) if c == cat]
             batches += [([cat], idx[s : s + batch_size]) for s in range(0, len(idx), batch_size)]
     candidates = {cat: candidate(cat) for cat in sorted({c for names, _ in batches for c in names})}
-    iterator = track(batches, description=description) if show_progress else batches
-    for names, idx in iterator:
-        start = time.perf_counter()
-        try:
-            index = torch.tensor(idx)
-            fmap = _features(model, data.images[index], device)
-            k_feat = torch.as_tensor(feature_intrinsics(data.k[index].numpy(), STRIDE)).float()
-            pred = estimate_poses_categories(
-                fmap,
-                k_feat,
-                data.reference_distance[index].float(),
-                {cat: candidates[cat] for cat in names},
-                schedule,
-                rasterizer,
-            )
-            poses[index] = pred.poses.double().cpu()
-            loss[index] = pred.loss.float().cpu()
-            if infer_category:
-                for i, name in zip(idx, pred.names(), strict=True):
-                    categories[i] = name
-        except Exception as exc:  # counted as failures (180°), never dropped
-            for i in idx:
-                errors[i] = f"{type(exc).__name__}: {exc}"
-        elapsed = time.perf_counter() - start
-        seconds[torch.tensor(idx)] = elapsed / len(idx)
+    # A bar that stops on leaving the block, an interruption included (``track``'s went on
+    # redrawing over the error message).
+    with Progress(*Progress.get_default_columns(), disable=not show_progress) as progress:
+        for names, idx in progress.track(batches, description=description):
+            start = time.perf_counter()
+            try:
+                index = torch.tensor(idx)
+                fmap = _features(model, data.images[index], device)
+                k_feat = torch.as_tensor(feature_intrinsics(data.k[index].numpy(), STRIDE)).float()
+                pred = estimate_poses_categories(
+                    fmap,
+                    k_feat,
+                    data.reference_distance[index].float(),
+                    {cat: candidates[cat] for cat in names},
+                    schedule,
+                    rasterizer,
+                )
+                poses[index] = pred.poses.double().cpu()
+                loss[index] = pred.loss.float().cpu()
+                if infer_category:
+                    for i, name in zip(idx, pred.names(), strict=True):
+                        categories[i] = name
+            except Exception as exc:  # counted as failures (180°), never dropped
+                for i in idx:
+                    errors[i] = f"{type(exc).__name__}: {exc}"
+            elapsed = time.perf_counter() - start
+            seconds[torch.tensor(idx)] = elapsed / len(idx)
     for i in range(n):
         if errors[i] is None and not bool(torch.isfinite(poses[i]).all()):
             errors[i] = "non-finite prediction"

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from kornia.geometry.conversions import normalize_pixel_coordinates
-from rich.progress import track
+from rich.progress import Progress
 
 from nvsm.config import AugmentConfig
 from nvsm.data.crops import crop_object, default_crop_size
@@ -245,15 +245,18 @@ def build_cropset(
     images = crop_storage(len(records), size, on_disk)
     ks, ref = [], []
     cache: dict[str, np.ndarray] = {}
-    iterator = track(records, description=description) if show_progress else records
-    for i, rec in enumerate(iterator):
-        key = str(rec.image_path)
-        if key not in cache:
-            cache = {key: load_image(rec.image_path)}  # objects of one image are adjacent
-        crop, cam = crop_object(cache[key], rec, protocol, size, normalized_focal=normalized_focal)
-        images[i] = (crop * 255).round().to(torch.uint8)
-        ks.append(torch.as_tensor(cam.k))
-        ref.append(cam.reference_distance())
+    # A bar that stops on leaving the block, an unreadable image included (``track``'s went on
+    # redrawing over the error message).
+    with Progress(*Progress.get_default_columns(), disable=not show_progress) as progress:
+        for i, rec in enumerate(progress.track(records, description=description)):
+            key = str(rec.image_path)
+            if key not in cache:
+                cache = {key: load_image(rec.image_path)}  # objects of one image are adjacent
+            crop, cam = crop_object(cache[key], rec, protocol, size,
+                                    normalized_focal=normalized_focal)
+            images[i] = (crop * 255).round().to(torch.uint8)
+            ks.append(torch.as_tensor(cam.k))
+            ref.append(cam.reference_distance())
     return CropSet(
         images=CropImages.of(images),
         k=torch.stack(ks).double(),
