@@ -109,3 +109,30 @@ def test_an_unreadable_image_stops_the_progress_bar(tiny_synthetic: Path, tmp_pa
         build_cropset(records, crop_scale=0.2, crop_size=(64, 120), show_progress=True)
     assert caught.tb is not None  # the error is still held, as while a command reports it
     assert not [t for t in threading.enumerate() if type(t).__name__ == "_RefreshThread"]
+
+
+def test_crops_that_do_not_fit_the_temporary_folder_are_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A sparse file that cannot grow failed on writing a crop, as a SIGBUS that killed the
+    # process without a word; the room is now reserved first.
+    import errno
+    import os
+
+    from nvsm.train.cropset import crop_storage
+
+    if not hasattr(os, "posix_fallocate"):
+        pytest.skip("no posix_fallocate on this platform: the room is not reserved first")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(ValueError) as caught:
+        crop_storage(1000, (128, 240), on_disk=True)
+    assert str(caught.value) == (
+        f"no room for 1000 crops (92.2 MB) in the temporary folder {tmp_path}: No space left on "
+        "device; set TMPDIR to a folder with more free space")
+    assert list(tmp_path.iterdir()) == []
+    assert crop_storage(1000, (128, 240), on_disk=False).shape == (1000, 3, 128, 240)

@@ -16,7 +16,9 @@ camera/pose together, so the pose annotation stays exact:
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -274,9 +276,23 @@ def crop_storage(n: int, size: tuple[int, int], on_disk: bool) -> torch.Tensor:
     """An uninitialised (n, 3, H, W) uint8 tensor for crops: in memory, or (``on_disk``) a view
     of a memory-mapped anonymous temporary file in ``TMPDIR`` (see ``build_cropset``)."""
     shape = (n, 3, *size)
-    if not on_disk:
+    if not on_disk or n == 0:  # an empty file cannot be mapped, and holds nothing anyway
         return torch.empty(shape, dtype=torch.uint8)
     with tempfile.TemporaryFile() as file:  # the map keeps its own handle of the file
+        if hasattr(os, "posix_fallocate"):
+            # Reserved now: a sparse file that cannot grow fails later, as a SIGBUS on writing
+            # a crop, which kills the process without a word.
+            nbytes = math.prod(shape)
+            try:
+                os.posix_fallocate(file.fileno(), 0, nbytes)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                    raise
+                raise ValueError(
+                    f"no room for {n} crops ({nbytes / 1e6:.1f} MB) in the temporary folder "
+                    f"{tempfile.gettempdir()}: {exc.strerror}; set TMPDIR to a folder with more "
+                    "free space"
+                ) from None
         return torch.from_numpy(np.memmap(file, dtype=np.uint8, mode="w+", shape=shape))
 
 
