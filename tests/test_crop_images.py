@@ -108,7 +108,10 @@ def test_an_unreadable_image_stops_the_progress_bar(tiny_synthetic: Path, tmp_pa
     with pytest.raises(ValueError, match=r"broken\.jpg") as caught:
         build_cropset(records, crop_scale=0.2, crop_size=(64, 120), show_progress=True)
     assert caught.tb is not None  # the error is still held, as while a command reports it
-    assert not [t for t in threading.enumerate() if type(t).__name__ == "_RefreshThread"]
+    bars = [t for t in threading.enumerate() if type(t).__name__ == "_RefreshThread"]
+    for bar in bars:  # a stopped bar's thread ends at its next tick (rich does not join it)
+        bar.join(timeout=5)
+    assert not [bar for bar in bars if bar.is_alive()]
 
 
 def test_crops_that_do_not_fit_the_temporary_folder_are_named(
@@ -136,3 +139,28 @@ def test_crops_that_do_not_fit_the_temporary_folder_are_named(
         "device; set TMPDIR to a folder with more free space")
     assert list(tmp_path.iterdir()) == []
     assert crop_storage(1000, (128, 240), on_disk=False).shape == (1000, 3, 128, 240)
+
+
+def test_feature_maps_that_do_not_fit_the_run_folder_are_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import errno
+    import os
+
+    import numpy as np
+
+    from nvsm.train.cropset import mapped_empty
+
+    if not hasattr(os, "posix_fallocate"):
+        pytest.skip("no posix_fallocate on this platform: the room is not reserved first")
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(ValueError) as caught:
+        mapped_empty((10, 128, 16, 30), np.dtype(np.float32), tmp_path, "the feature maps")
+    assert str(caught.value) == (
+        f"no room for the feature maps (2.5 MB) in {tmp_path}: No space left on device; free "
+        "some space there")
+    assert list(tmp_path.iterdir()) == []

@@ -55,7 +55,7 @@ from nvsm.models.common import STRIDE
 from nvsm.pose.camera import feature_intrinsics
 from nvsm.pose.convention import NORMALIZED_DISTANCE
 from nvsm.render import Rasterizer
-from nvsm.train.cropset import CropSet
+from nvsm.train.cropset import CropSet, mapped_empty
 from nvsm.train.model import NeMoModel
 
 __all__ = [
@@ -106,13 +106,13 @@ def extract_features(
     data: CropSet,
     device: torch.device,
     batch_size: int = 16,
-    path: Path | None = None,
+    folder: Path | None = None,
 ) -> torch.Tensor:
     """(N, D, h, w) float32 unit feature maps of every crop, on the CPU.
 
-    With ``path`` the maps are written batch by batch into a memory-mapped ``.npy`` file there
-    and the returned tensor views it, so a large unlabelled pool's maps never need to fit in
-    RAM (the E-step reads them a chunk at a time); the caller deletes the file."""
+    With ``folder`` the maps are written batch by batch into a memory-mapped anonymous file
+    there (``mapped_empty``), which the returned tensor views, so a large unlabelled pool's
+    maps never need to fit in RAM (the E-step reads them a chunk at a time)."""
     model.eval()
     out: torch.Tensor | None = None
     for start in range(0, len(data), batch_size):
@@ -120,11 +120,11 @@ def extract_features(
         maps = model.features(normalize_images(images)).float().cpu()
         if out is None:
             shape = (len(data), *maps.shape[1:])
-            if path is None:
+            if folder is None:
                 out = torch.empty(shape)
             else:
-                array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
-                out = torch.from_numpy(array)
+                out = mapped_empty(shape, np.dtype(np.float32), folder,
+                                   f"the feature maps of {len(data)} images")
         out[start : start + len(maps)] = maps
     if out is None:
         raise ValueError("extract_features: no crops")
@@ -397,7 +397,7 @@ def self_training_labels(
     rasterizer: Rasterizer,
     timer: StageTimer | None = None,
     show_progress: bool = False,
-    features_path: Path | None = None,
+    features_folder: Path | None = None,
 ) -> list[PseudoLabel]:
     """Plain self-training pseudo-labels: NeMo's own render-and-compare prediction
     (``config.infer.schedule``) of every pool image (not yet accepted).
@@ -406,7 +406,7 @@ def self_training_labels(
     template scores NeMo's search starts from, by the function the NVSM E-step uses on its
     synthesised views (``best_pose_and_margin``), and the flip score is the same
     ``flip_margins`` as NVSM's, so an acceptance rule means the same thing for both.
-    ``pool.poses`` is never read; ``features_path``: see ``extract_features``."""
+    ``pool.poses`` is never read; ``features_folder``: see ``extract_features``."""
     from nvsm.infer.evaluate import category_templates, predict, resolve_schedule
 
     timer = timer or StageTimer()
@@ -424,7 +424,7 @@ def self_training_labels(
             description=f"self-training round {round_index}: predicting",
         )
     with timer("features"):
-        feats = extract_features(model, pool, device, config.infer.batch_size, features_path)
+        feats = extract_features(model, pool, device, config.infer.batch_size, features_folder)
     labels: list[PseudoLabel | None] = [None] * len(pool)
     size = (feats.shape[-2], feats.shape[-1])
     with timer("matching"), torch.no_grad():

@@ -455,28 +455,23 @@ def _nvsm_labeller(run: _Run) -> Labeller:
         anchors = _anchors(run, previous)
         run.say(f"round {k}: E-step, {len(anchors)} anchors, {len(run.pool)} unlabelled")
         batch = run.config.infer.batch_size
-        path = run.run_dir / f".pool_features-nvsm-{k}.npy"
         with timer("features"):
             anchor_feats = extract_features(model, anchors, run.device, batch)
-            pool_feats = extract_features(model, run.pool, run.device, batch, path)
-        try:
-            return e_step(
-                model,
-                k,
-                anchors,
-                anchor_feats,
-                run.pool,
-                pool_feats,
-                run.config.fewshot,
-                run.matcher,
-                run.schedule.rule(k - 1),
-                run.device,
-                run.rasterizer,
-                timer,
-            )
-        finally:
-            del pool_feats
-            path.unlink(missing_ok=True)
+            pool_feats = extract_features(model, run.pool, run.device, batch, run.run_dir)
+        return e_step(
+            model,
+            k,
+            anchors,
+            anchor_feats,
+            run.pool,
+            pool_feats,
+            run.config.fewshot,
+            run.matcher,
+            run.schedule.rule(k - 1),
+            run.device,
+            run.rasterizer,
+            timer,
+        )
 
     return label
 
@@ -486,21 +481,17 @@ def _self_training_labeller(run: _Run) -> Labeller:
         model: NeMoModel, k: int, previous: list[PseudoLabel], timer: StageTimer
     ) -> tuple[list[PseudoLabel], torch.Tensor]:
         run.say(f"self-training round {k}: NeMo predictions on {len(run.pool)} unlabelled")
-        path = run.run_dir / f".pool_features-self_training-{k}.npy"
-        try:
-            labels = self_training_labels(
-                model,
-                run.pool,
-                run.config,
-                k,
-                run.device,
-                run.rasterizer,
-                timer,
-                show_progress=run.show_progress,
-                features_path=path,
-            )
-        finally:
-            path.unlink(missing_ok=True)
+        labels = self_training_labels(
+            model,
+            run.pool,
+            run.config,
+            k,
+            run.device,
+            run.rasterizer,
+            timer,
+            show_progress=run.show_progress,
+            features_folder=run.run_dir,
+        )
         matched = torch.tensor(
             [[lb.azimuth, lb.elevation, lb.theta, lb.distance] for lb in labels],
             dtype=torch.float64,

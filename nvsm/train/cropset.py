@@ -22,6 +22,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import kornia.augmentation as KA
 import numpy as np
@@ -273,27 +274,40 @@ def build_cropset(
 
 
 def crop_storage(n: int, size: tuple[int, int], on_disk: bool) -> torch.Tensor:
-    """An uninitialised (n, 3, H, W) uint8 tensor for crops: in memory, or (``on_disk``) a view
-    of a memory-mapped anonymous temporary file in ``TMPDIR`` (see ``build_cropset``)."""
+    """An uninitialised (n, 3, H, W) uint8 tensor for crops: in memory, or (``on_disk``) in a
+    memory-mapped anonymous file in ``TMPDIR`` (``mapped_empty``)."""
     shape = (n, 3, *size)
     if not on_disk or n == 0:  # an empty file cannot be mapped, and holds nothing anyway
         return torch.empty(shape, dtype=torch.uint8)
-    with tempfile.TemporaryFile() as file:  # the map keeps its own handle of the file
+    return mapped_empty(shape, np.dtype(np.uint8), None, f"{n} crops")
+
+
+def mapped_empty(
+    shape: tuple[int, ...], dtype: np.dtype, folder: Path | None, what: str
+) -> torch.Tensor:
+    """An uninitialised tensor viewing a memory-mapped anonymous temporary file in ``folder``
+    (default: ``TMPDIR``). The OS pages it in as it is read and may drop it again; the file has
+    no name to leave behind (on POSIX it is unlinked at once) and is gone with the last view.
+
+    Raises:
+        ValueError: the folder has no room for it (naming ``what``, the folder and the size).
+    """
+    where = f"the temporary folder {tempfile.gettempdir()}" if folder is None else str(folder)
+    with tempfile.TemporaryFile(dir=folder) as file:  # the map keeps its own handle of it
         if hasattr(os, "posix_fallocate"):
             # Reserved now: a sparse file that cannot grow fails later, as a SIGBUS on writing
-            # a crop, which kills the process without a word.
-            nbytes = math.prod(shape)
+            # into the map, which kills the process without a word.
+            nbytes = math.prod(shape) * dtype.itemsize
             try:
                 os.posix_fallocate(file.fileno(), 0, nbytes)
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                     raise
-                raise ValueError(
-                    f"no room for {n} crops ({nbytes / 1e6:.1f} MB) in the temporary folder "
-                    f"{tempfile.gettempdir()}: {exc.strerror}; set TMPDIR to a folder with more "
-                    "free space"
-                ) from None
-        return torch.from_numpy(np.memmap(file, dtype=np.uint8, mode="w+", shape=shape))
+                advice = ("set TMPDIR to a folder with more free space" if folder is None
+                          else "free some space there")
+                raise ValueError(f"no room for {what} ({nbytes / 1e6:.1f} MB) in {where}: "
+                                 f"{exc.strerror}; {advice}") from None
+        return torch.from_numpy(np.memmap(file, dtype=dtype, mode="w+", shape=shape))
 
 
 def flip_batch(
