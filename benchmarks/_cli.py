@@ -11,6 +11,7 @@ line for a child command that fails and exits with the child's code.
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -106,3 +107,37 @@ def run_main(main: Callable[[], object]) -> None:
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def add_alternation_args(ap: argparse.ArgumentParser, modes: Sequence[str], repeats: int) -> None:
+    """``--repeats``, ``--json`` and the hidden ``--child MODE`` of a script that measures
+    ``modes`` in alternating child processes (``alternate_children``)."""
+    ap.add_argument("--repeats", type=positive_int, default=repeats)
+    ap.add_argument("--json", default=None, help="write the raw measurements here")
+    ap.add_argument("--child", choices=list(modes), default=None, help=argparse.SUPPRESS)
+
+
+def alternate_children(
+    script: str,
+    args: argparse.Namespace,
+    modes: Sequence[str],
+    child: Callable[[str, argparse.Namespace], dict[str, Any]],
+    child_args: Sequence[str],
+    describe: Callable[[dict[str, Any]], str],
+) -> dict[str, list[dict[str, Any]]] | None:
+    """In a child (``args.child`` set by ``add_alternation_args``): print ``child(mode, args)``
+    as JSON and return None. Otherwise run ``python script --child MODE *child_args`` for every
+    mode in turn, ``args.repeats`` times, so that drifting machine load hits every mode alike,
+    print a line per measurement (``describe``) and return the measurements per mode."""
+    if args.child is not None:
+        print(json.dumps(child(args.child, args)))
+        return None
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    for rep in range(args.repeats):
+        for mode in modes:
+            cmd = [sys.executable, script, "--child", mode, *child_args]
+            out = run_command(cmd, capture_output=True).stdout
+            runs[mode].append(json.loads(out.strip().splitlines()[-1]))
+            print(f"repeat {rep + 1}/{args.repeats} {mode:7s} {describe(runs[mode][-1])}",
+                  flush=True)
+    return runs

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import resource
 import statistics
-import sys
 import time
 from typing import Any
 
-from _cli import non_negative_int, positive_int, run_command, run_main
+from _cli import add_alternation_args, alternate_children, non_negative_int, positive_int, run_main
 from rich.console import Console
 from rich.table import Table
 
@@ -84,29 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--steps", type=positive_int, default=30)
     ap.add_argument("--warmup", type=non_negative_int, default=3)
-    ap.add_argument("--repeats", type=positive_int, default=5)
-    ap.add_argument("--json", default=None, help="write the raw measurements here")
-    ap.add_argument("--child", choices=MODES, default=None, help=argparse.SUPPRESS)
+    add_alternation_args(ap, MODES, repeats=5)
     return ap
 
 
 def main() -> None:
     args = build_parser().parse_args()
-    if args.child is not None:
-        print(json.dumps(child(args.child, args)))
+    runs = alternate_children(
+        __file__, args, MODES, child,
+        ["--recipe", args.recipe, "--images", str(args.images), "--steps", str(args.steps),
+         "--warmup", str(args.warmup)],
+        lambda r: f"{r['s_per_step']:.3f} s/step",
+    )
+    if runs is None:
         return
-
-    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
     console = Console()
-    for rep in range(args.repeats):
-        for mode in MODES:
-            cmd = [sys.executable, __file__, "--child", mode, "--recipe", args.recipe,
-                   "--images", str(args.images), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup)]
-            out = run_command(cmd, capture_output=True).stdout
-            runs[mode].append(json.loads(out.strip().splitlines()[-1]))
-            r = runs[mode][-1]
-            console.print(f"repeat {rep + 1}/{args.repeats} {mode:7s} {r['s_per_step']:.3f} s/step")
     if not runs["keep"][0]["applied"]:
         console.print("[yellow]keep_freed_memory() was not applied here (not glibc, or MALLOC_* "
                       "/ GLIBC_TUNABLES set): both columns measure the same setting[/yellow]")

@@ -25,14 +25,12 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from _cli import positive_int, run_command, run_main
+from _cli import add_alternation_args, alternate_children, positive_int, run_main
 from rich.console import Console
 from rich.table import Table
 
@@ -103,30 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--images", type=positive_int, default=20000, help="crops in the pool")
     ap.add_argument("--batch", type=positive_int, default=16)
     ap.add_argument("--steps", type=positive_int, default=500, help="M-step batches read")
-    ap.add_argument("--repeats", type=positive_int, default=3)
-    ap.add_argument("--json", default=None, help="write the raw measurements here")
-    ap.add_argument("--child", choices=MODES, default=None, help=argparse.SUPPRESS)
+    add_alternation_args(ap, MODES, repeats=3)
     return ap
 
 
 def main() -> None:
     args = build_parser().parse_args()
-    if args.child is not None:
-        print(json.dumps(child(args.child, args)))
+    runs = alternate_children(
+        __file__, args, MODES, child,
+        ["--recipe", args.recipe, "--images", str(args.images), "--batch", str(args.batch),
+         "--steps", str(args.steps)],
+        lambda r: f"anon {r['peak_rss_anon_gb']:.2f} GB, "
+        + ", ".join(f"{p} {r['seconds'][p]:.2f} s" for p in PHASES),
+    )
+    if runs is None:
         return
-    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
     console = Console()
-    for rep in range(args.repeats):
-        for mode in MODES:
-            cmd = [sys.executable, __file__, "--child", mode, "--recipe", args.recipe,
-                   "--images", str(args.images), "--batch", str(args.batch),
-                   "--steps", str(args.steps)]
-            out = run_command(cmd, capture_output=True).stdout
-            runs[mode].append(json.loads(out.strip().splitlines()[-1]))
-            r = runs[mode][-1]
-            console.print(f"repeat {rep + 1}/{args.repeats} {mode:6s} "
-                          f"anon {r['peak_rss_anon_gb']:.2f} GB, "
-                          + ", ".join(f"{p} {r['seconds'][p]:.2f} s" for p in PHASES))
     crops_gb = runs["memory"][0]["crops_gb"]
     table = Table(title=f"{args.images} pool crops ({crops_gb:.2f} GB), median of "
                         f"{args.repeats} alternating child processes")

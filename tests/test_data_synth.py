@@ -355,10 +355,14 @@ def test_cli_command(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_the_workers_in_one_line_and_writes_nothing(tmp_path: Path) -> None:
-    # A terminal's Ctrl-C reaches the whole process group: each rendering worker printed a
-    # KeyboardInterrupt traceback and the pool an InvalidStateError one, and the command
-    # itself exited 130 without a word.
+@pytest.mark.parametrize("how", ["ctrl-c", "kill"])
+def test_a_stopped_generation_stops_the_workers_in_one_line_and_writes_nothing(
+    tmp_path: Path, how: str
+) -> None:
+    # ctrl-c: a terminal's Ctrl-C reaches the whole process group; each rendering worker
+    # printed a KeyboardInterrupt traceback and the pool an InvalidStateError one, and the
+    # command itself exited 130 without a word. kill: SIGTERM to the command alone ended it at
+    # once, leaving the staging folder and two orphaned workers that went on rendering.
     import os
     import signal
     import subprocess
@@ -375,10 +379,14 @@ def test_ctrl_c_stops_the_workers_in_one_line_and_writes_nothing(tmp_path: Path)
         assert time.monotonic() < deadline, "the staging folder never appeared"
         time.sleep(0.05)
     time.sleep(1)  # the workers are starting (the whole set takes minutes)
-    assert proc.poll() is None, "it finished before it could be interrupted"
-    os.killpg(proc.pid, signal.SIGINT)
-    output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, output
+    assert proc.poll() is None, "it finished before it could be stopped"
+    if how == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.terminate()  # SIGTERM to the command alone, as `kill PID` sends it
+    output, _ = proc.communicate(timeout=60)  # the workers hold the pipe too: they ended
+    code, word = (130, "interrupted") if how == "ctrl-c" else (143, "terminated")
+    assert proc.returncode == code, output
     assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
-    assert output.rstrip().endswith(f"error: interrupted: nothing was written to {out}")
+    assert output.rstrip().endswith(f"error: {word}: nothing was written to {out}")
     assert list(tmp_path.iterdir()) == []  # neither the dataset nor its staging folder
