@@ -44,7 +44,7 @@ from nvsm.io import (
 )
 from nvsm.pose.camera import bbox_crop
 from nvsm.pose.convention import PASCAL3D_VIEWPORT, pose_from_rotation, rotation_matrix
-from nvsm.train.cropset import CropImages, CropSet
+from nvsm.train.cropset import CropImages, CropSet, crop_storage
 
 ROW_FIELDS: tuple[str, ...] = (
     "image",
@@ -243,7 +243,8 @@ def image_cropset(
     from nvsm.data.crops import warp_to_crop
     from nvsm.data.images import load_image
 
-    images, ks, ref = [], [], []
+    images = crop_storage(len(paths), size, on_disk=True)  # as build_cropset's
+    ks, ref = [], []
     failed: dict[int, str] = {}
     h, w = size
     for i, path in enumerate(paths):
@@ -259,14 +260,12 @@ def image_cropset(
         )
         chw = torch.as_tensor(image).permute(2, 0, 1).float() / 255.0
         crop = warp_to_crop(chw, cam).clamp(0.0, 1.0)
-        images.append((crop * 255).round().to(torch.uint8))
+        images[i] = (crop * 255).round().to(torch.uint8)
         ks.append(torch.as_tensor(cam.k))
         ref.append(cam.reference_distance())
-    n = len(images)
+    n = len(paths)
     data = CropSet(
-        images=CropImages.of(
-            torch.stack(images) if n else torch.zeros(0, 3, h, w, dtype=torch.uint8)
-        ),
+        images=CropImages.of(images),
         k=torch.stack(ks).double() if n else torch.zeros(0, 3, 3, dtype=torch.float64),
         poses=torch.full((n, 4), math.nan, dtype=torch.float64),
         weights=torch.ones(n),

@@ -277,7 +277,7 @@ def crop_storage(n: int, size: tuple[int, int], on_disk: bool) -> torch.Tensor:
     """An uninitialised (n, 3, H, W) uint8 tensor for crops: in memory, or (``on_disk``) in a
     memory-mapped anonymous file in ``TMPDIR`` (``mapped_empty``)."""
     shape = (n, 3, *size)
-    if not on_disk or n == 0:  # an empty file cannot be mapped, and holds nothing anyway
+    if not on_disk:
         return torch.empty(shape, dtype=torch.uint8)
     return mapped_empty(shape, np.dtype(np.uint8), None, f"{n} crops")
 
@@ -292,6 +292,8 @@ def mapped_empty(
     Raises:
         ValueError: the folder has no room for it (naming ``what``, the folder and the size).
     """
+    if math.prod(shape) == 0:  # an empty file cannot be mapped, and holds nothing anyway
+        return torch.from_numpy(np.empty(shape, dtype=dtype))
     where = f"the temporary folder {tempfile.gettempdir()}" if folder is None else str(folder)
     with tempfile.TemporaryFile(dir=folder) as file:  # the map keeps its own handle of it
         if hasattr(os, "posix_fallocate"):
