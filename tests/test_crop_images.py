@@ -3,6 +3,9 @@ what a tensor holding the same crops would give, and crops can live in a memory-
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -114,53 +117,47 @@ def test_an_unreadable_image_stops_the_progress_bar(tiny_synthetic: Path, tmp_pa
     assert not [bar for bar in bars if bar.is_alive()]
 
 
-def test_crops_that_do_not_fit_the_temporary_folder_are_named(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+# A file-size limit (RLIMIT_FSIZE) is a full disk as far as a writer can tell: the reservation
+# fails with EFBIG (Python ignores the SIGXFSZ that comes with it). Run in a child so that the
+# limit binds nothing else; "zeros" takes os.posix_fallocate away, as on macOS and Windows.
+_FULL_DISK_CHILD = """
+import os, resource, sys, tempfile
+import numpy as np
+from pathlib import Path
+from nvsm.train.cropset import crop_storage, mapped_empty
+
+reserve, folder = sys.argv[1], Path(sys.argv[2])
+if reserve == "zeros":
+    del os.posix_fallocate
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+small = crop_storage(10, (128, 240), on_disk=True)  # 0.9 MB: fits under the limit
+small[-1] = 7
+assert int(small.sum()) == 7 * 3 * 128 * 240
+for make in (lambda: crop_storage(1000, (128, 240), on_disk=True),
+             lambda: mapped_empty((10, 128, 16, 30), np.dtype(np.float32), folder, "the maps")):
+    try:
+        make()
+    except ValueError as exc:
+        print(exc)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="needs a Linux/BSD host to "
+                    "compare posix_fallocate with the written-zeros reservation")
+@pytest.mark.parametrize("reserve", ["posix_fallocate", "zeros"])
+def test_storage_that_does_not_fit_its_folder_is_named(reserve: str, tmp_path: Path) -> None:
     # A sparse file that cannot grow failed on writing a crop, as a SIGBUS that killed the
-    # process without a word; the room is now reserved first.
-    import errno
-    import os
-
-    from nvsm.train.cropset import crop_storage
-
-    if not hasattr(os, "posix_fallocate"):
-        pytest.skip("no posix_fallocate on this platform: the room is not reserved first")
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-
-    def full(fd: int, offset: int, length: int) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "posix_fallocate", full)
-    with pytest.raises(ValueError) as caught:
-        crop_storage(1000, (128, 240), on_disk=True)
-    assert str(caught.value) == (
-        f"no room for 1000 crops (92.2 MB) in the temporary folder {tmp_path}: No space left on "
-        "device; set TMPDIR to a folder with more free space")
-    assert list(tmp_path.iterdir()) == []
-    assert crop_storage(1000, (128, 240), on_disk=False).shape == (1000, 3, 128, 240)
-
-
-def test_feature_maps_that_do_not_fit_the_run_folder_are_named(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    import errno
-    import os
-
-    import numpy as np
-
-    from nvsm.train.cropset import mapped_empty
-
-    if not hasattr(os, "posix_fallocate"):
-        pytest.skip("no posix_fallocate on this platform: the room is not reserved first")
-
-    def full(fd: int, offset: int, length: int) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "posix_fallocate", full)
-    with pytest.raises(ValueError) as caught:
-        mapped_empty((10, 128, 16, 30), np.dtype(np.float32), tmp_path, "the feature maps")
-    assert str(caught.value) == (
-        f"no room for the feature maps (2.5 MB) in {tmp_path}: No space left on device; free "
-        "some space there")
-    assert list(tmp_path.iterdir()) == []
+    # process without a word; the room is now reserved first, with or without posix_fallocate.
+    crops, maps = tmp_path / "tmp", tmp_path / "run"
+    crops.mkdir()
+    maps.mkdir()
+    done = subprocess.run([sys.executable, "-c", _FULL_DISK_CHILD, reserve, str(maps)],
+                          env={**os.environ, "TMPDIR": str(crops)}, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"no room for 1000 crops (92.2 MB) in the temporary folder {crops}: File too large; "
+        "set TMPDIR to a folder with more free space",
+        f"no room for the maps (2.5 MB) in {maps}: File too large; free some space there",
+    ]
+    assert list(crops.iterdir()) == [] and list(maps.iterdir()) == []

@@ -370,9 +370,10 @@ def test_a_stopped_generation_stops_the_workers_in_one_line_and_writes_nothing(
     import time
 
     out = tmp_path / "syn"
-    proc = subprocess.Popen(
+    proc = subprocess.Popen(  # SIGINT as a terminal's Ctrl-C sends it, even if ours ignores it
         [sys.executable, "-m", "nvsm.cli", "data", "synth", "--out", str(out), "--workers", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".syn.partial-*")) and proc.poll() is None:

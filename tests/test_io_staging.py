@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -105,3 +109,61 @@ def test_staged_writes_into_a_mount_point_keep_it_on_failure(mount_point: Path) 
         (staging / "a.txt").write_text("a")
         (staging / "done.json").write_text("{}")
     assert sorted(p.name for p in mount_point.iterdir()) == ["a.txt", "done.json"]
+
+
+
+def _can_bind_mount() -> bool:
+    """Whether this host lets an unprivileged process make mount points of its own (a user and
+    mount namespace, ``unshare -rm``); containers and hardened kernels may not."""
+    if shutil.which("unshare") is None:
+        return False
+    with tempfile.TemporaryDirectory() as folder:
+        probe = subprocess.run(["unshare", "-rm", "sh", "-c", 'mount --bind "$0" "$0"', folder],
+                               capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+# Runs in a mount namespace where both arguments are bind mounts: a dataset generated (and
+# generated again over itself) with the first as --out, split lists written with the second.
+_INTO_MOUNT_POINTS = """
+import sys
+from pathlib import Path
+from nvsm.data.pascal3d import load_pascal3d
+from nvsm.data.splits import few_shot_splits, write_few_shot_splits
+from nvsm.data.synth import generate_synthetic_dataset
+
+data, lists = Path(sys.argv[1]), Path(sys.argv[2])
+for overwrite in (False, True):
+    generate_synthetic_dataset(data, {"car": (4, 1)}, categories=["car"], occlusion=False,
+                               overwrite=overwrite)
+train = load_pascal3d(data, ["car"], split="train").records
+test = load_pascal3d(data, ["car"], split="val").records
+splits = list(few_shot_splits(train, test, n_labelled=(2,), seed=0).values())
+for _ in range(2):
+    write_few_shot_splits(splits, lists)
+"""
+
+
+@pytest.mark.skipif(not _can_bind_mount(), reason="this host lets no unprivileged process mount "
+                    "(unshare -rm); the stand-in mount point above covers the same cases")
+def test_real_mount_points(tmp_path: Path) -> None:
+    # The same cases as above on real bind mounts, where the kernel itself refuses renames
+    # across the boundary: what the stand-in is checked against.
+    names = ["data_src", "lists_src", "data", "lists"]
+    for name in names:
+        (tmp_path / name).mkdir()
+    data_src, lists_src, data, lists = (tmp_path / n for n in names)
+    script = ('mount --bind "$1" "$3" && mount --bind "$2" "$4" && '
+              'mv "$3" "$5" 2>/dev/null && exit 3; exec "$6" -c "$7" "$3" "$4"')
+    done = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script, "sh", str(data_src), str(lists_src), str(data),
+         str(lists), str(tmp_path / "moved"), sys.executable, _INTO_MOUNT_POINTS],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr  # 3: the mount point could be renamed
+    assert (data_src / MANIFEST_NAME).is_file()
+    assert len(list((data_src / "Images" / "car_imagenet").iterdir())) == 5
+    assert not [p for p in data_src.iterdir() if p.name.startswith(".")]  # no staging left
+    assert sorted(p.name for p in lists_src.iterdir()) == ["car"]
+    labelled = lists_src / "car" / "n2_stratified_seed0" / "labelled.txt"
+    assert len(labelled.read_text().split()) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)

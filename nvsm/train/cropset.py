@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import IO
 
 import kornia.augmentation as KA
 import numpy as np
@@ -295,21 +296,34 @@ def mapped_empty(
     if math.prod(shape) == 0:  # an empty file cannot be mapped, and holds nothing anyway
         return torch.from_numpy(np.empty(shape, dtype=dtype))
     where = f"the temporary folder {tempfile.gettempdir()}" if folder is None else str(folder)
+    nbytes = math.prod(shape) * dtype.itemsize
     with tempfile.TemporaryFile(dir=folder) as file:  # the map keeps its own handle of it
-        if hasattr(os, "posix_fallocate"):
-            # Reserved now: a sparse file that cannot grow fails later, as a SIGBUS on writing
-            # into the map, which kills the process without a word.
-            nbytes = math.prod(shape) * dtype.itemsize
-            try:
-                os.posix_fallocate(file.fileno(), 0, nbytes)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-                    raise
-                advice = ("set TMPDIR to a folder with more free space" if folder is None
-                          else "free some space there")
-                raise ValueError(f"no room for {what} ({nbytes / 1e6:.1f} MB) in {where}: "
-                                 f"{exc.strerror}; {advice}") from None
+        # Reserved now: a sparse file that cannot grow fails later, as a SIGBUS on writing
+        # into the map, which kills the process without a word.
+        try:
+            reserve_file(file, nbytes)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise
+            advice = ("set TMPDIR to a folder with more free space" if folder is None
+                      else "free some space there")
+            raise ValueError(f"no room for {what} ({nbytes / 1e6:.1f} MB) in {where}: "
+                             f"{exc.strerror}; {advice}") from None
         return torch.from_numpy(np.memmap(file, dtype=dtype, mode="w+", shape=shape))
+
+
+def reserve_file(file: IO[bytes], nbytes: int) -> None:
+    """Give ``file`` ``nbytes`` of allocated disk blocks: ``posix_fallocate`` where the OS has
+    it (Linux, the BSDs), zeros written in 16 MiB chunks elsewhere (macOS, Windows), so that
+    either way a full disk raises OSError here rather than later inside a memory map."""
+    if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(file.fileno(), 0, nbytes)
+        return
+    chunk = bytes(min(nbytes, 16 << 20))
+    file.seek(0)
+    for start in range(0, nbytes, len(chunk)):
+        file.write(memoryview(chunk)[: nbytes - start])
+    file.flush()
 
 
 def flip_batch(
