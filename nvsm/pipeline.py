@@ -4,6 +4,7 @@ train, evaluate. Each function is a thin composition of the library's pure parts
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -421,6 +422,11 @@ def _train_and_evaluate(
         seed=config.seed,
     )
     trainer.step = done_steps
+    why_inexact = trainer.restore_training_state(ckpt) if done_steps else None
+    if why_inexact is not None and info.is_main:
+        print(f"note: resuming at step {done_steps} with a fresh optimiser and fresh random "
+              f"streams, so the result will differ from an uninterrupted run's: {why_inexact}",
+              file=sys.stderr)
     summary = trainer.fit(data, steps=max(0, config.train.steps - done_steps), checkpoint_path=ckpt)
     ddp.barrier()  # the final checkpoint is written
     if not info.is_main:
@@ -429,6 +435,7 @@ def _train_and_evaluate(
     summary["world_size"] = info.world_size
     # "steps" counts this command's steps: after --resume, the run's total is another number.
     summary["resumed_at_step"] = done_steps
+    summary["resumed_exactly"] = bool(done_steps) and why_inexact is None
     summary["total_steps"] = trainer.step
     atomic_write_json(run_dir / "train_summary.json", summary)
     if not evaluate:

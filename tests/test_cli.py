@@ -264,6 +264,73 @@ def test_train_evaluate_end_to_end(tiny_synthetic, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_stopped_and_resumed_training_ends_as_an_uninterrupted_one(
+    tiny_synthetic, tmp_path, monkeypatch
+):
+    # --resume restored model and banks but restarted AdamW's moments and every random stream
+    # (batches, augmentation, clutter, dropout), so a stopped run ended elsewhere than a run
+    # that was not stopped.
+    from nvsm.train.model import NeMoModel
+    from nvsm.train.trainer import NeMoTrainer
+
+    def command(run):
+        return ["train", "-r", "synthetic-car-7labels", "--out", str(run), "--no-evaluate",
+                "-s", f"data.root={tiny_synthetic}", "-s", "data.crop_scale=0.2",
+                "-s", "data.crop_size=[64, 120]", "-s", "train.batch_size=2",
+                "-s", "labels.annotations=3", "-s", "model.feature_dim=16",
+                "-s", "train.steps=5", "-s", "train.checkpoint_every=2"]
+
+    def tensors(run):
+        model, meta = NeMoModel.load(run / "model.pt")
+        assert meta["step"] == 5
+        return {**{f"backbone.{k}": v for k, v in model.backbone.state_dict().items()},
+                **{f"bank.{k}": v for k, v in model.banks["car"].state_dict().items()}}
+
+    def stopped_after_step_3(run):
+        real_step = NeMoTrainer.train_step
+
+        def train_step(self, data, index):
+            if self.step == 3:
+                raise KeyboardInterrupt
+            return real_step(self, data, index)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(NeMoTrainer, "train_step", train_step)
+            assert runner.invoke(app, command(run)).exit_code == 130
+
+    straight = tmp_path / "straight"
+    assert runner.invoke(app, command(straight)).exit_code == 0
+    expected = tensors(straight)
+    resumed = tmp_path / "resumed"
+    stopped_after_step_3(resumed)  # the checkpoint of step 2 stays
+    assert sorted(p.name for p in resumed.glob("model*")) == ["model.pt",
+                                                               "model.train_state.rank0.pt"]
+    res = runner.invoke(app, [*command(resumed), "--resume"])
+    assert res.exit_code == 0, res.output
+    assert "note:" not in res.output
+    summary = json.loads((resumed / "train_summary.json").read_text())
+    assert (summary["resumed_at_step"], summary["resumed_exactly"]) == (2, True)
+    got = tensors(resumed)
+    assert got.keys() == expected.keys()
+    assert [k for k in got if not torch.equal(got[k], expected[k])] == []
+    # Without the training state (a checkpoint of an older nvsm) it still resumes, says that
+    # the result will differ, and it does.
+    fresh = tmp_path / "fresh"
+    stopped_after_step_3(fresh)
+    (fresh / "model.train_state.rank0.pt").unlink()
+    res = runner.invoke(app, [*command(fresh), "--resume"])
+    assert res.exit_code == 0, res.output
+    assert (
+        "\nnote: resuming at step 2 with a fresh optimiser and fresh random streams, so the "
+        "result will differ from an uninterrupted run's: "
+        f"{fresh / 'model.train_state.rank0.pt'} is missing (checkpoints of nvsm before "
+        "2026-12-07 have none)\n") in res.output, res.output
+    assert json.loads((fresh / "train_summary.json").read_text())["resumed_exactly"] is False
+    got = tensors(fresh)
+    assert [k for k in got if not torch.equal(got[k], expected[k])] != []
+
+
+@pytest.mark.slow
 def test_train_resume_continues_step_count(tiny_synthetic, tmp_path):
     from nvsm.train.model import NeMoModel
 

@@ -22,7 +22,9 @@ from typing import Any
 import pytest
 import torch
 import torch.multiprocessing as mp
+from typer.testing import CliRunner
 
+from nvsm.cli import app
 from nvsm.config import RunConfig, load_config
 from nvsm.data.datasets import load_dataset
 from nvsm.mesh import Mesh
@@ -378,6 +380,26 @@ def test_torchrun_train_command(tiny_synthetic, tmp_path):
     assert (run / "model.pt").is_file() and (run / "run_info.json").is_file()
     assert json.loads((run / "metrics.json").read_text())["pooled"]["L0"]["n"] == 4
     assert res.stdout.count("synthetic-car-7labels: test") == 1  # rank 0 alone evaluates
+    # Each rank keeps its own training state; a resume restores them on both or on neither.
+    assert sorted(p.name for p in run.glob("model.train_state.*")) == [
+        "model.train_state.rank0.pt", "model.train_state.rank1.pt"]
+    more = [*cmd, "--no-evaluate", "--resume", "-s", "train.steps=4"]
+    res = subprocess.run(
+        more, env=env, capture_output=True, text=True, timeout=DEADLINE_S, check=False
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "note:" not in res.stderr
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["resumed_at_step"] == 3 and summary["steps"] == 1
+    assert summary["resumed_exactly"] is True
+    # One process cannot take over two processes' random streams: it says so and goes on.
+    alone = more[more.index("nvsm.cli") + 1 :]
+    alone[alone.index("train.steps=4")] = "train.steps=5"
+    res = CliRunner().invoke(app, alone)
+    assert res.exit_code == 0, res.output
+    assert (f"{run / 'model.train_state.rank0.pt'} was saved by 2 process(es), this run has 1"
+            in " ".join(res.output.split())), res.output
+    assert json.loads((run / "train_summary.json").read_text())["resumed_exactly"] is False
     # A dataset error (rank 0 reads first): every rank stops with the same one-line error; rank
     # 1, waiting in a barrier, died with gloo's connection traceback. (torchrun's launcher then
     # reports the failed children with a traceback of its own.)

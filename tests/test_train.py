@@ -138,6 +138,60 @@ def test_training_steps_checkpoint_and_reload(tiny_synthetic, tmp_path):
     assert torch.allclose(model.features(x), loaded.features(x), atol=1e-6)
 
 
+def test_training_state_is_taken_over_only_when_it_fits(tiny_synthetic, tmp_path):
+    from nvsm.models.checkpoint import load_checkpoint, save_checkpoint
+
+    recs = load_dataset("synthetic", tiny_synthetic, split="train").records
+    data = build_cropset(recs, crop_scale=0.2, crop_size=tuple(SIZE), show_progress=False)
+    cfg = _cfg()
+    meshes = category_meshes(tiny_synthetic, ["car"], 200)
+    trainer = NeMoTrainer(build_model(cfg, meshes), cfg.train, seed=0)
+    trainer.fit(data, steps=2, checkpoint_path=tmp_path / "model.pt", show_progress=False)
+    state_file = tmp_path / "model.train_state.rank0.pt"
+    saved = load_checkpoint(state_file)
+
+    def fresh(step=2):
+        other = NeMoTrainer(NeMoModel.load(tmp_path / "model.pt")[0], cfg.train, seed=5)
+        other.step = step
+        return other
+
+    taker = fresh()
+    assert taker.restore_training_state(tmp_path / "model.pt") is None
+    assert torch.equal(taker.generator.get_state(), trainer.generator.get_state())
+    assert torch.equal(taker.augment.generator.get_state(), trainer.augment.generator.get_state())
+    ours, theirs = taker.optimizer.state_dict()["state"], trainer.optimizer.state_dict()["state"]
+    assert ours.keys() == theirs.keys() and len(ours) > 0
+    assert all(torch.equal(ours[i]["exp_avg_sq"], theirs[i]["exp_avg_sq"]) for i in ours)
+
+    def refused(tensors, metadata, step=2):
+        save_checkpoint(state_file, tensors, metadata)
+        other = fresh(step)
+        before = other.generator.get_state()
+        why = other.restore_training_state(tmp_path / "model.pt")
+        assert torch.equal(other.generator.get_state(), before)  # nothing taken over
+        assert other.optimizer.state_dict()["state"] == {}
+        return why
+
+    tensors, meta = saved.tensors, saved.metadata
+    assert refused(tensors, meta, step=4) == f"{state_file} is from step 2, the model from step 4"
+    assert refused(tensors, {**meta, "world_size": 2}) == (
+        f"{state_file} was saved by 2 process(es), this run has 1")
+    assert refused(tensors, {**meta, "device": "cuda"}) == (
+        f"{state_file} was saved on cuda, this run is on cpu")
+    random = {k: v for k, v in tensors["random"].items() if k != "augment"}
+    assert refused({**tensors, "random": random}, meta) == (
+        f"{state_file}: entry 'random' lacks ['augment']")
+    moments = dict(tensors["optimizer"])
+    moments["0"] = {**moments["0"], "exp_avg": torch.zeros(3)}
+    assert refused({**tensors, "optimizer": moments}, meta) == (
+        f"{state_file}: entry 'optimizer.0' fits no parameter of this model")
+    assert refused({**tensors, "optimizer": {"x": {}}}, meta) == (
+        f"{state_file}: entry 'optimizer.x' fits no parameter of this model")
+    state_file.write_bytes(b"not a checkpoint")
+    assert fresh().restore_training_state(tmp_path / "model.pt").startswith(
+        f"{state_file}: corrupt or unreadable checkpoint")
+
+
 def test_near_mode_2d_trains_and_bad_mode_is_rejected(tiny_synthetic):
     recs = load_dataset("synthetic", tiny_synthetic, split="train").records
     data = build_cropset(recs, crop_scale=0.2, crop_size=tuple(SIZE), show_progress=False)

@@ -20,7 +20,13 @@ Distributed data parallel (``torch.distributed`` initialised, see ``nvsm.train.d
   crops whenever the set holds ``world_size × batch_size`` crops (``sample_batch``; smaller
   few-shot sets are covered by back-to-back shuffles). Augmentation and clutter draws use
   rank-offset seeds (``rank_seed``), so they differ between ranks too;
-* only rank 0 writes checkpoints.
+* only rank 0 writes the model checkpoint; every rank writes its own training state.
+
+Checkpoints are resumable exactly: beside ``model.pt`` each rank keeps its training state
+(``training_state_path``: AdamW's moments, the clutter, batch and augmentation random streams,
+torch's global one (dropout, colour jitter) and the CUDA one, the loss scaler), so a run
+stopped after a checkpoint and resumed with the same config ends with the tensors an
+uninterrupted run ends with (``restore_training_state``).
 
 A single-process run (no process group) draws exactly the same random numbers as before.
 """
@@ -41,6 +47,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from nvsm.config import TrainConfig, check_config
 from nvsm.mesh import facing_visibility
 from nvsm.models import normalize_images
+from nvsm.models.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
 from nvsm.models.common import STRIDE
 from nvsm.pose.camera import feature_intrinsics
 from nvsm.pose.convention import camera_centre, opencv_extrinsics, project_opencv
@@ -404,7 +416,93 @@ class NeMoTrainer:
         }
 
     def save(self, path: Path) -> None:
-        """Checkpoint the model with the step count (rank 0 only; other ranks return)."""
-        if self.rank != 0:
-            return
-        self.model.save(path, {"step": self.step})
+        """Checkpoint: every rank writes its training state (``training_state_path``), then
+        rank 0 the model with the step count. Each file is written atomically; one stop between
+        the writes leaves files of two steps, which ``restore_training_state`` tells apart."""
+        path = Path(path)
+        save_checkpoint(
+            training_state_path(path, self.rank),
+            self._training_state(),
+            {"step": self.step, "world_size": self.world_size, "device": self.device.type,
+             "scaler": None if self.scaler is None else self.scaler.state_dict()},
+        )
+        if self.rank == 0:
+            self.model.save(path, {"step": self.step})
+
+    def _random_streams(self) -> dict[str, torch.Generator]:
+        # The batch stream is the clutter stream in a single process: restored twice, the same.
+        return {"clutter": self.generator, "batches": self.batch_generator,
+                "augment": self.augment.generator}
+
+    def _training_state(self) -> dict[str, Any]:
+        random = {name: g.get_state() for name, g in self._random_streams().items()}
+        random["torch"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            random["cuda"] = torch.cuda.get_rng_state(self.device)
+        moments = self.optimizer.state_dict()["state"]
+        return {"optimizer": {str(i): dict(v) for i, v in moments.items()}, "random": random}
+
+    def restore_training_state(self, checkpoint: Path) -> str | None:
+        """Restore what ``save`` kept beside ``checkpoint`` besides the model, on every rank or
+        on none (ranks with different optimiser states would drift apart). Call it after
+        setting ``step`` to the checkpoint's.
+
+        Returns:
+            None when restored; otherwise why not (a missing, unreadable or mismatched file on
+            this rank, or on another), and the optimiser and random streams start afresh.
+        """
+        path = training_state_path(Path(checkpoint), self.rank)
+        state, why = self._load_training_state(path)
+        usable = torch.tensor([0 if why else 1], device=self.device)
+        if is_initialized():
+            dist.all_reduce(usable, op=dist.ReduceOp.MIN)
+        if state is None or not int(usable):
+            return why or "another process's training state is unusable"
+        opt = self.optimizer.state_dict()
+        opt["state"] = {int(i): v for i, v in state.tensors["optimizer"].items()}
+        self.optimizer.load_state_dict(opt)
+        random = state.tensors["random"]
+        for name, g in self._random_streams().items():
+            g.set_state(random[name])
+        torch.set_rng_state(random["torch"])
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(random["cuda"], self.device)
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state.metadata["scaler"])
+        return None
+
+    def _load_training_state(self, path: Path) -> tuple[Checkpoint | None, str | None]:
+        """The training state in ``path`` if this trainer can take it over exactly, else None
+        and why not."""
+        if not path.is_file():
+            return None, f"{path} is missing (checkpoints of nvsm before 2026-12-07 have none)"
+        try:
+            state = load_checkpoint(path, required=("optimizer", "random"))
+        except CheckpointError as exc:
+            return None, str(exc)
+        meta = state.metadata
+        saved = {k: meta.get(k) for k in ("step", "world_size", "device")}
+        if saved["step"] != self.step:
+            return None, f"{path} is from step {saved['step']}, the model from step {self.step}"
+        if saved["world_size"] != self.world_size:
+            return None, (f"{path} was saved by {saved['world_size']} process(es), this run has "
+                          f"{self.world_size}")
+        if saved["device"] != self.device.type:
+            return None, f"{path} was saved on {saved['device']}, this run is on {self.device.type}"
+        needed = {*self._random_streams(), "torch"} | ({"cuda"} & {self.device.type})
+        lacking = sorted(needed - set(state.tensors["random"]))
+        if lacking:
+            return None, f"{path}: entry 'random' lacks {lacking}"
+        params = [q for group in self.optimizer.param_groups for q in group["params"]]
+        for key, moments in state.tensors["optimizer"].items():
+            index = int(key) if key.isdigit() else len(params)
+            if index >= len(params) or not isinstance(moments, dict) or any(
+                name != "step" and m.shape != params[index].shape for name, m in moments.items()
+            ):
+                return None, f"{path}: entry 'optimizer.{key}' fits no parameter of this model"
+        return state, None
+
+def training_state_path(checkpoint: Path, rank: int) -> Path:
+    """Where rank ``rank`` keeps its training state for ``checkpoint``: beside it, e.g.
+    ``model.train_state.rank0.pt``."""
+    return checkpoint.with_name(f"{checkpoint.stem}.train_state.rank{rank}.pt")
