@@ -59,14 +59,14 @@ def _startup(ctx: typer.Context) -> None:
     # Before any command allocates: see keep_freed_memory for the page-fault cost it removes.
     keep_freed_memory()
     raise_on_sigterm()  # a `kill` cleans up as Ctrl-C does
-    # Only `train` shares its work among torchrun's processes; any other command would run in
-    # full once per process, every copy writing the same files.
+    # Only `train` and `fewshot` share their work among torchrun's processes; any other
+    # command would run in full once per process, every copy writing the same files.
     world = os.environ.get("WORLD_SIZE", "1")
-    if ctx.invoked_subcommand not in (None, "train") and world != "1":
+    if ctx.invoked_subcommand not in (None, "train", "fewshot") and world != "1":
         _fail(
             f"nvsm {ctx.invoked_subcommand} runs in one process, but torchrun started "
-            f"{world} (WORLD_SIZE={world}): launch it without torchrun (only nvsm train runs "
-            "on several processes)"
+            f"{world} (WORLD_SIZE={world}): launch it without torchrun (only nvsm train and "
+            "nvsm fewshot run on several processes)"
         )
 
 
@@ -442,6 +442,8 @@ def fewshot(
         _fail(str(exc))
     except KeyboardInterrupt as exc:
         _interrupted(exc, folder, "every complete stage")
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports, on its run folder
+        return
     title = (
         f"{cfg.name}: {cfg.labels.annotations} labels ({cfg.labels.anchors}, seed {cfg.seed}), "
         f"{cfg.data.crop_protocol} test crops"

@@ -277,7 +277,7 @@ def labelled_subset(
 def cropsets(config: RunConfig, records: list[ObjectRecord], description: str) -> CropSet:
     """Crops of records of possibly several categories (one crop size per category), held on
     disk (``build_cropset(on_disk=True)``): a dataset's crops, the unlabelled pool's above all,
-    need not fit in memory."""
+    need not fit in memory. Under torchrun every process crops, rank 0 with progress bars."""
     size = config.data.crop_hw()
     parts = []
     for cat in sorted({r.category for r in records}):
@@ -289,6 +289,7 @@ def cropsets(config: RunConfig, records: list[ObjectRecord], description: str) -
                 config.data.crop_scale,
                 size,
                 f"{description} ({cat})",
+                show_progress=ddp.is_main_process(),
                 on_disk=True,
             )
         )
@@ -373,19 +374,7 @@ def _train_and_evaluate(
     # Rank 0 reads the splits first (it may generate the built-in synthetic dataset), then the
     # others. Its failure is sent to them, so that every rank stops with the same one-line
     # error; they waited in a barrier and died there with gloo's traceback when rank 0 exited.
-    failure: ValueError | FileNotFoundError | None = None
-    if info.is_main:
-        try:
-            splits = load_splits(config, levels)
-        except (ValueError, FileNotFoundError) as exc:
-            failure = exc
-    message = ddp.broadcast_object(None if failure is None else str(failure))
-    if failure is not None:
-        raise failure
-    if message is not None:
-        raise ValueError(message)
-    if not info.is_main:
-        splits = load_splits(config, levels)
+    splits = ddp.main_first(lambda: load_splits(config, levels))
     labelled = training_records(config, splits)
     ckpt = run_dir / "model.pt"
     done_steps = 0
@@ -432,7 +421,6 @@ def _train_and_evaluate(
     if not info.is_main:
         return None
     summary["labelled_images"] = len(data)
-    summary["world_size"] = info.world_size
     # "steps" counts this command's steps: after --resume, the run's total is another number.
     summary["resumed_at_step"] = done_steps
     summary["resumed_exactly"] = bool(done_steps) and why_inexact is None

@@ -144,12 +144,14 @@ def test_ctrl_c_says_how_to_resume_and_the_resumed_run_finishes(tiny_synthetic, 
     assert (run / "metrics.json").is_file()
 
 
-def test_only_train_runs_under_torchrun(tmp_path):
-    # Every other command would run once per process, racing on the same run folder.
-    res = runner.invoke(app, ["fewshot", "--tiny", "--out", str(tmp_path / "run")],
+def test_only_train_and_fewshot_run_under_torchrun(tmp_path):
+    # Every other command would run once per process, racing on the same output folder.
+    res = runner.invoke(app, ["data", "synth", "--tiny", "--out", str(tmp_path / "syn")],
                         env={"WORLD_SIZE": "2"})
-    assert res.exit_code == 2 and "nvsm fewshot runs in one process" in res.output
-    assert not (tmp_path / "run").exists()
+    assert res.exit_code == 2 and " ".join(res.output.split()) == (
+        "error: nvsm data runs in one process, but torchrun started 2 (WORLD_SIZE=2): launch it "
+        "without torchrun (only nvsm train and nvsm fewshot run on several processes)")
+    assert not (tmp_path / "syn").exists()
     res = runner.invoke(app, ["recipes", "list"], env={"WORLD_SIZE": "1"})
     assert res.exit_code == 0
 

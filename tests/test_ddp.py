@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 from typer.testing import CliRunner
 
 from nvsm.cli import app
-from nvsm.config import RunConfig, load_config
+from nvsm.config import ConfigError, RunConfig, load_config
 from nvsm.data.datasets import load_dataset
 from nvsm.mesh import Mesh
 from nvsm.pipeline import category_meshes, resolve_device
@@ -34,9 +34,12 @@ from nvsm.train.distributed import (
     TORCHRUN_ENV,
     DistInfo,
     cleanup,
+    get_rank,
     init_distributed,
     is_main_process,
     launched_by_torchrun,
+    main_first,
+    on_main,
 )
 from nvsm.train.model import NeMoModel, build_model
 from nvsm.train.trainer import NeMoTrainer, all_gather_rows, rank_seed
@@ -138,6 +141,47 @@ def test_init_distributed_without_torchrun_is_a_no_op(monkeypatch):
     assert not torch.distributed.is_initialized()
     assert init_distributed("auto").device == resolve_device("auto")
     cleanup()  # nothing to clean up: no error
+
+
+def _once_worker(rank: int, out: Path) -> None:
+    ran: list[int] = []
+
+    def work() -> dict[str, int]:
+        ran.append(rank)
+        return {"from": rank}
+
+    assert on_main(work) == {"from": 0}
+    assert main_first(work) == {"from": rank}  # rank 0's run first, then each its own
+    assert ran == ([0, 0] if rank == 0 else [1])
+    caught = []
+    for error in (ValueError("bad value in f.json"), FileNotFoundError("no f.json"),
+                  ConfigError("train.steps: bad"), KeyError("deep inside")):
+
+        def failing(error: Exception = error) -> None:
+            if get_rank() == 0:
+                raise error
+            ran.append(-1)  # the others must not run it
+
+        try:
+            on_main(failing)
+        except Exception as exc:
+            caught.append(f"{type(exc).__name__}: {exc}")
+    assert -1 not in ran
+    (out / f"rank{rank}.json").write_text(json.dumps(caught))
+
+
+def test_work_done_once_on_rank_0_reaches_every_rank_and_so_do_its_errors(tmp_path):
+    # What rank 0 alone does (an E-step, an evaluation, a write) reaches the others, and so
+    # does its failure: the others would wait in a collective until the time-out.
+    _spawn(_once_worker, tmp_path)
+    caught = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert caught[0] == ["ValueError: bad value in f.json", "FileNotFoundError: no f.json",
+                         "ConfigError: train.steps: bad", "KeyError: 'deep inside'"]
+    # A subclass of ValueError (ConfigError, DatasetError) arrives as the ValueError the
+    # commands turn into their one-line error.
+    assert caught[1] == ["ValueError: bad value in f.json", "FileNotFoundError: no f.json",
+                         "ValueError: train.steps: bad",
+                         "RuntimeError: rank 0 failed: KeyError: 'deep inside'"]
 
 
 # -- training: identical models, different batches ------------------------------------------
@@ -413,3 +457,38 @@ def test_torchrun_train_command(tiny_synthetic, tmp_path):
     assert res.returncode != 0 and "[rank1]: Traceback" not in output, output[-3000:]
     assert output.count(f"error: {missing}/Image_sets/car_imagenet_train.txt") == WORLD
     assert not (tmp_path / "run2").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_fewshot_command(tiny_synthetic, tmp_path):
+    """``torchrun ... -m nvsm.cli fewshot``: every training stage is one DDP training, rank 0
+    alone runs the E-steps, evaluates, writes and reports, and the run resumes."""
+    run = tmp_path / "run"
+    sets = [
+        f"data.root={tiny_synthetic}", "data.crop_scale=0.2", f"data.crop_size={list(SIZE)}",
+        "train.steps=4", "train.batch_size=2", "labels.annotations=3", "model.feature_dim=16",
+        "model.n_vertices=200", "device=cpu", "fewshot.rounds=1", "fewshot.mstep_steps=2",
+        "fewshot.refine_steps=2", "fewshot.hubness_k=2",
+    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={WORLD}", "-m", "nvsm.cli", "fewshot", "--out", str(run),
+           *(arg for s in sets for arg in ("-s", s))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NVSM_DIST_TIMEOUT": str(COLLECTIVE_TIMEOUT_S)}
+    for name in TORCHRUN_ENV:
+        env.pop(name, None)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=DEADLINE_S)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["world_size"] == WORLD
+    assert {"nemo", "nemo_same_steps", "self_training", "nvsm"} <= set(metrics)
+    for stage in ("round_0", "round_1", "nemo_same_steps", "self_training/round_1"):
+        assert json.loads((run / stage / "metrics.json").read_text())["train"]["world_size"] == 2
+    labels = (run / "round_1" / "pseudo_labels.jsonl").read_text().splitlines()
+    assert len(labels) == metrics["rounds"][1]["pseudo_labels"]["pool"] > 0
+    assert res.stdout.count("nvsm round 1: accepted") == 1  # rank 0 alone reports
+    assert res.stdout.count("synthetic-car-7shot: 3 labels") == 1  # the table
+    again = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True,
+                           timeout=DEADLINE_S)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("complete, loaded") == 4
+    assert json.loads((run / "metrics.json").read_text()) == metrics

@@ -23,6 +23,11 @@ Each round writes ``RUN/round_<k>/``: ``model.pt``, ``config.json``, (k ≥ 1)
 marker). With ``resume=True`` complete rounds are loaded instead of recomputed. Every round
 starts from its predecessor's checkpoint on disk and seeds its own generators, so a resumed
 run equals an uninterrupted one.
+
+Under ``torchrun`` (``nvsm.train.distributed``) every process runs the loop: each training stage
+is one DDP training (the processes share the steps' batches), and what must happen once runs
+on rank 0 alone, the others waiting for its result (``on_main``): the E-steps (their
+pseudo-labels are sent to every rank), the evaluations and every file written.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +81,7 @@ from nvsm.io import (
 from nvsm.mesh import Mesh
 from nvsm.models import load_checkpoint
 from nvsm.render import Rasterizer, get_rasterizer
+from nvsm.train import distributed as ddp
 from nvsm.train.cropset import CropImages, CropSet
 from nvsm.train.model import NeMoModel, build_model
 from nvsm.train.trainer import NeMoTrainer
@@ -379,14 +386,19 @@ class _Run:
     def finish(
         self, folder: Path, model: NeMoModel, info: dict[str, Any], timer: StageTimer
     ) -> dict[str, Any]:
-        """Evaluate, then write model, config and (last, the completion marker) metrics."""
-        with timer("inference"):
-            info["test"] = self.evaluate(model)
-        info["stage_seconds"] = dict(timer.seconds)
-        model.save(folder / "model.pt", {"stage": str(folder.relative_to(self.run_dir))})
-        atomic_write_json(folder / "config.json", self.config_json)
-        atomic_write_json(folder / "metrics.json", info)
-        return json.loads(json.dumps(info, default=str))
+        """Evaluate, then write model, config and (last, the completion marker) metrics; on
+        rank 0, whose result every rank returns."""
+
+        def evaluate_and_write() -> dict[str, Any]:
+            with timer("inference"):
+                info["test"] = self.evaluate(model)
+            info["stage_seconds"] = dict(timer.seconds)
+            model.save(folder / "model.pt", {"stage": str(folder.relative_to(self.run_dir))})
+            atomic_write_json(folder / "config.json", self.config_json)
+            atomic_write_json(folder / "metrics.json", info)
+            return json.loads(json.dumps(info, default=str))
+
+        return ddp.on_main(evaluate_and_write)
 
 
 def _pseudo_set(pool: CropSet, labels: Sequence[PseudoLabel], idx: list[int]) -> CropSet:
@@ -533,7 +545,7 @@ def _em_rounds(
         model = run.load(previous)
         seed = round_seed(run.config.seed, k)
         info: dict[str, Any] = {"round": k, "method": name}
-        labels, matched = labeller(model, k, labels, timer)
+        labels, matched = ddp.on_main(partial(labeller, model, k, labels, timer))
         info["pseudo_labels"] = diag = pseudo_label_diagnostics(labels, matched, run.hidden_gt)
         acc = [i for i, lb in enumerate(labels) if lb.accepted]
         accepted = f"{name} round {k}: accepted {len(acc)}/{len(labels)} pseudo-labels"
@@ -566,7 +578,7 @@ def _em_rounds(
         info["train"].update(
             labelled_images=len(run.data.labelled), pseudo_labelled_images=len(acc)
         )
-        _write_labels(folder, labels)
+        ddp.on_main(partial(_write_labels, folder, labels))
         out.append(run.finish(folder, model, info, timer))
         gaps.append(_accepted_gap(labels))
         previous = folder
@@ -658,12 +670,41 @@ def run_fewshot(
         data: the split (default ``prepare_fewshot_data(config)``).
         matcher: the matcher (default from ``fewshot.matcher``).
         schedule: acceptance rules per EM round (index k − 1; default ``acceptance_schedule``).
-        log: optional progress messages.
+        log: optional progress messages (rank 0's only under torchrun).
+
+    Under ``torchrun`` every process calls this (see the module docstring) and returns the
+    same result; the process group is set up here and torn down after, unless one is
+    running already.
     """
-    fs = config.fewshot
     device = validate_fewshot_config(config)
+    owns_group = ddp.launched_by_torchrun() and not ddp.is_initialized()
+    info = ddp.init_distributed(config.device)  # no-op without torchrun
+    try:
+        return _run_fewshot(config, Path(run_dir), resume, data, matcher, schedule,
+                            show_progress, log, info, device)
+    finally:
+        if owns_group:  # after the body has returned, so that its DDP wrappers are released
+            ddp.cleanup()
+
+
+def _run_fewshot(
+    config: RunConfig,
+    run_dir: Path,
+    resume: bool,
+    data: FewShotData | None,
+    matcher: Matcher | None,
+    schedule: AcceptanceSchedule | None,
+    show_progress: bool,
+    log: Callable[[str], None] | None,
+    info: ddp.DistInfo,
+    device: torch.device,
+) -> FewShotResult:
+    """``run_fewshot``'s body on this process (``info``; under torchrun its device replaces
+    the configured ``device``)."""
+    fs = config.fewshot
+    device = info.device if info.distributed else device
     schedule = schedule or acceptance_schedule(fs)
-    run_dir = Path(run_dir)
+    run_dir = ddp.broadcast_object(run_dir)  # e.g. a timestamped default: rank 0's
     check_run_folder(run_dir, resume)
     config_json = config_to_dict(config)
     info_path = run_dir / "run_info.json"
@@ -699,9 +740,14 @@ def run_fewshot(
                 f"it holds round {held} already; ask for at least {held}, or start a new run in "
                 "another folder"
             )
-    data = data or prepare_fewshot_data(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_run_info(run_dir, config_json, config.seed)
+    ddp.barrier()  # every rank has checked the folder before rank 0 writes into it
+    data = data or ddp.main_first(lambda: prepare_fewshot_data(config))
+
+    def start_run_folder() -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_info(run_dir, config_json, config.seed)
+
+    ddp.on_main(start_run_folder)
     pool, hidden_gt = hide_poses(data.unlabelled)
     run = _Run(
         config=config,
@@ -714,8 +760,8 @@ def run_fewshot(
         schedule=schedule,
         device=device,
         rasterizer=get_rasterizer(config.model.rasterizer, device),
-        show_progress=show_progress,
-        say=log or (lambda _msg: None),
+        show_progress=show_progress and info.is_main,
+        say=log if log is not None and info.is_main else (lambda _msg: None),
         config_json=config_json,
     )
     nemo = _single_stage(
@@ -764,8 +810,9 @@ def run_fewshot(
     last = run_dir / f"round_{rounds[-1]['round']}"  # earlier than fs.rounds if saturated
     final = run.load(last)
     labels = read_pseudo_labels(last / "pseudo_labels.jsonl", rounds[-1]["round"])
+    extra["world_size"] = info.world_size
     metrics = _top_level(config, data, rows, rounds, {"total_steps": budget, **extra})
-    atomic_write_json(run_dir / "metrics.json", metrics)
+    ddp.on_main(partial(atomic_write_json, run_dir / "metrics.json", metrics))
     return FewShotResult(metrics=metrics, model=final, labels=labels)
 
 

@@ -1,7 +1,7 @@
 """Multi-process (DDP) training set-up for ``torchrun``.
 
-Launch ``nvsm train`` once per process with ``torchrun``; the command line is otherwise the same
-as for a single process::
+Launch ``nvsm train`` (or ``nvsm fewshot``, see ``nvsm.fewshot.loop``) once per process with
+``torchrun``; the command line is otherwise the same as for a single process::
 
     torchrun --standalone --nproc_per_node 2 -m nvsm.cli train -r synthetic-car-supervised \\
         --out runs/ddp
@@ -27,8 +27,9 @@ from __future__ import annotations
 import datetime as _dt
 import gc
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -157,6 +158,46 @@ def broadcast_object(obj: T) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main(work: Callable[[], T]) -> T:
+    """``work()`` run on rank 0 alone, its result sent to every rank (``work()`` itself
+    without a process group): for what must happen once, such as writing files, or must give
+    every rank the same answer. The others wait; when rank 0 fails, every rank raises: the same
+    ``ValueError`` or ``FileNotFoundError`` (a bad input, one line on every rank), or a
+    ``RuntimeError`` naming rank 0's error, rather than hanging until the time-out."""
+    if not is_initialized():
+        return work()
+    result: tuple[str, Any] = ("ok", None)
+    if get_rank() == 0:
+        try:
+            result = ("ok", work())
+        except (ValueError, FileNotFoundError) as exc:  # subclasses too (DatasetError, ...)
+            kind = "FileNotFoundError" if isinstance(exc, FileNotFoundError) else "ValueError"
+            result = (kind, str(exc))
+            broadcast_object(result)
+            raise
+        except BaseException as exc:
+            broadcast_object(("RuntimeError", f"rank 0 failed: {type(exc).__name__}: {exc}"))
+            raise
+    kind, value = broadcast_object(result)
+    if kind == "ok":
+        return cast(T, value)
+    raise {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError}.get(
+        kind, RuntimeError
+    )(value)
+
+
+def main_first(work: Callable[[], T]) -> T:
+    """``work()`` on rank 0, then, once it has succeeded there, on the other ranks (each
+    returns its own result): for a step whose first run prepares what the others then read,
+    such as generating the built-in dataset. Rank 0's failure is raised on every rank as in
+    ``on_main``."""
+    if not is_initialized():
+        return work()
+    mine: list[T] = []
+    on_main(lambda: mine.append(work()))  # the other ranks wait for rank 0's run
+    return mine[0] if get_rank() == 0 else work()
 
 
 def barrier() -> None:

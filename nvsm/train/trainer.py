@@ -378,8 +378,9 @@ class NeMoTrainer:
         show_progress: bool = True,
     ) -> dict[str, float | None]:
         """Train for ``steps`` (default ``config.steps``) steps; returns ``steps`` (those of
-        this call), ``seconds`` and ``final_loss`` (the mean loss of its last tenth of steps,
-        steadier than the last step's, which the progress bar shows).
+        this call), ``world_size`` (the processes that shared them), ``seconds`` and
+        ``final_loss`` (the mean loss of its last tenth of steps, steadier than the last
+        step's, which the progress bar shows).
 
         When ``checkpoint_path`` is given the model is saved there every
         ``config.checkpoint_every`` steps and at the end (with the step count), so an
@@ -410,6 +411,7 @@ class NeMoTrainer:
         tail = losses[-max(1, len(losses) // 10) :]
         return {
             "steps": steps,
+            "world_size": self.world_size,  # processes sharing each step (DDP)
             "seconds": time.perf_counter() - start,
             # None when no step ran: a resumed run whose checkpoint holds every step already.
             "final_loss": sum(tail) / len(tail) if tail else None,
