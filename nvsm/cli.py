@@ -412,6 +412,7 @@ def fewshot(
         nvsm fewshot --dataset kitti --root /data/kitti/object
             -s data.cad_root=/data/PASCAL3D+_release1.1
         nvsm fewshot -r synthetic-car-7shot -s fewshot.matcher=faiss -s fewshot.rounds=3
+        torchrun --standalone --nproc_per_node 4 -m nvsm.cli fewshot --annotations 7
     """
     from nvsm.data.splits import SPLIT_STRATEGIES
     from nvsm.fewshot.loop import run_fewshot

@@ -31,13 +31,21 @@ def _commands(command: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[
         yield from _commands(sub, (*path, name))
 
 
+def _torchrun_as_nvsm(line: str) -> str:
+    """``torchrun [its options] -m nvsm.cli ARGS`` read as ``nvsm ARGS`` (other lines as they
+    are): what every process runs."""
+    return re.sub(r"^torchrun .*?-m nvsm\.cli ", "nvsm ", line)
+
+
 def _readme_examples() -> list[str]:
-    """``nvsm ...`` lines of README's bash blocks (continuations joined, comments dropped)."""
+    """``nvsm ...`` lines of README's bash blocks (continuations joined, comments dropped;
+    ``torchrun ... -m nvsm.cli`` lines included)."""
     found = []
     for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
         for line in re.sub(r"\\\n\s*", " ", block).splitlines():
             # "nvsm ...", ".venv/bin/nvsm ..." or "./install.sh && .venv/bin/nvsm ...".
-            command = re.match(r"(?:.*&&\s*)?(?:\S*/)?(nvsm .*)", line.split(" #")[0].strip())
+            line = _torchrun_as_nvsm(line.split(" #")[0].strip())
+            command = re.match(r"(?:.*&&\s*)?(?:\S*/)?(nvsm .*)", line)
             if command:
                 found.append(command.group(1))
     return found
@@ -51,8 +59,8 @@ def _help_examples() -> list[str]:
         _, sep, examples = text.partition("Example")
         assert sep, command.name
         for line in examples.split("\n")[1:]:
-            if line.strip().startswith("nvsm "):
-                found.append(line.strip().removesuffix("\\").strip())
+            if _torchrun_as_nvsm(line.strip()).startswith("nvsm "):
+                found.append(_torchrun_as_nvsm(line.strip()).removesuffix("\\").strip())
             elif line.strip() and found:
                 found[-1] += " " + line.strip().removesuffix("\\").strip()
     return found
