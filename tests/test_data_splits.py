@@ -212,3 +212,19 @@ def test_runs_take_the_nested_lists_of_data_split(records: list[ObjectRecord]) -
     assert set(runs[7]) < set(runs[20]) < set(runs[50])
     # The 7 are the draw of every run measured before (the anchors of the default).
     assert sorted(runs[7]) == select_labelled(records, 7, "stratified", seed=0, tag="car")
+
+
+def test_too_many_labels_are_named_as_asked(records: list[ObjectRecord]) -> None:
+    # --annotations 100 on a set of 6 said "asked for 7": the nested ladder's first rung
+    # below 100, which the user never asked for.
+    from nvsm.pipeline import labelled_subset
+
+    few = records[:6]
+    with pytest.raises(ValueError, match=r"^asked for 100 labelled records of car \(labels"
+                       r"\.annotations, the --annotations option of 'nvsm fewshot'\) but only 6 "
+                       r"are available$"):
+        labelled_subset(few, 100, "stratified", 0)
+    with pytest.raises(ValueError, match=r"^asked for 20 labelled records of car \(n_labelled\) "
+                       r"but only 6 are available$"):
+        few_shot_splits(few, [], (7, 20), "stratified", seed=0)
+    assert len(labelled_subset(few, 6, "stratified", 0)) == 6

@@ -120,10 +120,7 @@ def select_labelled(
     if strategy not in SPLIT_STRATEGIES:
         raise ValueError(f"strategy must be one of {SPLIT_STRATEGIES}, got {strategy!r}")
     recs = _sorted_unique(records)
-    if n > len(recs):
-        cats = ", ".join(sorted({r.category for r in recs})) or "the given categories"
-        raise ValueError(f"asked for {n} labelled records of {cats} ({setting}) but only "
-                         f"{len(recs)} are available")
+    _require_records(recs, n, setting)
     ids = [r.uid for r in recs]
     chosen = list(dict.fromkeys(keep))
     missing = set(chosen) - set(ids)
@@ -213,6 +210,13 @@ class FewShotSplit:
     coverage: AzimuthCoverage
 
 
+def _require_records(recs: Sequence[ObjectRecord], n: int, setting: str) -> None:
+    if n > len(recs):
+        cats = ", ".join(sorted({r.category for r in recs})) or "the given categories"
+        raise ValueError(f"asked for {n} labelled records of {cats} ({setting}) but only "
+                         f"{len(recs)} are available")
+
+
 def few_shot_splits(
     train: Sequence[ObjectRecord],
     test: Sequence[ObjectRecord],
@@ -241,6 +245,9 @@ def few_shot_splits(
         test_by_cat.setdefault(r.category, []).append(r.uid)
     for category in sorted(by_cat):
         recs = _sorted_unique(by_cat[category])
+        # The largest size first: a smaller one that does not fit either named that one, which
+        # the user may never have asked for (a nested ladder rung below --annotations).
+        _require_records(recs, max(n_labelled, default=0), setting)
         azimuth = {r.uid: r.azimuth for r in recs}
         rng = _rng(seed, category)
         previous: list[str] = []
