@@ -95,13 +95,23 @@ def _interrupted(exc: KeyboardInterrupt, folder: Path, kept: str) -> NoReturn:
     exit_with_error(console, message, code)
 
 
-def _config(recipe: str | None, overrides: list[str] | None) -> RunConfig:
+def _config(
+    recipe: str | None, overrides: list[str] | None, options: dict[str, str] | None = None
+) -> RunConfig:
+    """The recipe with ``overrides``; ``options`` maps a config key set by a command-line
+    option (its override comes last) to that option, which a bad value's error names."""
     from nvsm.config import ConfigError, load_config
 
     try:
         return load_config(recipe, overrides or [])
     except ConfigError as exc:
-        _fail(str(exc))
+        message = str(exc)
+        for key, option in (options or {}).items():
+            # It said "overrides.fewshot.rounds: ..." for --rounds 0.
+            if message.startswith(f"overrides.{key}:"):
+                named = option if option == f"--{key}" else f"{option} ({key})"
+                message = f"{named}{message.removeprefix(f'overrides.{key}')}"
+        _fail(message)
 
 
 def _run_dir(out: Path | None, prefix: str) -> Path:
@@ -195,7 +205,8 @@ def train(
     from nvsm.pipeline import train_and_evaluate
 
     extra = [f"model.backbone_weights={backbone_weights}"] if backbone_weights else []
-    cfg = _config(recipe, [*(overrides or []), *extra])
+    cfg = _config(recipe, [*(overrides or []), *extra],
+                  {"model.backbone_weights": "--backbone-weights"} if backbone_weights else {})
     folder = _run_dir(out, "train")
     try:
         metrics = train_and_evaluate(cfg, folder, resume=resume, evaluate=evaluate)
@@ -426,14 +437,18 @@ def fewshot(
     if tiny and (recipe is not None or dataset not in (None, "synthetic")):
         _fail("--tiny picks its own recipe and dataset (synthetic-car-tiny)")
     name = "synthetic-car-tiny" if tiny else recipe or f"{dataset or 'synthetic'}-car-7shot"
-    extra = [f"labels.annotations={annotations}"] if annotations is not None else []
-    extra += [f"fewshot.rounds={rounds}"] if rounds is not None else []
-    extra += [f"labels.anchors={anchors}"] if anchors is not None else []
-    extra += [f"seed={seed}"] if seed is not None else []
-    extra += [f"data.root={root}"] if root is not None else []
+    given = {  # config key: (option, its value if given)
+        "labels.annotations": ("--annotations", annotations),
+        "fewshot.rounds": ("--rounds", rounds),
+        "labels.anchors": ("--anchors", anchors),
+        "seed": ("--seed", seed),
+        "data.root": ("--root", root),
+    }
+    options = {key: option for key, (option, value) in given.items() if value is not None}
+    extra = [f"{key}={value}" for key, (_, value) in given.items() if value is not None]
     extra += ["fewshot.oracle=true"] if with_oracle else []
     extra += [] if baselines else ["fewshot.baselines=false"]
-    cfg = _config(name, [*(overrides or []), *extra])
+    cfg = _config(name, [*(overrides or []), *extra], options)
     if cfg.labels.annotations is None:
         _fail("the few-shot loop needs --annotations N (N >= 1)")
     folder = _run_dir(out, "fewshot")

@@ -144,6 +144,22 @@ def test_ctrl_c_says_how_to_resume_and_the_resumed_run_finishes(tiny_synthetic, 
     assert (run / "metrics.json").is_file()
 
 
+def test_a_bad_option_value_is_named_as_the_option(tmp_path):
+    # --rounds 0 said "overrides.fewshot.rounds: ...", a name the user never typed.
+    for args, message in (
+        (["--rounds", "0"], "error: --rounds (fewshot.rounds): expected a value >= 1, got 0"),
+        (["--annotations", "0"],
+         "error: --annotations (labels.annotations): expected a value >= 1, got 0"),
+        (["--seed", "-1"], "error: --seed: expected a value >= 0, got -1"),
+    ):
+        res = runner.invoke(app, ["fewshot", "--tiny", *args, "--out", str(tmp_path / "r")])
+        assert res.exit_code == 2 and res.output == message + "\n", res.output
+    # The same value given with -s is named as the setting it is.
+    res = runner.invoke(app, ["fewshot", "--tiny", "-s", "fewshot.rounds=0"])
+    assert res.output == "error: overrides.fewshot.rounds: expected a value >= 1, got 0\n"
+    assert not (tmp_path / "r").exists()
+
+
 def test_only_train_and_fewshot_run_under_torchrun(tmp_path):
     # Every other command would run once per process, racing on the same output folder.
     res = runner.invoke(app, ["data", "synth", "--tiny", "--out", str(tmp_path / "syn")],
