@@ -180,7 +180,12 @@ def test_training_state_is_taken_over_only_when_it_fits(tiny_synthetic, tmp_path
         f"{state_file} was saved on cuda, this run is on cpu")
     random = {k: v for k, v in tensors["random"].items() if k != "augment"}
     assert refused({**tensors, "random": random}, meta) == (
-        f"{state_file}: entry 'random' lacks ['augment']")
+        f"{state_file}: entry 'random' lacks a generator state for ['augment']")
+    garbled = {**tensors["random"], "torch": torch.zeros(3, dtype=torch.uint8)}
+    assert refused({**tensors, "random": garbled}, meta) == (
+        f"{state_file}: entry 'random' lacks a generator state for ['torch']")
+    assert refused({**tensors, "random": torch.zeros(2)}, meta) == (
+        f"{state_file}: entries 'random' and 'optimizer' must each hold named tensors")
     moments = dict(tensors["optimizer"])
     moments["0"] = {**moments["0"], "exp_avg": torch.zeros(3)}
     assert refused({**tensors, "optimizer": moments}, meta) == (

@@ -491,12 +491,17 @@ class NeMoTrainer:
                           f"{self.world_size}")
         if saved["device"] != self.device.type:
             return None, f"{path} was saved on {saved['device']}, this run is on {self.device.type}"
-        needed = {*self._random_streams(), "torch"} | ({"cuda"} & {self.device.type})
-        lacking = sorted(needed - set(state.tensors["random"]))
-        if lacking:
-            return None, f"{path}: entry 'random' lacks {lacking}"
+        random, moments_by_key = state.tensors["random"], state.tensors["optimizer"]
+        if not isinstance(random, dict) or not isinstance(moments_by_key, dict):
+            return None, f"{path}: entries 'random' and 'optimizer' must each hold named tensors"
+        ours = self._training_state()["random"]
+        unfit = sorted(name for name, t in ours.items() if not (
+            isinstance(random.get(name), torch.Tensor) and random[name].dtype == t.dtype
+            and random[name].shape == t.shape))
+        if unfit:
+            return None, f"{path}: entry 'random' lacks a generator state for {unfit}"
         params = [q for group in self.optimizer.param_groups for q in group["params"]]
-        for key, moments in state.tensors["optimizer"].items():
+        for key, moments in moments_by_key.items():
             index = int(key) if key.isdigit() else len(params)
             if index >= len(params) or not isinstance(moments, dict) or any(
                 name != "step" and m.shape != params[index].shape for name, m in moments.items()
