@@ -348,14 +348,8 @@ def train_and_evaluate(
 
     check_run_config(config)
     check_run_folder(run_dir, resume)
-    owns_group = ddp.launched_by_torchrun() and not ddp.is_initialized()
-    info = ddp.init_distributed(config.device)  # no-op without torchrun
-    try:
+    with ddp.process_group(config.device) as info:
         return _train_and_evaluate(config, run_dir, resume, evaluate, info)
-    finally:
-        if owns_group:
-            # After the body has returned, so that its trainer and DDP wrapper are released.
-            ddp.cleanup()
 
 
 def _train_and_evaluate(

@@ -624,14 +624,13 @@ def _single_stage(
     return run.finish(folder, model, info, timer)
 
 
-def validate_fewshot_config(config: RunConfig) -> torch.device:
+def validate_fewshot_config(config: RunConfig) -> None:
     """Raise ``ValueError`` naming the first value the loop cannot run with
     (``nvsm.pipeline.check_run_config``, then the ``fewshot.*`` values that only make sense
-    together), so that it fails before any data is cropped or round 0 trained. Returns the
-    device to run on."""
+    together), so that it fails before any data is cropped or round 0 trained."""
     from nvsm.pipeline import check_run_config
 
-    device = check_run_config(config)
+    check_run_config(config)
     fs = config.fewshot
     bad = [x for x in fs.mstep_image_shifts_deg if not 0 < abs(x) <= 90]
     if bad:
@@ -640,7 +639,6 @@ def validate_fewshot_config(config: RunConfig) -> torch.device:
             f"±90°, got {bad}"
         )
     acceptance_schedule(fs)
-    return device
 
 
 def run_fewshot(
@@ -676,15 +674,10 @@ def run_fewshot(
     same result; the process group is set up here and torn down after, unless one is
     running already.
     """
-    device = validate_fewshot_config(config)
-    owns_group = ddp.launched_by_torchrun() and not ddp.is_initialized()
-    info = ddp.init_distributed(config.device)  # no-op without torchrun
-    try:
+    validate_fewshot_config(config)
+    with ddp.process_group(config.device) as info:
         return _run_fewshot(config, Path(run_dir), resume, data, matcher, schedule,
-                            show_progress, log, info, device)
-    finally:
-        if owns_group:  # after the body has returned, so that its DDP wrappers are released
-            ddp.cleanup()
+                            show_progress, log, info)
 
 
 def _run_fewshot(
@@ -697,12 +690,10 @@ def _run_fewshot(
     show_progress: bool,
     log: Callable[[str], None] | None,
     info: ddp.DistInfo,
-    device: torch.device,
 ) -> FewShotResult:
-    """``run_fewshot``'s body on this process (``info``; under torchrun its device replaces
-    the configured ``device``)."""
+    """``run_fewshot``'s body on this process (``info``, whose device it runs on)."""
     fs = config.fewshot
-    device = info.device if info.distributed else device
+    device = info.device
     schedule = schedule or acceptance_schedule(fs)
     run_dir = ddp.broadcast_object(run_dir)  # e.g. a timestamped default: rank 0's
     check_run_folder(run_dir, resume)

@@ -27,7 +27,8 @@ from __future__ import annotations
 import datetime as _dt
 import gc
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -149,6 +150,21 @@ def init_distributed(
             timeout=_dt.timedelta(seconds=timeout_s),
         )
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+@contextmanager
+def process_group(device: str | torch.device = "auto") -> Iterator[DistInfo]:
+    """``init_distributed(device)`` for the ``with`` block, torn down after it when this block
+    set the group up (not one a test harness or caller runs already). Call the work in a
+    function of its own inside the block: its trainers and DDP wrappers are released when it
+    returns, before the teardown (torn down later, gloo's threads could abort the process)."""
+    owns_group = launched_by_torchrun() and not is_initialized()
+    info = init_distributed(device)  # no-op without torchrun
+    try:
+        yield info
+    finally:
+        if owns_group:
+            cleanup()
 
 
 def broadcast_object(obj: T) -> T:

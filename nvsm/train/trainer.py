@@ -436,13 +436,17 @@ class NeMoTrainer:
         return {"clutter": self.generator, "batches": self.batch_generator,
                 "augment": self.augment.generator}
 
-    def _training_state(self) -> dict[str, Any]:
+    def _random_states(self) -> dict[str, torch.Tensor]:
         random = {name: g.get_state() for name, g in self._random_streams().items()}
         random["torch"] = torch.get_rng_state()
         if self.device.type == "cuda":
             random["cuda"] = torch.cuda.get_rng_state(self.device)
+        return random
+
+    def _training_state(self) -> dict[str, Any]:
         moments = self.optimizer.state_dict()["state"]
-        return {"optimizer": {str(i): dict(v) for i, v in moments.items()}, "random": random}
+        return {"optimizer": {str(i): dict(v) for i, v in moments.items()},
+                "random": self._random_states()}
 
     def restore_training_state(self, checkpoint: Path) -> str | None:
         """Restore what ``save`` kept beside ``checkpoint`` besides the model, on every rank or
@@ -494,7 +498,7 @@ class NeMoTrainer:
         random, moments_by_key = state.tensors["random"], state.tensors["optimizer"]
         if not isinstance(random, dict) or not isinstance(moments_by_key, dict):
             return None, f"{path}: entries 'random' and 'optimizer' must each hold named tensors"
-        ours = self._training_state()["random"]
+        ours = self._random_states()
         unfit = sorted(name for name, t in ours.items() if not (
             isinstance(random.get(name), torch.Tensor) and random[name].dtype == t.dtype
             and random[name].shape == t.shape))
