@@ -52,9 +52,9 @@ from nvsm.pose import opencv_extrinsics, pose_from_opencv, project_pascal3d
 W, H = 64, 48
 
 
-def _image(path: Path, fmt: str = "JPEG") -> Path:
+def _image(path: Path, fmt: str = "JPEG", size: tuple[int, int] = (H, W)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((H, W, 3), 90, np.uint8)).save(path, fmt)
+    Image.fromarray(np.full((*size, 3), 90, np.uint8)).save(path, fmt)
     return path
 
 
@@ -194,7 +194,12 @@ def test_wrong_mat_variable(p3d_root: Path) -> None:
         (_obj(viewpoint=_vp(el=float("inf"))), "objects[0].viewpoint.elevation", "finite"),
         (_obj(bbox=(-4, 6, 40, 30)), "objects[0].bbox", "non-negative"),
         (_obj(bbox=(40, 6, 5, 30)), "objects[0].bbox", "x2 > x1"),
-        (_obj(bbox=(1, 2, 3)), "objects[0].bbox", "4 numbers"),
+        (_obj(bbox=(1, 2, 3)), "objects[0].bbox", "4 real numbers"),
+        # numpy counts complex values as numbers: float() refused them with a bare TypeError,
+        # and a complex box lost its imaginary part without a word.
+        ({**_obj(), "bbox": np.array([5, 6, 40, 30]) + 1j}, "objects[0].bbox", "4 real numbers"),
+        (_obj(viewpoint={**_vp(), "azimuth": 30 + 2j}), "objects[0].viewpoint.azimuth",
+         "real number"),
         (_obj(cad=0), "objects[0].cad_index", "1-based"),
         ({**_obj(), "truncated": 7}, "objects[0].truncated", "0/1 flag"),
         ({k: v for k, v in _obj().items() if k != "difficult"}, "objects[0].difficult", "flag"),
@@ -374,6 +379,10 @@ P2 = np.array([[721.5377, 0.0, 609.5593, 44.85728], [0.0, 721.5377, 172.854, 0.2
                [0.0, 0.0, 1.0, 0.002745884]])
 
 
+#: (H, W) of KITTI's camera-2 images.
+KITTI_IMAGE_HW = (375, 1242)
+
+
 def _car(loc, ry, dims=(1.5, 1.6, 3.9), bbox=(400.0, 150.0, 700.0, 300.0), trunc=0.0, occ=0,
          line=0, type_="Car") -> KittiObject:
     return KittiObject(type_, trunc, occ, 0.0, bbox, dims, loc, ry, line)
@@ -498,7 +507,7 @@ def _kitti_tree(tmp_path: Path) -> Path:
     for frame, lst in (("000000", objs), ("000001", objs[:1]), ("000002", objs[1:2])):
         write_kitti_label(base / "label_2" / f"{frame}.txt", [_label_dict(o) for o in lst])
         write_kitti_calib(base / "calib" / f"{frame}.txt", P2)
-        _image(base / "image_2" / f"{frame}.png", "PNG")
+        _image(base / "image_2" / f"{frame}.png", "PNG", KITTI_IMAGE_HW)
     return root
 
 
@@ -864,7 +873,7 @@ def test_text_imgsize_names_the_field(p3d_root: Path) -> None:
     scipy.io.savemat(mat, {"record": {"filename": "n0002.JPEG", "imgsize": "640 480 3",
                                       "objects": _obj()}})
     with pytest.raises(DataFormatError, match=r"n0002\.mat: field 'record\.imgsize': expected "
-                       r"\[width height depth\] \(numbers\), got 640 480 3"):
+                       r"\[width height depth\] \(real numbers\), got 640 480 3"):
         load_pascal3d(p3d_root, ["car"], split="train")
 
 
@@ -952,3 +961,132 @@ def test_cli_split_of_an_empty_train_list_is_an_error(tmp_path: Path, p3d_root: 
                              env={"COLUMNS": "400"})
     assert res.exit_code == 2 and "no training records of car" in res.output, res.output
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------- verify reports what stops the loaders
+@pytest.mark.parametrize(("location", "dims", "bbox", "field", "expected"), [
+    ((0.0, 1.65, -12.0), (1.5, 1.6, 3.9), (500.0, 140.0, 720.0, 300.0),
+     "line 1 dimensions/location", "z > 0"),
+    ((0.0, 1.65, 12.0), (1.5, -1.6, 3.9), (500.0, 140.0, 720.0, 300.0),
+     "line 1 dimensions/location", "positive h, w, l"),
+    ((0.0, 1.65, 12.0), (1.5, 1.6, 3.9), (-5.0, 140.0, 720.0, 300.0),
+     "line 1 bbox", "non-negative"),
+])
+def test_verify_kitti_reports_what_stops_the_loader(tmp_path: Path, location: tuple,
+                                                    dims: tuple, bbox: tuple, field: str,
+                                                    expected: str) -> None:
+    root = _kitti_tree(tmp_path)
+    label = root / "training/label_2/000001.txt"
+    write_kitti_label(label, [_label_dict(_car(location, -math.pi / 2, dims=dims, bbox=bbox))])
+    with pytest.raises(DataFormatError) as info:
+        load_kitti(root)
+    assert info.value.path == label and info.value.field == field
+    assert expected in info.value.expected
+    problems = [p for p in verify_dataset("kitti", root) if p.kind != "count_mismatch"]
+    assert [(p.kind, p.path, p.field) for p in problems] == [("bad_field", label, field)]
+    assert expected in problems[0].message
+
+
+def test_verify_kitti_reports_a_box_beyond_the_image(tmp_path: Path) -> None:
+    root = _kitti_tree(tmp_path)
+    label = root / "training/label_2/000001.txt"
+    write_kitti_label(label, [_label_dict(_car((0.0, 1.65, 12.0), -math.pi / 2,
+                                               bbox=(500.0, 140.0, 2000.0, 300.0)))])
+    assert len(load_kitti(root).records) == 3  # the reader keeps it: a crop pads the outside
+    problems = [p for p in verify_dataset("kitti", root) if p.kind != "count_mismatch"]
+    assert [(p.kind, p.path, p.field) for p in problems] == [("bad_field", label, "line 1 bbox")]
+    assert "beyond the last pixel (1241, 374)" in problems[0].message
+
+
+def test_kitti_calib_with_two_p2_lines_is_refused(tmp_path: Path) -> None:
+    root = _kitti_tree(tmp_path)
+    calib = root / "training/calib/000001.txt"
+    calib.write_text(calib.read_text() + "P2: " + " ".join(["1"] * 12) + "\n")
+    with pytest.raises(DataFormatError, match=r"000001\.txt: field 'line \d+': expected one "
+                                              r"'P2:' line"):
+        read_kitti_calib(calib)
+
+
+def test_a_decompression_bomb_is_an_unreadable_image(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pillow refuses headers declaring more than twice MAX_IMAGE_PIXELS with its own error
+    # class, which is no OSError; lowering the limit stands in for a 20000 x 20000 header.
+    root = _kitti_tree(tmp_path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    image = root / "training/image_2/000001.png"
+    problems = verify_dataset("kitti", root)
+    assert ("unreadable", image) in {(p.kind, p.path) for p in problems}
+    assert any("DecompressionBombError" in p.message for p in problems)
+    from nvsm.data.images import load_image
+
+    with pytest.raises(DataFormatError, match=r"000001\.png: field 'image'.*DecompressionBomb"):
+        load_image(image)
+
+
+def test_an_image_named_by_annotations_of_both_lists_is_refused(p3d_root: Path) -> None:
+    from nvsm.data.datasets import train_test_records
+
+    # n0002 (train) names n0003's image (val): ids differ, the image would be trained on and
+    # then scored.
+    write_pascal3d_record(p3d_root / "Annotations/car_imagenet/n0002.mat", "n0003.JPEG",
+                          [_obj()], imgsize=(W, H, 3))
+    _image(p3d_root / "Images/car_imagenet/n0003.JPEG")
+    mat = p3d_root / "Annotations/car_imagenet/n0002.mat"
+    with pytest.raises(DataFormatError) as info:
+        train_test_records("pascal3d", p3d_root, ["car"])
+    assert info.value.path == mat and info.value.field == "record.filename"
+    assert "n0003.mat" in info.value.expected and info.value.got == "n0003.JPEG"
+    problems = verify_dataset("pascal3d", p3d_root, categories=["car"])
+    assert [(p.path, p.field) for p in problems if p.field == "record.filename"] == [
+        (mat, "record.filename")]
+
+
+def test_verify_decode_checks_occluded_mask_sizes(tmp_path: Path, p3d_root: Path) -> None:
+    root = _occluded(tmp_path, p3d_root)
+    npz = root / "annotations/carFGL1_BGL1/n0003.npz"
+    write_occluded_npz(npz, "../PASCAL3D+/Images/car_imagenet/n0003.JPEG",
+                       np.zeros((10, 10), np.uint8), np.zeros((H, W), bool),
+                       [5, 29, 4, 39, H, W], np.array([[10, 20, 10, 20, H, W]]))
+    problems = verify_dataset("occluded_pascal3d", root, categories=["car"], decode_images=True)
+    bad = [p for p in problems if p.path == npz]
+    assert [(p.kind, p.field) for p in bad] == [("bad_field", "mask")]
+    assert f"image's size ({H}, {W})" in bad[0].message and "(10, 10)" in bad[0].message
+
+
+def test_verify_occluded_reads_the_source_annotations(tmp_path: Path, p3d_root: Path) -> None:
+    root = _occluded(tmp_path, p3d_root)
+    # The source annotation exists but holds no car: the loader stops there, so must verify.
+    write_pascal3d_record(p3d_root / "Annotations/car_imagenet/n0003.mat", "n0003.JPEG",
+                          [_obj("bus")], imgsize=(W, H, 3))
+    with pytest.raises(DataFormatError, match=r"record\.objects"):
+        load_occluded_pascal3d(root, p3d_root, ["car"], levels=(1,))
+    problems = verify_dataset("occluded_pascal3d", root, categories=["car"],
+                              pascal3d_root=p3d_root)
+    assert [(p.kind, p.path.name, p.field) for p in problems
+            if p.path.suffix == ".mat"] == [("bad_field", "n0003.mat", "record.objects")]
+
+
+def test_a_flag_column_outside_voc_lists_is_refused(p3d_root: Path) -> None:
+    lst = p3d_root / "Image_sets/car_imagenet_train.txt"
+    lst.write_text("n0001 -1\nn0002\n")  # the VOC form would drop n0001 without a word
+    with pytest.raises(DataFormatError, match=r"car_imagenet_train\.txt: field 'line 1': "
+                                              r"expected one id per line"):
+        load_pascal3d(p3d_root, ["car"])
+
+
+def test_data_cli_option_checks(tmp_path: Path, p3d_root: Path) -> None:
+    runner = CliRunner()
+    base = ["--dataset", "pascal3d", "--root", str(p3d_root)]
+    limit = runner.invoke(app, ["verify", *base, "--limit", "-1"])
+    assert limit.exit_code == 2 and "--limit" in limit.output
+    seed = runner.invoke(app, ["split", *base, "-n", "1", "--seed", "-1", "--out",
+                               str(tmp_path / "s")])
+    assert seed.exit_code == 2 and "--seed" in seed.output
+    # a repeated category is read once; repeated and space-separated sizes all count
+    for name, sizes in (("repeated", ["-n", "1", "-n", "2"]), ("spaced", ["-n", "1 2"])):
+        out = tmp_path / name
+        res = runner.invoke(app, ["split", *base, "-c", "car", "-c", "car", *sizes,
+                                  "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        assert sorted(p.name for p in (out / "car").iterdir()) == [
+            "n1_stratified_seed0", "n2_stratified_seed0"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nvsm.data.errors import DataFormatError, check_items
+from nvsm.data.errors import DataFormatError, check_items, is_real
 from nvsm.data.matlab import load_mat_struct, struct_list
 from nvsm.mesh import Mesh, MeshFormatError, read_off
 
@@ -61,7 +61,7 @@ def _rows_of_three(value: object, path: Path, field: str, integer: bool) -> np.n
         return np.zeros((0, 3))
     if arr.shape == (3,):  # squeeze_me turns a single row into a vector
         arr = arr.reshape(1, 3)
-    if not np.issubdtype(arr.dtype, np.number) or arr.ndim != 2 or arr.shape[1] != 3:
+    if not is_real(arr) or arr.ndim != 2 or arr.shape[1] != 3:
         raise DataFormatError(path, field, f"an (N, 3) array of {what}",
                               f"{arr.dtype} array of shape {arr.shape}")
     arr = arr.astype(np.float64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -41,6 +42,11 @@ app = typer.Typer(
 app.command("synth")(synth_command)
 
 
+def _unique(categories: list[str] | None) -> list[str] | None:
+    """The categories asked for, each once (a repeated one would be read, and split, twice)."""
+    return list(dict.fromkeys(categories)) if categories else None
+
+
 def _check_name(name: str) -> str:
     if name not in DATASET_NAMES:
         raise typer.BadParameter(f"unknown dataset {name!r}; choose from {_NAMES}")
@@ -61,7 +67,7 @@ def verify(
     pascal3d_root: Annotated[Path | None, typer.Option(
         "--pascal3d-root", help="occluded_pascal3d: also check the source annotations.")] = None,
     limit: Annotated[int, typer.Option(
-        "--limit", help="Rows shown in the table (all are counted).")] = 200,
+        "--limit", min=0, help="Rows shown in the table (all are counted).")] = 200,
 ) -> None:
     """Check a local dataset copy against data_manifests/<dataset>.yaml; list EVERY problem.
 
@@ -74,7 +80,7 @@ def verify(
     _check_name(dataset)
     console = Console()
     try:
-        problems = verify_dataset(dataset, root, categories=category or None,
+        problems = verify_dataset(dataset, root, categories=_unique(category),
                                   decode_images=decode, pascal3d_root=pascal3d_root)
     except NotADirectoryError as exc:
         exit_with_error(console, f"cannot verify {dataset}: {exc}", 2)
@@ -99,10 +105,10 @@ def split(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help=f"One of: {_NAMES}.")],
     root: Annotated[Path, typer.Option("--root", "-r", help="Root folder of the dataset.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
-    annotations: Annotated[str, typer.Option(
-        "--annotations", "-n", help="Labelled-set sizes: '--annotations 7 20 50' or '7,20,50'.")
-    ] = ",".join(map(str, FEW_SHOT_LADDER)),
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the PCG64 stream.")] = 0,
+    annotations: Annotated[list[str] | None, typer.Option(
+        "--annotations", "-n", help="Labelled-set sizes: '--annotations 7 20 50' or '7,20,50' "
+        f"(repeatable; default {','.join(map(str, FEW_SHOT_LADDER))}).")] = None,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the PCG64 stream.")] = 0,
     strategy: Annotated[str, typer.Option(
         "--strategy", help=f"One of: {', '.join(SPLIT_STRATEGIES)}.")] = "stratified",
     category: Annotated[list[str] | None, typer.Option(
@@ -128,7 +134,8 @@ def split(
     _check_name(dataset)
     if strategy not in SPLIT_STRATEGIES:
         raise typer.BadParameter(f"strategy must be one of {SPLIT_STRATEGIES}")
-    tokens = [t for part in [annotations, *ctx.args] for t in part.split(",") if t.strip()]
+    given = annotations or [",".join(map(str, FEW_SHOT_LADDER))]
+    tokens = [t for part in [*given, *ctx.args] for t in re.split(r"[,\s]+", part) if t]
     try:
         sizes = sorted({int(t) for t in tokens})
     except ValueError as exc:
@@ -146,7 +153,7 @@ def split(
     except NotADirectoryError as exc:
         exit_with_error(console, f"cannot split {dataset}: {exc}", 2)
     try:
-        train, test = train_test_records(dataset, root, category or None, test_fold=test_fold)
+        train, test = train_test_records(dataset, root, _unique(category), test_fold=test_fold)
     except DataFormatError as exc:
         exit_with_error(console, f"{exc}\nRun 'nvsm data verify --dataset {dataset} --root "
                         f"{root}' to list every problem.", 2)

@@ -89,6 +89,15 @@ def _check_disjoint(name: str, root: Path, train: ReadResult, test: ReadResult) 
     test_keys = {(r.category, r.image_id) for r in test.records}
     shared = sorted({(r.category, r.image_id) for r in train.records} & test_keys)
     if not shared:
+        # Ids differ, but an annotation's record.filename may still name the other side's image.
+        test_images = {r.image_path.resolve(): r for r in test.records}
+        for rec in train.records:
+            other = test_images.get(rec.image_path.resolve())
+            if other is not None:
+                raise DataFormatError(
+                    rec.annotation_path or rec.image_path, "record.filename",
+                    f"an image no annotation of the test list uses ({other.annotation_path} "
+                    "uses it)", rec.image_path.name)
         return
     category = shared[0][0]
     ids = [image_id for cat, image_id in shared if cat == category]

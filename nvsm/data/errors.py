@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DataFormatError", "check_items", "id_sample"]
+__all__ = ["DataFormatError", "check_items", "id_sample", "is_real"]
 
 
 def _short(value: Any, limit: int = 120) -> str:
@@ -65,3 +65,9 @@ def id_sample(ids: Sequence[str], limit: int = 5) -> str:
     """The first ``limit`` ids, comma-separated, then `` ...`` when there are more: enough of a
     long list for an error message to be checked against the files."""
     return ", ".join(ids[:limit]) + (" ..." if len(ids) > limit else "")
+
+
+def is_real(values: np.ndarray) -> bool:
+    """Whether an array holds real numbers (bool, integer or float): ``np.number`` admits
+    complex values too, whose imaginary part ``float()`` refuses and ``astype`` drops."""
+    return values.dtype.kind in "biuf"

@@ -11,7 +11,13 @@ from PIL import Image, UnidentifiedImageError
 from nvsm.data.errors import DataFormatError
 from nvsm.data.record import ObjectRecord
 
-__all__ = ["check_image", "load_image", "load_mask", "load_masks"]
+__all__ = ["IMAGE_READ_ERRORS", "check_image", "load_image", "load_mask", "load_masks"]
+
+#: What Pillow raises for a file it cannot read, truncated data and a header declaring more
+#: pixels than Pillow's decompression-bomb limit included (that one is no OSError).
+IMAGE_READ_ERRORS: tuple[type[Exception], ...] = (
+    OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError,
+)
 
 #: Integer masks (e.g. Occluded PASCAL3D+'s JPEG-derived object masks, 0..255) are foreground
 #: where the value exceeds this (the generator's own threshold); float/bool masks above 0.5.
@@ -38,7 +44,7 @@ def load_image(path: Path) -> np.ndarray:
             if mode not in (*_WIDE_GREY_MODES, "F"):
                 return np.array(im.convert("RGB"), dtype=np.uint8)
             grey = np.asarray(im)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+    except IMAGE_READ_ERRORS as exc:
         raise DataFormatError(path, "image", "a decodable image", f"{type(exc).__name__}: {exc}") \
             from exc
     if mode == "F":
@@ -71,7 +77,7 @@ def check_image(path: Path, decode: bool = False) -> tuple[int, int]:
             else:
                 im.verify()
         return size
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+    except IMAGE_READ_ERRORS as exc:
         raise DataFormatError(path, "image", "a readable image", f"{type(exc).__name__}: {exc}") \
             from exc
 
@@ -111,7 +117,7 @@ def load_mask(path: Path, key: str = "mask") -> np.ndarray:
         try:
             with Image.open(path) as im:
                 mask = np.asarray(im.convert("L"))
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
+        except IMAGE_READ_ERRORS as exc:
             raise DataFormatError(path, "mask", "a decodable image", str(exc)) from exc
     if mask.ndim not in (2, 3) or mask.size == 0:
         raise DataFormatError(path, key, "an (H, W) mask", f"shape {mask.shape}")

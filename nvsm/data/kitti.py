@@ -82,6 +82,7 @@ __all__ = [
     "kitti_folds",
     "kitti_frame_id",
     "kitti_pose",
+    "kitti_records",
     "load_kitti",
     "read_kitti_calib",
     "read_kitti_label",
@@ -255,7 +256,7 @@ def read_kitti_calib(path: Path) -> dict[str, np.ndarray]:
     """Parse a ``calib`` file into arrays (``P2`` (3, 4), ``R0_rect`` (3, 3), ...).
 
     Raises:
-        DataFormatError: missing file, missing ``P2``, wrong number of values.
+        DataFormatError: missing file, missing or repeated ``P2``, wrong number of values.
     """
     path = Path(path)
     if not path.is_file():
@@ -276,6 +277,8 @@ def read_kitti_calib(path: Path) -> dict[str, np.ndarray]:
             values = np.array([float(t) for t in rest.split()], dtype=np.float64)
         except ValueError as exc:
             raise DataFormatError(path, key, "numbers", rest.strip()) from exc
+        if key in out:  # which of two would be the camera is anyone's guess
+            raise DataFormatError(path, f"line {lineno}", f"one '{key}:' line", line)
         shape = KITTI_CALIB_KEYS.get(key)
         if shape is not None:
             if values.size != shape[0] * shape[1] or not np.all(np.isfinite(values)):
@@ -380,7 +383,6 @@ def load_kitti(
     """
     config = config or KittiConfig()
     base = Path(root) / config.split_dir
-    classes = dict(config.classes)
     result = ReadResult()
     if ids is None:
         label_dir = base / "label_2"
@@ -393,7 +395,7 @@ def load_kitti(
         ids = sorted(p.stem for p in label_dir.glob("*.txt"))
     for frame in ids:
         try:
-            _read_frame(base, frame, config, classes, result)
+            _read_frame(base, frame, config, result)
         except DataFormatError as exc:
             if errors == "raise":
                 raise
@@ -402,36 +404,62 @@ def load_kitti(
     return result
 
 
-def _read_frame(base: Path, frame: str, config: KittiConfig, classes: dict[str, str],
-                result: ReadResult) -> None:
+def _read_frame(base: Path, frame: str, config: KittiConfig, result: ReadResult) -> None:
     label = base / "label_2" / f"{frame}.txt"
     kitti_frame_id(label)
     objects = read_kitti_label(label)
-    wanted = [o for o in objects if o.type in classes]
-    if not wanted:
+    if not any(o.type in dict(config.classes) for o in objects):
         return
     image = base / "image_2" / f"{frame}.png"
     if not image.is_file():
         raise DataFormatError(image, "image", f"an existing image for {label}", "missing")
     p2 = read_kitti_calib(base / "calib" / f"{frame}.txt")["P2"]
-    for obj in wanted:
+    kitti_records(label, objects, p2, config, result)
+
+
+def kitti_records(label: Path, objects: list[KittiObject], p2: np.ndarray, config: KittiConfig,
+                  result: ReadResult) -> None:
+    """Turn the objects of one label file (``read_kitti_label``) into records in ``result``:
+    the cars ``config`` filters out go to ``result.skipped`` with the reason. All or nothing:
+    on an error ``result`` is left as it was. ``nvsm data verify`` runs this too, so that it
+    reports what would stop the loader.
+
+    Raises:
+        DataFormatError: a kept car with a non-positive size or depth, or a box the record
+            refuses (a negative coordinate), naming its line.
+    """
+    label = Path(label)
+    frame = kitti_frame_id(label)
+    image = label.parents[1] / "image_2" / f"{frame}.png"
+    classes = dict(config.classes)
+    records, skipped = [], []
+    for obj in objects:
+        if obj.type not in classes:
+            continue
         reason = _filter_reason(obj, config)
         if reason is not None:
-            result.skipped.append(SkippedObject(label, obj.line, classes[obj.type], reason))
+            skipped.append(SkippedObject(label, obj.line, classes[obj.type], reason))
             continue
         h, w, l = obj.dimensions
         if min(h, w, l) <= 0 or obj.location[2] <= 0:
             raise DataFormatError(label, f"line {obj.line + 1} dimensions/location",
                                   "positive h, w, l and z > 0", (obj.dimensions, obj.location))
         pose = kitti_pose(obj, p2, config.units_per_metre)
-        result.records.append(ObjectRecord(
-            image_path=image, category=classes[obj.type], bbox=obj.bbox,
-            azimuth=pose.azimuth, elevation=pose.elevation, theta=pose.theta,
-            distance=pose.distance, px=pose.px, py=pose.py, focal=pose.focal, viewport=1.0,
-            cad_index=None, truncated=obj.truncated > 0, occluded=obj.occluded > 0,
-            difficult=not _moderate(obj), occlusion_level=obj.occluded, source="kitti",
-            image_id=frame, object_index=obj.line, annotation_path=label,
-        ))
+        try:
+            record = ObjectRecord(
+                image_path=image, category=classes[obj.type], bbox=obj.bbox,
+                azimuth=pose.azimuth, elevation=pose.elevation, theta=pose.theta,
+                distance=pose.distance, px=pose.px, py=pose.py, focal=pose.focal, viewport=1.0,
+                cad_index=None, truncated=obj.truncated > 0, occluded=obj.occluded > 0,
+                difficult=not _moderate(obj), occlusion_level=obj.occluded, source="kitti",
+                image_id=frame, object_index=obj.line, annotation_path=label,
+            )
+        except DataFormatError as exc:  # the record names the field; the file's line is ours
+            raise DataFormatError(label, f"line {obj.line + 1} {exc.field}", exc.expected,
+                                  exc.got) from exc
+        records.append(record)
+    result.records.extend(records)
+    result.skipped.extend(skipped)
 
 
 def kitti_folds(

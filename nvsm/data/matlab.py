@@ -30,7 +30,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import scipy.io
 
-from nvsm.data.errors import DataFormatError
+from nvsm.data.errors import DataFormatError, is_real
 from nvsm.data.record import ObjectRecord
 
 __all__ = [
@@ -147,8 +147,8 @@ def _field(struct: Any, name: str) -> Any:
 
 def _number(value: Any, path: Path, name: str) -> float:
     arr = np.asarray(value)
-    if arr.size != 1 or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-        raise DataFormatError(path, name, "a single number", value)
+    if arr.size != 1 or not is_real(arr):
+        raise DataFormatError(path, name, "a single real number", value)
     return float(arr.reshape(()))
 
 
@@ -237,8 +237,8 @@ def record_image_size(record: Any, mat_path: Path) -> tuple[int, int] | None:
         return None
     arr = np.asarray(imgsize)
     # Check the type before converting: a string would fail inside numpy, unexplained.
-    if not np.issubdtype(arr.dtype, np.number):
-        raise DataFormatError(mat_path, "record.imgsize", "[width height depth] (numbers)",
+    if not is_real(arr):
+        raise DataFormatError(mat_path, "record.imgsize", "[width height depth] (real numbers)",
                               imgsize)
     arr = arr.astype(np.float64).ravel()
     if arr.size < 2 or not np.all(np.isfinite(arr[:2])) or np.any(arr[:2] <= 0):
@@ -335,8 +335,9 @@ def parse_record_file(
         if _is_empty(bbox):
             raise DataFormatError(mat_path, f"{prefix}.bbox", "[x1 y1 x2 y2]", "missing or empty")
         box = np.asarray(bbox)
-        if box.size != 4 or not np.issubdtype(box.dtype, np.number):
-            raise DataFormatError(mat_path, f"{prefix}.bbox", "[x1 y1 x2 y2] (4 numbers)", bbox)
+        if box.size != 4 or not is_real(box):
+            raise DataFormatError(mat_path, f"{prefix}.bbox", "[x1 y1 x2 y2] (4 real numbers)",
+                                  bbox)
         flags = {k: _flag(obj, mat_path, k, prefix) for k in ("truncated", "occluded", "difficult")}
         vp, reason = _viewpoint(obj, mat_path, prefix)
         if vp is None:

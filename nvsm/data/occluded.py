@@ -33,6 +33,8 @@ __all__ = [
     "OccludedAnnotation",
     "load_occluded_pascal3d",
     "occluded_folder",
+    "occluded_image_path",
+    "read_occluded_entry",
     "read_occluded_npz",
 ]
 
@@ -71,7 +73,8 @@ def read_occluded_npz(path: Path, check_masks: bool = False) -> OccludedAnnotati
 
     Args:
         path: ``annotations/<folder>/<name>.npz``.
-        check_masks: also load ``mask`` and ``occluder_mask`` and check they are 2-D.
+        check_masks: also load ``mask`` and ``occluder_mask`` and check they are 2-D and of the
+            image's size (``box[4:6]``).
     Raises:
         DataFormatError: missing/truncated file, missing key, malformed value.
     """
@@ -114,9 +117,14 @@ def read_occluded_npz(path: Path, check_masks: bool = False) -> OccludedAnnotati
                                   "shape (n, 6): one [y0, y1, x0, x1, img_h, img_w] per occluder",
                                   f"shape {occluder_box.shape}")
         _check_finite_numbers(path, "occluder_box", occluder_box)
+    image_hw = (int(box[4]), int(box[5]))
     for key, mask in masks.items():
         if mask.ndim not in (2, 3) or mask.size == 0:
             raise DataFormatError(path, key, "an (H, W) mask", f"shape {mask.shape}")
+        # The generator cut the masks at the image's size, which 'box' records.
+        if mask.shape[:2] != image_hw:
+            raise DataFormatError(path, key, f"an (H, W) mask of the image's size {image_hw} "
+                                  "(box[4:6])", f"shape {mask.shape}")
     return OccludedAnnotation(path, stem, box.astype(np.float64),
                               occluder_box.reshape(-1, 6).astype(np.float64))
 
@@ -185,7 +193,7 @@ def load_occluded_pascal3d(
                 continue
             for name in names:
                 try:
-                    _read_one(root, pascal3d_root, category, folder, fg, name, result)
+                    read_occluded_entry(root, pascal3d_root, category, folder, fg, name, result)
                 except DataFormatError as exc:
                     if errors == "raise":
                         raise
@@ -194,12 +202,25 @@ def load_occluded_pascal3d(
     return result
 
 
-def _read_one(root: Path, p3d_root: Path, category: str, folder: str, level: int, name: str,
-              result: ReadResult) -> None:
+def occluded_image_path(root: Path, folder: str, name: str) -> Path:
+    """The image of list entry ``name`` of ``lists/<folder>.txt`` (``.JPEG`` when it has no
+    extension)."""
+    image = Path(root) / "images" / folder / Path(name).name
+    return image if image.suffix else image.with_suffix(".JPEG")
+
+
+def read_occluded_entry(root: Path, p3d_root: Path, category: str, folder: str, level: int,
+                        name: str, result: ReadResult) -> None:
+    """Read list entry ``name`` of ``lists/<folder>.txt`` into ``result``: its image, its
+    ``.npz`` and the object of its PASCAL3D+ source annotation the occluders surround.
+    ``nvsm data verify --pascal3d-root`` runs it too, so that it reports what would stop the
+    loader.
+
+    Raises:
+        DataFormatError: a missing image or source annotation, a malformed ``.npz`` or ``.mat``.
+    """
     stem = Path(name).stem
-    image = root / "images" / folder / Path(name).name
-    if image.suffix == "":
-        image = image.with_suffix(".JPEG")
+    image = occluded_image_path(root, folder, name)
     if not image.is_file():
         raise DataFormatError(image, "image", f"an existing image listed in lists/{folder}.txt",
                               "missing")

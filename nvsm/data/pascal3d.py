@@ -62,11 +62,12 @@ def pascal3d_image_set(root: Path, category: str, split: str, subset: Subset = "
     return Path(root) / _VOC_SETS / f"{category}_{split}.txt"
 
 
-def read_image_set(path: Path) -> list[str]:
+def read_image_set(path: Path, *, voc_flags: bool = False) -> list[str]:
     """Ids listed in an image-set file, in file order.
 
-    Lines are ``<id>`` (PASCAL3D+ ``Image_sets``, Occluded PASCAL3D+ ``lists``) or ``<id> <flag>``
-    (VOC per-class lists; flag −1 = class absent, such lines are dropped). Blank lines are ignored.
+    Lines are ``<id>`` (PASCAL3D+ ``Image_sets``, Occluded PASCAL3D+ ``lists``) or, with
+    ``voc_flags``, ``<id> <flag>`` (VOC per-class lists; flag −1 = class absent, such lines are
+    dropped). Blank lines are ignored.
 
     Raises:
         DataFormatError: missing/unreadable file, a malformed line or an id listed twice.
@@ -86,6 +87,9 @@ def read_image_set(path: Path) -> list[str]:
         parts = line.split()
         if not parts:
             continue
+        # A flag outside a VOC list would drop its image without a word.
+        if not voc_flags and len(parts) > 1:
+            raise DataFormatError(path, f"line {lineno}", "one id per line", line)
         if len(parts) > 2 or (len(parts) == 2 and parts[1] not in ("-1", "0", "1")):
             raise DataFormatError(path, f"line {lineno}", "'<id>' or '<id> <-1|0|1>'", line)
         # A repeated id would make two records with one id (and count the image twice).
@@ -167,7 +171,8 @@ def load_pascal3d(
                     raise DataFormatError(ann_dir, "<folder>", "an annotation folder", "missing")
                 ids = sorted(p.stem for p in ann_dir.glob("*.mat"))
             else:
-                ids = read_image_set(pascal3d_image_set(root, category, split, subset))
+                ids = read_image_set(pascal3d_image_set(root, category, split, subset),
+                                     voc_flags=subset == "pascal")
         except DataFormatError as exc:
             if errors == "raise":
                 raise

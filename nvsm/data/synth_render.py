@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from scipy.ndimage import gaussian_filter
 from skimage.draw import ellipse as draw_ellipse
 from skimage.draw import polygon as draw_polygon
 
+from nvsm.data.images import IMAGE_READ_ERRORS
 from nvsm.data.shapes import PartMesh
 from nvsm.pose.convention import PASCAL3D_VIEWPORT, intrinsics, opencv_extrinsics
 from nvsm.render import Rasterizer, project_vertices
@@ -327,7 +328,7 @@ class BackgroundBank:
                 try:
                     with Image.open(path) as im:
                         im.load()
-                except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+                except IMAGE_READ_ERRORS as exc:
                     raise ValueError(f"background photo {path} cannot be read "
                                      f"({type(exc).__name__}: {exc})") from exc
         return cls(entries)

@@ -28,16 +28,28 @@ from nvsm.data.categories import register_categories
 from nvsm.data.datasets import DATASET_NAMES, synthetic_categories
 from nvsm.data.errors import DataFormatError, id_sample
 from nvsm.data.images import check_image
-from nvsm.data.kitti import kitti_frame_id, read_kitti_calib, read_kitti_label
+from nvsm.data.kitti import (
+    KittiConfig,
+    kitti_frame_id,
+    kitti_records,
+    read_kitti_calib,
+    read_kitti_label,
+)
 from nvsm.data.matlab import (
     ParsedFile,
+    ReadResult,
     box_outside_image,
     load_mat_struct,
     parse_record_file,
     record_image_size,
 )
-from nvsm.data.occluded import occluded_folder, read_occluded_npz
-from nvsm.data.pascal3d import pascal3d_annotation_dir, read_image_set
+from nvsm.data.occluded import (
+    occluded_folder,
+    occluded_image_path,
+    read_occluded_entry,
+    read_occluded_npz,
+)
+from nvsm.data.pascal3d import read_image_set
 
 __all__ = [
     "PROBLEM_KINDS", "Problem", "check_dataset_root", "load_manifest", "manifest_dir",
@@ -199,24 +211,27 @@ def _verify_pascal_layout(root: Path, manifest: dict[str, Any], categories: list
         img_dir = root / layout["image_dir"].format(category=cat)
         ann_dir = root / layout["annotation_dir"].format(category=cat)
         listed: dict[str, tuple[Path, list[str]]] = {}
+        images: dict[str, dict[Path, Path]] = {}
         for split, pattern in (layout.get("lists") or {}).items():
             list_path = root / pattern.format(category=cat)
             if not list_path.is_file():
                 continue  # reported above
             ids = out.run(read_image_set, list_path) or []
             listed[split] = (list_path, ids)
+            images[split] = {}
             for image_id in ids:
                 result = out.run(parse_record_file, ann_dir / f"{image_id}.mat", img_dir,
                                  categories=[cat], source=source, image_id=image_id)
                 if result is None:
                     continue
+                images[split][result.image_path.resolve()] = ann_dir / f"{image_id}.mat"
                 if not result.records and not result.skipped:
                     out.add(Problem("bad_field", ann_dir / f"{image_id}.mat",
                                     f"listed in {list_path.name} ({split}) but has no object of "
                                     f"class {cat!r}", "record.objects"))
                 _check_against_image(ann_dir / f"{image_id}.mat", result,
                                      out.image(result.image_path, decode), out)
-        _check_lists_disjoint(listed, out)
+        _check_lists_disjoint(listed, out, images)
 
 
 def _check_against_image(mat_path: Path, result: ParsedFile, size: tuple[int, int] | None,
@@ -242,8 +257,11 @@ def _check_against_image(mat_path: Path, result: ParsedFile, size: tuple[int, in
                             f"objects[{record.object_index}].bbox"))
 
 
-def _check_lists_disjoint(listed: dict[str, tuple[Path, list[str]]], out: _Collector) -> None:
-    """An id in both the train and the val (test) list would be trained on and tested on."""
+def _check_lists_disjoint(listed: dict[str, tuple[Path, list[str]]], out: _Collector,
+                          images: dict[str, dict[Path, Path]]) -> None:
+    """An id in both the train and the val (test) list would be trained on and tested on; so
+    would an image that annotations of both lists name (``images``: split → {image: the
+    annotation naming it})."""
     if "train" not in listed or "val" not in listed:
         return
     (train_path, train_ids), (val_path, val_ids) = listed["train"], listed["val"]
@@ -252,6 +270,12 @@ def _check_lists_disjoint(listed: dict[str, tuple[Path, list[str]]], out: _Colle
         out.add(Problem("bad_field", train_path,
                         f"{len(shared)} id(s) also in {val_path.name} (the test list): "
                         f"{id_sample(shared)}", "ids"))
+        return
+    train_images, val_images = images.get("train", {}), images.get("val", {})
+    for image in sorted(train_images.keys() & val_images.keys()):
+        out.add(Problem("bad_field", train_images[image],
+                        f"names {image.name}, which {val_images[image]} of the test list "
+                        "names too", "record.filename"))
 
 
 def _verify_occluded(root: Path, manifest: dict[str, Any], categories: list[str], decode: bool,
@@ -270,15 +294,14 @@ def _verify_occluded(root: Path, manifest: dict[str, Any], categories: list[str]
                 continue
             for name in out.run(read_image_set, list_path) or []:
                 stem = Path(name).stem
-                out.image(root / layout["image"].format(folder=folder, name=name), decode)
+                image = occluded_image_path(root, folder, name)
+                out.image(image, decode)
                 npz = root / layout["annotation"].format(folder=folder, stem=stem)
                 ann = out.run(read_occluded_npz, npz, check_masks=decode)
-                if ann is not None and pascal3d_root is not None:
-                    mat = pascal3d_annotation_dir(pascal3d_root, cat) / f"{ann.source}.mat"
-                    if not mat.is_file():
-                        out.add(Problem("missing_file", mat,
-                                        f"PASCAL3D+ source annotation of {npz} is missing",
-                                        "source"))
+                if ann is not None and pascal3d_root is not None and image.is_file():
+                    # The loader's own reading: the source annotation and its object.
+                    out.run(read_occluded_entry, root, pascal3d_root, cat, folder, level, name,
+                            ReadResult())
 
 
 def _verify_kitti(root: Path, manifest: dict[str, Any], decode: bool, out: _Collector) -> None:
@@ -287,10 +310,20 @@ def _verify_kitti(root: Path, manifest: dict[str, Any], decode: bool, out: _Coll
     if not label_dir.is_dir():
         return  # reported by the folder check
     for label in sorted(label_dir.glob("*.txt")):
-        out.run(kitti_frame_id, label)
-        out.run(read_kitti_label, label)
-        out.image(base / "image_2" / f"{label.stem}.png", decode)
-        out.run(read_kitti_calib, base / "calib" / f"{label.stem}.txt")
+        frame = out.run(kitti_frame_id, label)
+        objects = out.run(read_kitti_label, label)
+        size = out.image(base / "image_2" / f"{label.stem}.png", decode)
+        calib = out.run(read_kitti_calib, base / "calib" / f"{label.stem}.txt")
+        if frame is None or objects is None or calib is None:
+            continue
+        # The loader's own conversion: what would stop `nvsm data split` is reported here.
+        result = ReadResult()
+        out.run(kitti_records, label, objects, calib["P2"], KittiConfig(), result)
+        for record in result.records:
+            outside = None if size is None else box_outside_image(record.bbox, size)
+            if outside:
+                out.add(Problem("bad_field", label, f"{outside} ({record.image_path.name})",
+                                f"line {record.object_index + 1} bbox"))
 
 
 def _verify_objectnet3d(root: Path, manifest: dict[str, Any], decode: bool,
@@ -300,20 +333,24 @@ def _verify_objectnet3d(root: Path, manifest: dict[str, Any], decode: bool,
         names = out.run(read_image_set, classes) or []
         out.run(register_categories, names)
     listed: dict[str, tuple[Path, list[str]]] = {}
+    images: dict[str, dict[Path, Path]] = {}
     for split, pattern in (manifest["layout"].get("lists") or {}).items():
         list_path = root / pattern
         if not list_path.is_file():
             continue
         ids = out.run(read_image_set, list_path) or []
         listed[split] = (list_path, ids)
+        images[split] = {}
         for image_id in ids:
             result = out.run(parse_record_file, root / "Annotations" / f"{image_id}.mat",
                              root / "Images", categories=None, source="objectnet3d",
                              image_id=image_id)
             if result is not None:
+                images[split][result.image_path.resolve()] = (
+                    root / "Annotations" / f"{image_id}.mat")
                 _check_against_image(root / "Annotations" / f"{image_id}.mat", result,
                                      out.image(result.image_path, decode), out)
-    _check_lists_disjoint(listed, out)
+    _check_lists_disjoint(listed, out, images)
 
 
 def verify_dataset(
