@@ -350,7 +350,8 @@ def infer(
         console.print(f"failed: {row['image']} ({row['uid']}): {row['error']}", markup=False,
                       soft_wrap=True)
     if summary["failed"] and len(summary["failed"]) == summary["images"]:
-        exit_with_error(console, "no image could be read; their rows say why", 1)
+        exit_with_error(console, "no image gave a pose (unreadable, or inference failed); "
+                        "their rows say why", 1)
 
 
 FEWSHOT_DATASETS = ("synthetic", "pascal3d", "kitti")

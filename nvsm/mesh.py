@@ -45,6 +45,13 @@ class Mesh:
             raise MeshFormatError(f"Mesh.vertices must have shape (V, 3), got {tuple(v.shape)}")
         if f.ndim != 2 or f.shape[1] != 3:
             raise MeshFormatError(f"Mesh.faces must have shape (F, 3), got {tuple(f.shape)}")
+        if not v.dtype.is_floating_point:
+            raise MeshFormatError(f"Mesh.vertices must be floating point, got {v.dtype}")
+        if not torch.isfinite(v).all():
+            raise MeshFormatError("Mesh.vertices must be finite, got NaN or inf")
+        # Rendering indexes with the faces: a float or bool tensor fails there, far from here.
+        if f.dtype.is_floating_point or f.dtype.is_complex or f.dtype == torch.bool:
+            raise MeshFormatError(f"Mesh.faces must be integer vertex indices, got {f.dtype}")
         if f.numel() and (int(f.min()) < 0 or int(f.max()) >= v.shape[0]):
             raise MeshFormatError(f"Mesh.faces index outside [0, {v.shape[0]})")
 

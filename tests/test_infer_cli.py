@@ -112,6 +112,40 @@ def test_rows_csv_jsonl_round_trip_in_degrees(tmp_path):
     assert failed["azimuth_deg"] is None and failed["error"] == "RuntimeError: boom"
 
 
+def test_reading_predictions_back_checks_each_row(tmp_path: Path) -> None:
+    # Malformed files were read as rows of NaN and '' (missing columns, an unrelated CSV), or
+    # failed with bare ValueError / JSONDecodeError / AttributeError naming no file or line.
+    from nvsm.data.errors import DataFormatError
+
+    good = {"image": "a.jpg", "uid": "a:0", "category": "car", "azimuth_deg": 30.0,
+            "elevation_deg": 10.0, "theta_deg": 0.0, "distance": 5.0, "score": 0.5,
+            "seconds": 0.1, "error": ""}
+    csv_path = write_predictions_csv(tmp_path / "p.csv", [good])
+    assert read_predictions_csv(csv_path)[0]["azimuth_deg"] == 30.0
+    csv_path.write_text("foo,bar\n1,2\n")
+    with pytest.raises(DataFormatError, match=r"p\.csv: field 'line 1 \(header\)'"):
+        read_predictions_csv(csv_path)
+    write_predictions_csv(csv_path, [{**good, "azimuth_deg": "abc"}])
+    with pytest.raises(DataFormatError, match=r"p\.csv: field 'line 2 azimuth_deg': expected a "
+                                              r"number.*got abc$"):
+        read_predictions_csv(csv_path)
+    jsonl = tmp_path / "p.jsonl"
+    for text, field in (
+        ("{not json", "line 1"),
+        ("[1, 2]", "line 1"),
+        (json.dumps({k: v for k, v in good.items() if k != "score"}), "line 1 score"),
+        (json.dumps({**good, "azimuth_deg": None}), "line 1 error"),  # a failure needs a reason
+        (json.dumps({**good, "error": "boom"}), "line 1 error"),  # a reason needs a failure
+        (json.dumps({**good, "seconds": [1]}), "line 1 seconds"),
+    ):
+        jsonl.write_text(text + "\n")
+        with pytest.raises(DataFormatError) as info:
+            read_predictions_jsonl(jsonl)
+        assert info.value.path == jsonl and info.value.field == field, (text, str(info.value))
+    jsonl.write_text(json.dumps({**good, "azimuth_deg": None, "error": "boom"}) + "\n")
+    assert math.isnan(read_predictions_jsonl(jsonl)[0]["azimuth_deg"])
+
+
 def test_draw_overlay_colours_projected_corners():
     mesh = cuboid_mesh([-0.3, -0.6, -0.2], [0.3, 0.6, 0.2], 200)
     size = (96, 128)
@@ -425,7 +459,7 @@ def test_infer_end_to_end(tiny_synthetic, tmp_path):
     junk.mkdir()
     (junk / "a.png").write_bytes(b"")
     res = runner.invoke(app, ["infer", "-m", ckpt, str(junk), "--out", str(tmp_path / "pj")])
-    assert res.exit_code == 1 and "no image could be read" in res.output
+    assert res.exit_code == 1 and "no image gave a pose" in res.output
     assert f"failed: {junk / 'a.png'} (a:0)" in res.output
     # A second inference into the same folder is refused before any work: it replaced the
     # predictions and left the first run's overlays beside them.

@@ -205,8 +205,10 @@ def test_resnet_loads_local_torchvision_weights(tmp_path):
     assert torch.equal(bb.layer4[2].conv3.weight, state["layer4.2.conv3.weight"])
     bad = tmp_path / "bad.pth"
     torch.save({"conv1.weight": state["conv1.weight"]}, bad)
-    with pytest.raises(ValueError, match=r"bad\.pth"):
+    with pytest.raises(ValueError, match=r"bad\.pth does not hold a torchvision ResNet-50's "
+                                         r"weights: \d+ missing \(bn1\.weight, ") as info:
         ResNet50UNetBackbone(weights=bad)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 300
     # A pickle the weights-only loader refuses: torch's first sentence, not its advice to load
     # with weights_only=False (which nvsm never does).
     import datetime

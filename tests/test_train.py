@@ -249,6 +249,7 @@ def test_a_checkpoint_with_the_wrong_contents_is_named(tiny_synthetic, tmp_path)
     good = load_checkpoint(tmp_path / "good.pt")
     stem = next(iter(good.tensors["backbone"]))
     bank = good.tensors["banks"]["car"]
+    mesh = good.tensors["meshes"]["car"]
     cases = {
         "backbone": ({**good.tensors, "backbone": {**good.tensors["backbone"],
                                                    stem: torch.zeros(3)}}, good.metadata,
@@ -260,15 +261,35 @@ def test_a_checkpoint_with_the_wrong_contents_is_named(tiny_synthetic, tmp_path)
                                                            "faces": torch.zeros(1, 3)}}},
                        good.metadata, "entry 'meshes.car': "),
         "bank_category": ({**good.tensors, "banks": {"bus": bank}}, good.metadata,
-                          "the banks' categories ['bus'] must be the meshes' ['car']"),
+                          "entry 'banks' must hold a bank for each of the meshes' categories "
+                          "['car'] (not none), has ['bus']"),
         "bank_shape": ({**good.tensors, "banks": {"car": {**bank, "memory": torch.zeros(3, 2)}}},
-                       good.metadata, "entry 'banks.car' does not fit the model's bank"),
+                       good.metadata, "entry 'banks.car' does not fit FeatureBank: 1 of another "
+                       f"shape (memory (3, 2) for {tuple(bank['memory'].shape)})"),
         "other_config": (good.tensors, {"config": {}}, "entry 'backbone' does not fit"),
+        "other_backbone": (good.tensors, {"config": {"model": {"backbone": "resnet50-unet"}}},
+                           "entry 'backbone' does not fit ResNet50UNetBackbone: "),
+        # Entries of the wrong kind ended in AttributeError, RuntimeError or TypeError.
+        "meshes_tensor": ({**good.tensors, "meshes": torch.zeros(3)}, good.metadata,
+                          "entry 'meshes' must map categories to meshes, is a tensor"),
+        "mesh_tensor": ({**good.tensors, "meshes": {"car": torch.zeros(3)}}, good.metadata,
+                        "entry 'meshes.car' must hold 'vertices' and 'faces', has a tensor"),
+        "bank_tensor": ({**good.tensors, "banks": {"car": torch.zeros(3)}}, good.metadata,
+                        "no state dict 'banks.car'"),
+        # Float faces failed in rendering; NaN vertices gave every image the first template.
+        "float_faces": ({**good.tensors, "meshes": {"car": {**mesh, "faces": mesh["faces"].float()}}},
+                        good.metadata, "entry 'meshes.car': Mesh.faces must be integer vertex "
+                        "indices, got torch.float32"),
+        "nan_vertices": ({**good.tensors, "meshes": {"car": {
+            **mesh, "vertices": mesh["vertices"].clone().fill_(math.nan)}}}, good.metadata,
+            "entry 'meshes.car': Mesh.vertices must be finite"),
     }
     for name, (tensors, meta, message) in cases.items():
         path = save_checkpoint(tmp_path / f"{name}.pt", tensors, meta)
-        with pytest.raises(CheckpointError, match=re.escape(f"{path}: {message}")):
+        with pytest.raises(CheckpointError, match=re.escape(f"{path}: {message}")) as info:
             NeMoModel.load(path)
+        # One line: another kind of backbone made torch list thousands of keys (14 kB).
+        assert "\n" not in str(info.value) and len(str(info.value)) < 600, (name, str(info.value))
     # Metadata that is JSON but not a mapping (save_checkpoint itself writes only mappings).
     payload = torch.load(tmp_path / "good.pt", weights_only=True)
     torch.save({**payload, "metadata": "[1, 2]"}, tmp_path / "list_meta.pt")

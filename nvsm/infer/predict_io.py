@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nvsm.data.errors import DataFormatError
 from nvsm.infer.evaluate import Predictions
 from nvsm.io import (
     atomic_open,
@@ -59,6 +60,7 @@ ROW_FIELDS: tuple[str, ...] = (
     "error",
 )
 _FLOAT_FIELDS = ("azimuth_deg", "elevation_deg", "theta_deg", "distance", "score", "seconds")
+_POSE_FIELDS = ("azimuth_deg", "elevation_deg", "theta_deg", "distance")
 #: Files ``find_images`` takes from a folder (case-insensitive suffixes).
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 #: Focal length (px) assumed for raw images, whose camera is unknown (PASCAL3D+'s viewport).
@@ -175,25 +177,78 @@ def write_predictions_jsonl(path: str | os.PathLike[str], rows: Iterable[Row]) -
     return path
 
 
-def _typed(row: dict[str, Any]) -> Row:
-    out: Row = {k: row.get(k, "") for k in ROW_FIELDS}
+def _typed(row: Any, path: Path, line: int) -> Row:
+    """A row read back, checked: every field, numbers (empty, ``nan`` or null for none) and an
+    error message exactly where the pose is missing, as the writers leave them."""
+    where = f"line {line}"
+    if not isinstance(row, dict):
+        raise DataFormatError(path, where, f"an object with the fields {', '.join(ROW_FIELDS)}",
+                              type(row).__name__)
+    missing = [k for k in ROW_FIELDS if row.get(k, ...) is ...]
+    if missing:
+        raise DataFormatError(path, f"{where} {missing[0]}",
+                              f"the fields {', '.join(ROW_FIELDS)}", f"fields {sorted(row)}")
+    out: Row = {k: row[k] for k in ROW_FIELDS}
     for k in _FLOAT_FIELDS:
         v = out[k]
-        out[k] = math.nan if v is None or v == "" else float(v)
+        try:
+            if isinstance(v, bool) or not isinstance(v, (int, float, str, type(None))):
+                raise TypeError
+            out[k] = math.nan if v is None or v == "" else float(v)
+        except (TypeError, ValueError):
+            raise DataFormatError(path, f"{where} {k}", "a number (empty, nan or null for none)",
+                                  v) from None
     out["error"] = out["error"] or ""
+    for k in ("image", "uid", "category", "error"):
+        if not isinstance(out[k], str):
+            raise DataFormatError(path, f"{where} {k}", "a string", out[k])
+    failed = not all(math.isfinite(out[k]) for k in _POSE_FIELDS)
+    if failed != bool(out["error"]):
+        raise DataFormatError(path, f"{where} error", "a message exactly where the pose is "
+                              "missing (a failure)", out["error"])
     return out
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataFormatError(path, "<file>", "a readable UTF-8 predictions file",
+                              f"{type(exc).__name__}: {exc}") from exc
+
+
 def read_predictions_csv(path: str | os.PathLike[str]) -> list[Row]:
-    """Rows of a file written by ``write_predictions_csv`` (floats parsed, ``nan`` → NaN)."""
-    with open(path, newline="", encoding="utf-8") as fh:
-        return [_typed(r) for r in csv.DictReader(fh)]
+    """Rows of a file written by ``write_predictions_csv`` (floats parsed, ``nan`` → NaN).
+
+    Raises:
+        DataFormatError: naming the file, line and field of what is not such a row.
+    """
+    path = Path(path)
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    header = reader.fieldnames or []
+    if not set(ROW_FIELDS) <= set(header):
+        raise DataFormatError(path, "line 1 (header)", f"the columns {','.join(ROW_FIELDS)}",
+                              ",".join(header))
+    return [_typed(r, path, reader.line_num) for r in reader]
 
 
 def read_predictions_jsonl(path: str | os.PathLike[str]) -> list[Row]:
-    """Rows of a file written by ``write_predictions_jsonl`` (``null`` → NaN)."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return [_typed(json.loads(ln)) for ln in lines if ln.strip()]
+    """Rows of a file written by ``write_predictions_jsonl`` (``null`` → NaN).
+
+    Raises:
+        DataFormatError: naming the file, line and field of what is not such a row.
+    """
+    path = Path(path)
+    rows = []
+    for n, text in enumerate(_read_text(path).splitlines(), 1):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except ValueError as exc:
+            raise DataFormatError(path, f"line {n}", "a JSON object", f"{exc}") from None
+        rows.append(_typed(row, path, n))
+    return rows
 
 
 # ----------------------------------------------------------------------------- raw images

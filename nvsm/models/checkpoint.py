@@ -170,26 +170,78 @@ def load_checkpoint(
     return Checkpoint(tensors=payload["tensors"], metadata=metadata, path=path)
 
 
-def load_module_state(
-    module: nn.Module, checkpoint: Checkpoint, key: str, strict: bool = True
-) -> None:
+def state_mismatch(module: nn.Module, state: Mapping[str, Any],
+                   ignore_missing: tuple[str, ...] = ()) -> str | None:
+    """Why ``state`` does not fit ``module.load_state_dict``, in one line, or None when it fits.
+
+    Counts the missing (except names starting with ``ignore_missing``), unexpected, non-tensor
+    and other-shape entries, naming the first few of each: torch's own message lists every key,
+    thousands of them for a backbone of another kind.
+    """
+    own = module.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith(ignore_missing)]
+    unexpected = [k for k in state if k not in own]
+    not_tensor = [k for k in state if k in own and not isinstance(state[k], torch.Tensor)]
+    reshaped = [f"{k} {tuple(state[k].shape)} for {tuple(own[k].shape)}" for k in own
+                if isinstance(state.get(k), torch.Tensor) and state[k].shape != own[k].shape]
+    parts = [f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+             for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                ("not a tensor", not_tensor), ("of another shape", reshaped))
+             if keys]
+    return "; ".join(parts) or None
+
+
+def load_module_state(module: nn.Module, checkpoint: Checkpoint, key: str) -> None:
     """``module.load_state_dict(checkpoint.tensors[key])`` with errors that name the file.
 
+    ``key`` may name a nested entry with dots (``"banks.car"``).
+
     Raises:
-        CheckpointError: the entry is missing or does not fit the module.
+        CheckpointError: the entry is missing, not a state dict or does not fit the module
+            (``state_mismatch``).
     """
     where = checkpoint.path or "<checkpoint>"
-    if key not in checkpoint.tensors or not isinstance(checkpoint.tensors[key], dict):
+    state: Any = checkpoint.tensors
+    for part in key.split("."):
+        state = state.get(part) if isinstance(state, dict) else None
+    if not isinstance(state, dict):
         raise CheckpointError(
             f"{where}: no state dict {key!r}; entries: {sorted(checkpoint.tensors)}"
         )
+    why = state_mismatch(module, state)
+    if why:
+        raise CheckpointError(f"{where}: entry {key!r} does not fit {type(module).__name__}: {why}")
+    module.load_state_dict(state)
+
+
+def load_pretrained_weights(net: nn.Module, path: Path, what: str,
+                            skip: tuple[str, ...] = ()) -> None:
+    """Load an ImageNet weight file (a state dict, or ``{"state_dict": ...}``) into ``net``.
+
+    Args:
+        net: the network the file was saved from (e.g. torchvision's ``resnet50``).
+        path: the file (read with ``weights_only=True``).
+        what: the network, as errors name it.
+        skip: prefixes of entries left out on both sides (heads nvsm does not use).
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: naming the file: unreadable, not a state dict of tensors, or not ``what``'s
+            (``state_mismatch``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone weights file not found: {path}")
     try:
-        result = module.load_state_dict(checkpoint.tensors[key], strict=strict)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"{where}: entry {key!r} does not fit {type(module).__name__}: {exc}"
-        ) from exc
-    if strict and (
-        result.missing_keys or result.unexpected_keys
-    ):  # pragma: no cover - torch raises
-        raise CheckpointError(f"{where}: entry {key!r}: {result}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read backbone weights {path} ({load_error_summary(exc)})") \
+            from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"backbone weights {path} are not a state dict of tensors")
+    state = {k: v for k, v in state.items() if not k.startswith(skip)}
+    why = state_mismatch(net, state, ignore_missing=skip)
+    if why:
+        raise ValueError(f"{path} does not hold {what}'s weights: {why}")
+    net.load_state_dict(state, strict=False)

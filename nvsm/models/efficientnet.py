@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nvsm.models.checkpoint import load_error_summary
+from nvsm.models.checkpoint import load_pretrained_weights
 from nvsm.models.common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -90,22 +90,6 @@ def packaged_weights_path(variant: str) -> Path:
             f"no {variant}-*.pth weight file inside the package {pip_name} ({folder})"
         )
     return files[0]
-
-
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone weights file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"cannot read backbone weights {path} ({load_error_summary(exc)})") \
-            from exc
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"backbone weights {path} are not a state dict of tensors")
-    return dict(state)
 
 
 def _plain_same_conv(conv: nn.Conv2d) -> nn.Conv2d:
@@ -182,7 +166,7 @@ class EfficientNetLiteBackbone(FeatureBackbone):
         self.weights_path: Path | None = None
         if weights is not None or pretrained:
             path = Path(weights) if weights is not None else packaged_weights_path(variant)
-            self._load_imagenet(net, path)
+            load_pretrained_weights(net, path, variant, skip=_UNUSED_PREFIXES)
             self.weights_path = path
 
         for block in net._blocks:
@@ -214,16 +198,6 @@ class EfficientNetLiteBackbone(FeatureBackbone):
         self.register_buffer("_in_scale", std * 255.0 / 128.0, persistent=False)
         self.register_buffer("_in_shift", (mean * 255.0 - 127.0) / 128.0, persistent=False)
         self._freeze([self.stem, self.stage4])
-
-    def _load_imagenet(self, net: nn.Module, path: Path) -> None:
-        state = _load_state_dict(path)
-        result = net.load_state_dict(state, strict=False)
-        missing = [k for k in result.missing_keys if not k.startswith(_UNUSED_PREFIXES)]
-        if missing or result.unexpected_keys:
-            raise ValueError(
-                f"{path} does not match {self.name}: missing keys {missing[:5]}, "
-                f"unexpected keys {list(result.unexpected_keys)[:5]}"
-            )
 
     def _run(self, blocks: nn.ModuleList, x: torch.Tensor, first: int, drop: bool) -> torch.Tensor:
         """Run ``blocks`` (ImageNet block indices first, first + 1, ...); stochastic depth only

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nvsm.models.checkpoint import load_pretrained_weights
 from nvsm.models.common import FeatureBackbone, ProjectionHead, upsample_aligned
-from nvsm.models.efficientnet import _load_state_dict
 
 _ALIGN_PAD = 4
 
@@ -87,7 +87,8 @@ class ResNet50UNetBackbone(FeatureBackbone):
         net = resnet50(weights=None)
         self.weights_path: Path | None = None
         if weights is not None:
-            self._load_imagenet(net, Path(weights))
+            load_pretrained_weights(net, Path(weights), "a torchvision ResNet-50",
+                                    skip=("fc.",))
             self.weights_path = Path(weights)
         elif pretrained:
             warnings.warn(
@@ -103,16 +104,6 @@ class ResNet50UNetBackbone(FeatureBackbone):
         self.up8 = DoubleConv(1024, 256, mid_channels=512)
         self.head = ProjectionHead(256, feature_dim, hidden_dim)
         self._freeze([self.stem])
-
-    def _load_imagenet(self, net: nn.Module, path: Path) -> None:
-        state = {k: v for k, v in _load_state_dict(path).items() if not k.startswith("fc.")}
-        result = net.load_state_dict(state, strict=False)
-        missing = [k for k in result.missing_keys if not k.startswith("fc.")]
-        if missing or result.unexpected_keys:
-            raise ValueError(
-                f"{path} is not a torchvision ResNet-50 state dict: missing keys {missing[:5]}, "
-                f"unexpected keys {list(result.unexpected_keys)[:5]}"
-            )
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
         p = _ALIGN_PAD

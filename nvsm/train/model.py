@@ -87,31 +87,31 @@ class NeMoModel(nn.Module):
             raise CheckpointError(f"{path}: metadata lacks the run's config (a 'config' mapping)")
         config = config_from_dict(ckpt.metadata["config"], f"{path}: metadata.config")
         meshes = {}
+        if not isinstance(ckpt.tensors["meshes"], dict):
+            raise CheckpointError(f"{path}: entry 'meshes' must map categories to meshes, is a "
+                                  "tensor")
         for cat, m in ckpt.tensors["meshes"].items():
-            if set(m) != {"vertices", "faces"}:
+            if not isinstance(m, dict) or set(m) != {"vertices", "faces"}:
+                got = sorted(m) if isinstance(m, dict) else "a tensor"
                 raise CheckpointError(f"{path}: entry 'meshes.{cat}' must hold 'vertices' and "
-                                      f"'faces', has {sorted(m)}")
+                                      f"'faces', has {got}")
             try:
                 meshes[cat] = Mesh(m["vertices"], m["faces"])
             except ValueError as exc:
                 raise CheckpointError(f"{path}: entry 'meshes.{cat}': {exc}") from exc
         banks = ckpt.tensors["banks"]
-        if not meshes or set(banks) != set(meshes):
-            raise CheckpointError(f"{path}: the banks' categories {sorted(banks)} must be the "
-                                  f"meshes' {sorted(meshes)}, and not none")
+        if not meshes or not isinstance(banks, dict) or set(banks) != set(meshes):
+            got = sorted(banks) if isinstance(banks, dict) else "a tensor"
+            raise CheckpointError(f"{path}: entry 'banks' must hold a bank for each of the "
+                                  f"meshes' categories {sorted(meshes)} (not none), has {got}")
         try:
             backbone = configured_backbone(config, pretrained=False)
         except ValueError as exc:
             raise CheckpointError(f"{path}: metadata.config.model: {exc}") from exc
         model = cls(backbone, meshes, config)
         load_module_state(model.backbone, ckpt, "backbone")
-        for cat, state in banks.items():
-            try:
-                model.banks[cat].load_state_dict(state)
-            except RuntimeError as exc:
-                raise CheckpointError(f"{path}: entry 'banks.{cat}' does not fit the model's "
-                                      f"bank ({config.model.feature_dim} features per vertex): "
-                                      f"{exc}") from exc
+        for cat in banks:
+            load_module_state(model.banks[cat], ckpt, f"banks.{cat}")
         return model, ckpt.metadata
 
 
