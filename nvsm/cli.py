@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -96,22 +97,44 @@ def _interrupted(exc: KeyboardInterrupt, folder: Path, kept: str) -> NoReturn:
 
 
 def _config(
-    recipe: str | None, overrides: list[str] | None, options: dict[str, str] | None = None
+    recipe: str | None,
+    overrides: list[str] | None,
+    options: dict[str, tuple[str, object]] | None = None,
 ) -> RunConfig:
-    """The recipe with ``overrides``; ``options`` maps a config key set by a command-line
-    option (its override comes last) to that option, which a bad value's error names."""
+    """The recipe with ``overrides``, then the settings of command-line options: ``options``
+    maps a config key to (the option, its value or None when not given). An option's value is
+    taken as typed (JSON-quoted, which YAML reads back as it was: a path "2024" stays a string,
+    and a "#" in one no longer began a comment), and a bad value's error names the option."""
     from nvsm.config import ConfigError, load_config
 
+    given = {key: option for key, (option, value) in (options or {}).items() if value is not None}
+    extra = [f"{key}={json.dumps(value if isinstance(value, int | float) else str(value))}"
+             for key, (_, value) in (options or {}).items() if value is not None]
     try:
-        return load_config(recipe, overrides or [])
+        return load_config(recipe, [*(overrides or []), *extra])
     except ConfigError as exc:
-        message = str(exc)
-        for key, option in (options or {}).items():
-            # It said "overrides.fewshot.rounds: ..." for --rounds 0.
-            if message.startswith(f"overrides.{key}:"):
-                named = option if option == f"--{key}" else f"{option} ({key})"
-                message = f"{named}{message.removeprefix(f'overrides.{key}')}"
-        _fail(message)
+        _fail(_name_option(str(exc), given))
+
+
+def _name_option(message: str, options: dict[str, str]) -> str:
+    """``message`` naming the command-line option (``options``: config key → option) whose
+    setting it is about: it said "overrides.fewshot.rounds: ..." for --rounds 0."""
+    for key, option in options.items():
+        if message.startswith(f"overrides.{key}:"):
+            named = option if option == f"--{key}" else f"{option} ({key})"
+            return f"{named}{message.removeprefix(f'overrides.{key}')}"
+    return message
+
+
+def _schedule_override(schedule: str | None) -> list[str]:
+    """``--schedule`` as the override it is, so that the config recorded with the results says
+    which schedule gave them (an ``-s infer.schedule=...`` was recorded, and --schedule's
+    default used)."""
+    return [] if schedule is None else [f"infer.schedule={json.dumps(schedule)}"]
+
+
+#: Help of ``--schedule`` (evaluate, infer).
+_SCHEDULE_HELP = "Inference schedule: fast | reference (default: the checkpoint's infer.schedule)."
 
 
 def _run_dir(out: Path | None, prefix: str) -> Path:
@@ -204,9 +227,8 @@ def train(
     """
     from nvsm.pipeline import train_and_evaluate
 
-    extra = [f"model.backbone_weights={backbone_weights}"] if backbone_weights else []
-    cfg = _config(recipe, [*(overrides or []), *extra],
-                  {"model.backbone_weights": "--backbone-weights"} if backbone_weights else {})
+    cfg = _config(recipe, overrides,
+                  {"model.backbone_weights": ("--backbone-weights", backbone_weights)})
     folder = _run_dir(out, "train")
     try:
         metrics = train_and_evaluate(cfg, folder, resume=resume, evaluate=evaluate)
@@ -226,7 +248,7 @@ def evaluate(
         Path | None,
         typer.Option(help="Folder for metrics.json (not one holding a metrics.json already)."),
     ] = None,
-    schedule: Annotated[str, typer.Option(help="Inference schedule: fast | reference.")] = "fast",
+    schedule: Annotated[str | None, typer.Option(help=_SCHEDULE_HELP)] = None,
     occlusion_level: Annotated[
         list[int] | None, typer.Option("--occlusion-level", "-l", help="Levels 0..3 (repeat).")
     ] = None,
@@ -257,15 +279,16 @@ def evaluate(
         _fail(f"--occlusion-level must be 0..3, got {list(levels)}")
     try:
         metrics = evaluate_checkpoint(
-            model, levels, schedule, overrides or [], out, unseen_azimuth=unseen_azimuth
+            model, levels, [*(overrides or []), *_schedule_override(schedule)], out,
+            unseen_azimuth=unseen_azimuth,
         )
     except ValueError as exc:
-        _fail(str(exc))
+        _fail(_name_option(str(exc), {"infer.schedule": "--schedule"} if schedule else {}))
         return
     except KeyboardInterrupt as exc:  # metrics.json is written at the end
         exit_interrupted(console, exc, out)
     subset = " unseen azimuths" if unseen_azimuth else ""
-    print_metrics_table(metrics, f"{model}: test{subset} ({schedule})")
+    print_metrics_table(metrics, f"{model}: test{subset} ({metrics['schedule']})")
 
 
 @app.command()
@@ -287,7 +310,7 @@ def infer(
     overlays: Annotated[
         bool, typer.Option("--overlays", help="Also write OUT/overlays/*.png per image.")
     ] = False,
-    schedule: Annotated[str, typer.Option(help="Inference schedule: fast | reference.")] = "fast",
+    schedule: Annotated[str | None, typer.Option(help=_SCHEDULE_HELP)] = None,
     category: Annotated[
         str | None,
         typer.Option(help="The images' category (no inference); with a split, keep only it."),
@@ -327,14 +350,13 @@ def infer(
             [str(p) for p in paths or []],
             folder,
             dataset_split=dataset_split,
-            schedule=schedule,
             category=category,
             infer_category=infer_category,
             overlays=overlays,
-            overrides=overrides or [],
+            overrides=[*(overrides or []), *_schedule_override(schedule)],
         )
     except (ValueError, FileNotFoundError, ConfigError) as exc:
-        _fail(str(exc))
+        _fail(_name_option(str(exc), {"infer.schedule": "--schedule"} if schedule else {}))
         return
     except KeyboardInterrupt as exc:  # the outputs are written aside, moved into place at the end
         exit_interrupted(console, exc, folder)
@@ -438,18 +460,16 @@ def fewshot(
     if tiny and (recipe is not None or dataset not in (None, "synthetic")):
         _fail("--tiny picks its own recipe and dataset (synthetic-car-tiny)")
     name = "synthetic-car-tiny" if tiny else recipe or f"{dataset or 'synthetic'}-car-7shot"
-    given = {  # config key: (option, its value if given)
+    cfg = _config(name, overrides, {  # config key: (option, its value if given)
         "labels.annotations": ("--annotations", annotations),
         "fewshot.rounds": ("--rounds", rounds),
         "labels.anchors": ("--anchors", anchors),
         "seed": ("--seed", seed),
+        "data.dataset": ("--dataset", dataset),  # with --recipe it named no recipe: it was lost
         "data.root": ("--root", root),
-    }
-    options = {key: option for key, (option, value) in given.items() if value is not None}
-    extra = [f"{key}={value}" for key, (_, value) in given.items() if value is not None]
-    extra += ["fewshot.oracle=true"] if with_oracle else []
-    extra += [] if baselines else ["fewshot.baselines=false"]
-    cfg = _config(name, [*(overrides or []), *extra], options)
+        "fewshot.oracle": ("--with-oracle", True if with_oracle else None),
+        "fewshot.baselines": ("--no-baselines", None if baselines else False),
+    })
     if cfg.labels.annotations is None:
         _fail("the few-shot loop needs --annotations N (N >= 1)")
     folder = _run_dir(out, "fewshot")

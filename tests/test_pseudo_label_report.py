@@ -157,7 +157,8 @@ def test_export_errors_name_the_path(tmp_path):
     fails([str(empty)], str(empty), "no round with pseudo_labels.jsonl", "rounds: 0")
     run = _fake_run(tmp_path, {1: [_label("a", 0.9, True)]})
     fails([str(run / "round_1")], f"{run / 'round_1'} is one round of a run; give its run "
-          f"folder {run} instead (with --round 1 to export only this round)")
+          f"folder {run} instead ('nvsm pseudo-labels export' takes --round 1 to export only "
+          "this round)")
     fails([str(run), "--round", "5"], str(run / "round_5"), "rounds with pseudo-labels: 1")
     fails([str(run), "--round", "0"], str(run / "round_0" / "pseudo_labels.jsonl"), ": 1")
     path = run / "round_1" / "pseudo_labels.jsonl"

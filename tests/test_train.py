@@ -277,7 +277,8 @@ def test_a_checkpoint_with_the_wrong_contents_is_named(tiny_synthetic, tmp_path)
         "bank_tensor": ({**good.tensors, "banks": {"car": torch.zeros(3)}}, good.metadata,
                         "no state dict 'banks.car'"),
         # Float faces failed in rendering; NaN vertices gave every image the first template.
-        "float_faces": ({**good.tensors, "meshes": {"car": {**mesh, "faces": mesh["faces"].float()}}},
+        "float_faces": ({**good.tensors,
+                         "meshes": {"car": {**mesh, "faces": mesh["faces"].float()}}},
                         good.metadata, "entry 'meshes.car': Mesh.faces must be integer vertex "
                         "indices, got torch.float32"),
         "nan_vertices": ({**good.tensors, "meshes": {"car": {

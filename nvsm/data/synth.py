@@ -700,7 +700,7 @@ def synth_command(
         list[str] | None,
         typer.Option("--counts", help="Override sizes: CATEGORY=TRAIN:VAL (repeatable)."),
     ] = None,
-    workers: Annotated[int, typer.Option("--workers", help="Rendering processes.")] = 2,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Rendering processes.")] = 2,
     no_occlusion: Annotated[
         bool, typer.Option("--no-occlusion", help="Skip the OccludedPASCAL3D levels.")
     ] = False,

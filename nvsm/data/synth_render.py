@@ -317,7 +317,8 @@ class BackgroundBank:
         if extra_dir is not None:
             extra = Path(extra_dir)
             if not extra.is_dir():
-                raise FileNotFoundError(f"backgrounds folder {extra} does not exist")
+                state = "is a file, not a folder" if extra.exists() else "does not exist"
+                raise FileNotFoundError(f"backgrounds folder {extra} {state}")
             files = sorted(p for p in extra.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
                 raise FileNotFoundError(

@@ -363,25 +363,10 @@ class _Run:
         )  # fmt: skip
 
     def evaluate(self, model: NeMoModel) -> dict[str, Any]:
-        from nvsm.infer.evaluate import predict, resolve_schedule, score
+        from nvsm.pipeline import evaluate_crops
 
-        config = self.config
-        preds = predict(
-            model,
-            self.data.test,
-            resolve_schedule(config.infer.schedule),
-            config.infer.batch_size,
-            self.device,
-            self.rasterizer,
-            show_progress=self.show_progress,
-            description="evaluating",
-        )
-        return {
-            "protocol": config.data.crop_protocol,
-            "schedule": config.infer.schedule,
-            "dataset": config.data.dataset,
-            **score(self.data.test, preds),
-        }
+        return evaluate_crops(model, self.config, self.data.test, self.device, self.rasterizer,
+                              self.show_progress, "evaluating")
 
     def finish(
         self, folder: Path, model: NeMoModel, info: dict[str, Any], timer: StageTimer
@@ -696,7 +681,7 @@ def _run_fewshot(
     device = info.device
     schedule = schedule or acceptance_schedule(fs)
     run_dir = ddp.broadcast_object(run_dir)  # e.g. a timestamped default: rank 0's
-    check_run_folder(run_dir, resume)
+    check_run_folder(run_dir, resume, "fewshot")
     config_json = config_to_dict(config)
     info_path = run_dir / "run_info.json"
     if resume and info_path.is_file():
@@ -736,7 +721,7 @@ def _run_fewshot(
 
     def start_run_folder() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_info(run_dir, config_json, config.seed)
+        write_run_info(run_dir, config_json, config.seed, "fewshot")
 
     ddp.on_main(start_run_folder)
     pool, hidden_gt = hide_poses(data.unlabelled)

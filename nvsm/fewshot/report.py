@@ -129,7 +129,8 @@ def _not_a_fewshot_run(run_dir: Path) -> str:
     expected = "expected a run folder written by 'nvsm fewshot --out RUN'"
     if m := _ROUND_DIR.fullmatch(run_dir.name):
         return (f"{run_dir} is one round of a run; give its run folder {run_dir.parent} instead "
-                f"(with --round {m.group(1)} to export only this round)")
+                f"('nvsm pseudo-labels export' takes --round {m.group(1)} to export only this "
+                "round)")
     if (run_dir / "run_info.json").is_file() and any(
         (run_dir / name).is_file() for name in ("model.pt", "train_summary.json")
     ):

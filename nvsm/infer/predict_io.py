@@ -372,7 +372,6 @@ def run_inference(
     paths: Sequence[str | os.PathLike[str]] = (),
     out: Path = Path("predictions"),
     dataset_split: str = "test",
-    schedule: str = "fast",
     category: str | None = None,
     infer_category: bool = False,
     overlays: bool = False,
@@ -390,7 +389,8 @@ def run_inference(
         category: the images' category (skips inference); with a dataset split, keep only it.
         infer_category: with a dataset split, infer the category instead of using the
             annotation (images given as ``paths`` are always inferred unless ``category``).
-        overrides: ``key=value`` config overrides (e.g. ``data.root=...``, ``device=cpu``).
+        overrides: ``key=value`` config overrides (e.g. ``data.root=...``, ``device=cpu``,
+            ``infer.schedule=reference``: the schedule is the config's).
 
     Raw images are cropped at ``data.crop_size`` when the config sets one, else at the default
     size of ``category`` (or, when inferring, of the model's first category); every category's
@@ -406,10 +406,10 @@ def run_inference(
     from nvsm.train.cropset import build_cropset, crop_size_for
     from nvsm.train.model import NeMoModel
 
-    sched = resolve_schedule(schedule)
     _check_output_names(Path(out))
     model, _ = NeMoModel.load(checkpoint)
     config = checkpoint_config(model, overrides, checkpoint)
+    sched = resolve_schedule(config.infer.schedule)
     if category is not None and category not in model.meshes:
         raise ValueError(f"category {category!r} is not in the model ({model.categories})")
     split = {"val": "test"}.get(dataset_split, dataset_split)
@@ -491,7 +491,7 @@ def run_inference(
             "checkpoint": str(checkpoint),
             "source": source,
             "protocol": protocol,
-            "schedule": schedule,
+            "schedule": config.infer.schedule,
             "category": "inferred" if any(p.infer_category for p in parts) else "given",
             "images": len(rows),
             "failures": sum(bool(r["error"]) for r in rows),
