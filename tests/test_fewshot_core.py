@@ -821,3 +821,13 @@ def test_read_pseudo_labels_names_file_line_and_field(tmp_path: Path) -> None:
           "accepted pseudo-label with non-finite azimuth (nan)")
     # Before: the file was decoded outside the try, so the error named neither file nor line.
     fails(first + b"\n" + first + b"\xff", "not UTF-8 text (invalid byte 0xff at offset")
+
+
+def test_matchers_agree_when_there_are_no_views() -> None:
+    # TorchMatcher raised on M = 0 (reshape(0, -1)); FaissMatcher padded: they are swappable.
+    views, masks = torch.randn(0, 4, 3, 3), torch.zeros(0, 3, 3, dtype=torch.bool)
+    targets = torch.randn(2, 4, 3, 3)
+    for matcher in (TorchMatcher(), FaissMatcher()):
+        scores, index = matcher.search(views, masks, targets, 2)
+        assert torch.equal(index, torch.full((2, 2), -1))
+        assert torch.isinf(scores).all() and (scores < 0).all()

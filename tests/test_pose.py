@@ -204,3 +204,15 @@ def test_bbox_crop_uses_box_only():
     assert cam.scale == pytest.approx(0.8 * min(672 / 200, 256 / 100))
     with pytest.raises(ValueError, match="x1 > x0"):
         P.bbox_crop((10, 10, 5, 20), (0, 0), 1000.0, (64, 64))
+
+
+def test_torch_inputs_of_two_float_dtypes_follow_the_first() -> None:
+    # float32 beside float64 failed in the matrix products ("expected m1 and m2 to have the
+    # same dtype"), though the docstring promised the first floating tensor's dtype.
+    a32, e64 = torch.tensor(0.3), torch.tensor(0.2, dtype=torch.float64)
+    r = P.rotation_matrix(a32, e64, 0.1)
+    assert r.dtype == torch.float32
+    torch.testing.assert_close(r, torch.as_tensor(P.rotation_matrix(0.3, 0.2, 0.1)).float())
+    uv = P.project_pascal3d(torch.randn(4, 3, dtype=torch.float64), a32, 0.2, 0.1, 5.0, 10.0,
+                            10.0)
+    assert uv.dtype == torch.float64 and torch.isfinite(uv).all()

@@ -455,3 +455,13 @@ def test_runs_without_pytorch3d(tiny_synthetic, tmp_path):
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["nvsm"]) == {"L0", "L2"} and metrics["nvsm"]["L0"]["n"] == 4
+
+
+@pytest.mark.parametrize("rast", _backends())
+def test_an_empty_batch_renders_to_empty_maps(rast: Rasterizer) -> None:
+    # The rasterisers took B = 0, but the visibility step's reshape(0, -1) raised.
+    mesh = _car()
+    none = torch.zeros(0)
+    out = render_pose(mesh, torch.randn(mesh.num_vertices, 3), none, none, none, none + 5,
+                      FEAT_K, FEAT_SIZE, rast)
+    assert out.features.shape == (0, 3, *FEAT_SIZE) and out.mask.shape == (0, *FEAT_SIZE)

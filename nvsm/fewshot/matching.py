@@ -216,7 +216,7 @@ def encode_targets(targets: torch.Tensor, support: torch.Tensor) -> torch.Tensor
         raise ValueError(f"support must be ({h * w},), got {tuple(support.shape)}")
     dtype = _compute_dtype(targets)
     x = targets.to(dtype).reshape(t, d, h * w)[:, :, support.to(targets.device)]
-    return F.normalize(x, dim=1, eps=1e-12).reshape(t, -1)
+    return F.normalize(x, dim=1, eps=1e-12).flatten(1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,7 +281,7 @@ def _score_block(
     m = pv.num_views
     ps = tsel.shape[2]
     if clutter is None:
-        s = tsel.reshape(tc, -1) @ pv.features.reshape(m, -1).T
+        s = tsel.flatten(1) @ pv.features.flatten(1).T  # no views or targets: (Tc, 0) or (0, M)
     else:
         b = clutter.to(device=tsel.device, dtype=tsel.dtype)
         clu = torch.einsum("d,tdp->pt", b, tsel)[:, :, None]  # (Ps, Tc, 1)

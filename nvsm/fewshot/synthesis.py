@@ -313,9 +313,8 @@ def iter_synthesized_views(
             image_size,
             rasterizer,
         )
-        b = stop - start
-        face_ok = seen_all[src][:, faces].all(dim=-1)  # (b, F)
-        ptf = out.pix_to_face.reshape(b, -1)
+        face_ok = seen_all[src][:, faces].all(dim=-1)  # (stop - start, F)
+        ptf = out.pix_to_face.flatten(1)
         ok = face_ok.gather(1, ptf.clamp(min=0)) & (ptf >= 0)
         feats = out.features if out_dtype is None else out.features.to(out_dtype)
         yield SynthesizedViews(

@@ -74,7 +74,7 @@ def _to_torch(*values: ArrayLike) -> tuple[list[torch.Tensor], bool]:
     out = []
     for v in values:
         if isinstance(v, torch.Tensor):
-            out.append(v if v.is_floating_point() else v.to(dtype))
+            out.append(v if v.dtype == dtype else v.to(dtype))  # float32 beside float64 too
         else:
             out.append(torch.as_tensor(np.asarray(v), dtype=dtype, device=device))
     return out, True

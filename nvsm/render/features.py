@@ -231,7 +231,7 @@ def visible_vertices(
     b = pix_to_face.shape[0]
     n_faces = faces.shape[0]
     device = pix_to_face.device
-    flat = pix_to_face.reshape(b, -1)
+    flat = pix_to_face.flatten(1)  # reshape(b, -1) is ambiguous for an empty batch
     packed = flat + torch.arange(b, device=device)[:, None] * n_faces
     packed = packed[flat >= 0]
     face_seen = torch.zeros(b * n_faces, dtype=torch.bool, device=device)
