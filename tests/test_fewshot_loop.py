@@ -385,6 +385,44 @@ def test_resume_equals_uninterrupted_run(tiny_synthetic, tiny_data, tmp_path):
     shutil.rmtree(part / "round_2")
     again = run_fewshot(cfg2, part, resume=True, data=tiny_data, show_progress=False)
     assert again.metrics["nvsm"] == full.metrics["nvsm"]
+    # A stage's files that parse but do not hold what resuming reads: tracebacks (KeyError,
+    # AttributeError), or worse, silently other results (a round's pseudo-labels are indexed
+    # by position in the pool: a reordered or shortened file trained on other images).
+    def jsonl_lines(path: Path) -> list[str]:
+        return path.read_text().splitlines(keepends=True)
+
+    def damaged(name: str, damage, message: str) -> None:
+        case = tmp_path / f"damaged_{name}"
+        shutil.copytree(part, case)
+        damage(case)
+        with pytest.raises(ValueError, match=message):
+            run_fewshot(cfg2, case, resume=True, data=tiny_data, show_progress=False)
+
+    r1 = "round_1/pseudo_labels.jsonl"
+    order = r"pseudo_labels\.jsonl: expected one label per unlabelled image, in the pool's order"
+    damaged("reversed", lambda c: (c / r1).write_text("".join(jsonl_lines(c / r1)[::-1])),
+            order + r".*delete .*round_1 to compute")
+    damaged("shortened", lambda c: (c / r1).write_text("".join(jsonl_lines(c / r1)[:-1])),
+            order)
+    damaged("gone", lambda c: (c / r1).unlink(), r"round_1/pseudo_labels\.jsonl is missing; "
+                                                  r"delete .*round_1")
+    damaged("no_test", lambda c: (c / "round_1/metrics.json").write_text("{}"),
+            r"round_1/metrics\.json: field 'test\.pooled'")
+    damaged("other_round", lambda c: shutil.copy(c / "round_1/metrics.json",
+                                                 c / "round_2/metrics.json"),
+            r"round_2/metrics\.json: field 'round': expected 2, got 1")
+    same_steps = part / "nemo_same_steps" / "metrics.json"
+    bad_train = {**json.loads(same_steps.read_text()), "train": []}
+    damaged("train_list", lambda c: (c / "nemo_same_steps/metrics.json").write_text(
+        json.dumps(bad_train)), r"nemo_same_steps/metrics\.json: field 'train'")
+    # The CSV is the JSONL's labels in another format: lost, it is written again.
+    csv = part / "round_1" / "pseudo_labels.csv"
+    before = csv.read_text()
+    csv.unlink()
+    said: list[str] = []
+    run_fewshot(cfg2, part, resume=True, data=tiny_data, show_progress=False, log=said.append)
+    assert csv.read_text() == before
+    assert any("round_1/pseudo_labels.csv: missing or not the JSONL's labels" in m for m in said)
     # So is a damaged checkpoint of a complete stage (only its presence was checked).
     ckpt = part / "round_1" / "model.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])

@@ -57,6 +57,19 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
 
 
+def test_json_files_are_strict_json(tmp_path):
+    # A round that accepted nothing wrote "acc_pi_6": NaN, which JSON.parse refuses.
+    import json
+    import math
+
+    from nvsm.io import atomic_write_json
+
+    atomic_write_json(tmp_path / "m.json", {"a": math.nan, "b": [1.5, -math.inf], "c": {"d": 2}})
+    text = (tmp_path / "m.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"a": None, "b": [1.5, None], "c": {"d": 2}}
+
+
 def test_staged_writes_move_in_whole_or_not_at_all(tmp_path, monkeypatch):
     from nvsm.io import staged_writes
 

@@ -231,6 +231,14 @@ def test_inspect_without_dataset_and_errors(tmp_path):
     (run / "round_1" / "metrics.json").write_text("{oops")
     res = runner.invoke(app, ["pseudo-labels", "inspect", str(run), "--out", str(out)])
     assert res.exit_code == 2 and str(run / "round_1" / "metrics.json") in res.output
+    # JSON of the wrong shape ended in an AttributeError traceback.
+    for metrics, field in (({"pseudo_labels": None}, "pseudo_labels"),
+                           ({"pseudo_labels": {"refined": [1]}}, "pseudo_labels.refined"),
+                           ({"test": {"pooled": {"L0": [0.5]}}}, "test.pooled.L0")):
+        (run / "round_1" / "metrics.json").write_text(json.dumps(metrics))
+        res = runner.invoke(app, ["pseudo-labels", "inspect", str(run), "--out", str(out)])
+        assert res.exit_code == 2, res.output
+        assert f"field '{field}': expected a mapping" in " ".join(res.output.split())
 
 
 def test_help_has_examples():

@@ -235,6 +235,24 @@ def _write_labels(folder: Path, labels: Sequence[PseudoLabel]) -> None:
     atomic_write_text(folder / "pseudo_labels.jsonl", pseudo_labels_jsonl(labels))
 
 
+def check_stage_metrics(saved: dict[str, Any], path: Path, round_index: int | None) -> None:
+    """Raise ``ValueError`` naming ``path`` and the field unless a stage's saved metrics hold
+    what a resumed run reads of them: the pooled test metrics per level (``SUMMARY_KEYS``), a
+    ``train`` mapping with an integer ``seed`` when it has one, and, for EM round
+    ``round_index``, that round number."""
+    pooled = saved.get("test", {}).get("pooled") if isinstance(saved.get("test"), dict) else None
+    if not (isinstance(pooled, dict) and pooled and all(
+            isinstance(m, dict) and set(SUMMARY_KEYS) <= set(m) for m in pooled.values())):
+        raise ValueError(f"{path}: field 'test.pooled': expected the test metrics per occlusion "
+                         f"level ({', '.join(SUMMARY_KEYS)} each)")
+    train = saved.get("train", {})
+    if not isinstance(train, dict) or not isinstance(train.get("seed", 0), int):
+        raise ValueError(f"{path}: field 'train': expected a mapping (with an integer seed)")
+    if round_index is not None and saved.get("round") != round_index:
+        raise ValueError(f"{path}: field 'round': expected {round_index}, got "
+                         f"{saved.get('round')!r}")
+
+
 def summary_levels(test_metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per level L0.. the ``SUMMARY_KEYS`` of the pooled test metrics."""
     return {lv: {k: m[k] for k in SUMMARY_KEYS} for lv, m in sorted(test_metrics["pooled"].items())}
@@ -306,14 +324,19 @@ class _Run:
     config_json: dict[str, Any] = field(default_factory=dict)
 
     def complete(
-        self, folder: Path, steps: int | None = None, seed: int | None = None
+        self,
+        folder: Path,
+        steps: int | None = None,
+        seed: int | None = None,
+        round_index: int | None = None,
     ) -> dict[str, Any] | None:
         """The saved metrics of a complete stage folder when resuming (None: compute it).
 
         With ``steps`` and ``seed`` (a single-stage folder), a saved stage trained for another
         number of steps or with another seed is stale and recomputed: the baselines' budget and
         seed follow the EM rounds, which ``--resume --rounds K`` may change. A stage saved
-        before nvsm recorded its seed counts as stale when ``fewshot.rounds`` changed."""
+        before nvsm recorded its seed counts as stale when ``fewshot.rounds`` changed. With
+        ``round_index`` (EM round k), the metrics must be round k's."""
         if not (self.resume and (folder / "metrics.json").is_file()):
             return None
         if not (folder / "model.pt").is_file():
@@ -321,12 +344,11 @@ class _Run:
         try:
             saved_config = read_json_object(folder / "config.json")
             saved = read_json_object(folder / "metrics.json")
+            check_stage_metrics(saved, folder / "metrics.json", round_index)
             # Read, not only found: a damaged checkpoint of a complete stage went unnoticed.
             load_checkpoint(folder / "model.pt")
         except ValueError as exc:
-            raise ValueError(
-                f"cannot resume {self.run_dir}: {exc}; delete {folder} to compute that stage again"
-            ) from exc
+            raise self.damaged(folder, exc) from exc
         diff = config_differences(saved_config, self.config_json, RESUMABLE_KEYS)
         if diff:
             raise ValueError(
@@ -349,6 +371,34 @@ class _Run:
                 return None
         self.say(f"{name}: complete, loaded")
         return saved
+
+    def damaged(self, folder: Path, why: Exception | str) -> ValueError:
+        """The error for a saved stage that cannot be taken over as it is."""
+        return ValueError(
+            f"cannot resume {self.run_dir}: {why}; delete {folder} to compute that stage again"
+        )
+
+    def saved_labels(self, folder: Path, round_index: int) -> list[PseudoLabel]:
+        """A complete round's pseudo-labels, one per pool image in the pool's order (a label's
+        position is its pool index: a shortened or reordered file trained on other images).
+        Its CSV, the same labels in the other format, is written again if lost or changed."""
+        path = folder / "pseudo_labels.jsonl"
+        if not path.is_file():
+            raise self.damaged(folder, f"{path} is missing")
+        try:
+            labels = read_pseudo_labels(path, round_index)
+        except ValueError as exc:
+            raise self.damaged(folder, exc) from exc
+        if [lb.uid for lb in labels] != list(self.pool.uids):
+            raise self.damaged(
+                folder, f"{path}: expected one label per unlabelled image, in the pool's order "
+                f"({len(self.pool)} labels), got {len(labels)} labels of other images or order")
+        csv_path, csv_text = folder / "pseudo_labels.csv", pseudo_labels_csv(labels)
+        if not csv_path.is_file() or csv_path.read_text(encoding="utf-8") != csv_text:
+            self.say(f"{csv_path.relative_to(self.run_dir)}: missing or not the JSONL's labels: "
+                     "written again from pseudo_labels.jsonl")
+            ddp.on_main(partial(atomic_write_text, csv_path, csv_text))
+        return labels
 
     def load(self, folder: Path) -> NeMoModel:
         model, _ = NeMoModel.load(folder / "model.pt")
@@ -519,10 +569,10 @@ def _em_rounds(
             run.say(f"{name}: pose coverage saturated after round {k - 1}; stopping")
             break
         folder = root / f"round_{k}"
-        saved = run.complete(folder)
+        saved = run.complete(folder, round_index=k)
         if saved is not None:
             out.append(saved)
-            labels = read_pseudo_labels(folder / "pseudo_labels.jsonl", k)
+            labels = run.saved_labels(folder, k)
             gaps.append(_accepted_gap(labels))
             previous = folder
             continue

@@ -196,13 +196,33 @@ def _read_json(path: Path) -> dict[str, Any]:
     return read_json_object(path, RunFolderError)
 
 
+def _check_mapping(path: Path, field: str, value: Any) -> None:
+    if not isinstance(value, dict):
+        raise RunFolderError(f"{path}: field '{field}': expected a mapping, got "
+                             f"{type(value).__name__}")
+
+
 def round_metrics(run_dir: Path) -> dict[int, dict[str, Any]]:
-    """Round → its ``metrics.json`` (complete rounds only; a running round has none yet)."""
-    return {
-        k: _read_json(folder / "metrics.json")
-        for k, folder in round_folders(run_dir).items()
-        if (folder / "metrics.json").is_file()
-    }
+    """Round → its ``metrics.json`` (complete rounds only; a running round has none yet).
+
+    Raises:
+        RunFolderError: a file that is not a JSON object, or whose ``pseudo_labels``,
+            ``pseudo_labels.refined``, ``test`` or ``test.pooled`` (each optional) is not a
+            mapping, or a level of ``test.pooled`` that is not one: the report reads them.
+    """
+    out = {}
+    for k, folder in round_folders(run_dir).items():
+        path = folder / "metrics.json"
+        if not path.is_file():
+            continue
+        m = out[k] = _read_json(path)
+        for outer, inner in (("pseudo_labels", "refined"), ("test", "pooled")):
+            section = m.get(outer, {})
+            _check_mapping(path, outer, section)
+            _check_mapping(path, f"{outer}.{inner}", section.get(inner, {}))
+        for level, value in m.get("test", {}).get("pooled", {}).items():
+            _check_mapping(path, f"test.pooled.{level}", value)
+    return out
 
 
 def load_pool(run_dir: Path) -> FewShotData:
