@@ -101,19 +101,28 @@ def _config(
     overrides: list[str] | None,
     options: dict[str, tuple[str, object]] | None = None,
 ) -> RunConfig:
-    """The recipe with ``overrides``, then the settings of command-line options: ``options``
-    maps a config key to (the option, its value or None when not given). An option's value is
-    taken as typed (JSON-quoted, which YAML reads back as it was: a path "2024" stays a string,
-    and a "#" in one no longer began a comment), and a bad value's error names the option."""
+    """The recipe with ``overrides``, then the settings of command-line ``options``
+    (``_option_overrides``); a bad value's error names the option."""
     from nvsm.config import ConfigError, load_config
 
-    given = {key: option for key, (option, value) in (options or {}).items() if value is not None}
-    extra = [f"{key}={json.dumps(value if isinstance(value, int | float) else str(value))}"
-             for key, (_, value) in (options or {}).items() if value is not None]
+    extra, given = _option_overrides(options or {})
     try:
         return load_config(recipe, [*(overrides or []), *extra])
     except ConfigError as exc:
         _fail(_name_option(str(exc), given))
+
+
+def _option_overrides(
+    options: dict[str, tuple[str, object]],
+) -> tuple[list[str], dict[str, str]]:
+    """The ``key=value`` overrides that command-line options stand for (``options``: config
+    key → (option, its value or None when not given)), and config key → option of those given.
+    A value is taken as typed: JSON-quoted, which YAML reads back as it was (a path "2024" was
+    read as a number, and a "#" in one began a comment)."""
+    given = {key: option for key, (option, value) in options.items() if value is not None}
+    extra = [f"{key}={json.dumps(value if isinstance(value, int | float) else str(value))}"
+             for key, (_, value) in options.items() if value is not None]
+    return extra, given
 
 
 def _name_option(message: str, options: dict[str, str]) -> str:
@@ -126,14 +135,8 @@ def _name_option(message: str, options: dict[str, str]) -> str:
     return message
 
 
-def _schedule_override(schedule: str | None) -> list[str]:
-    """``--schedule`` as the override it is, so that the config recorded with the results says
-    which schedule gave them (an ``-s infer.schedule=...`` was recorded, and --schedule's
-    default used)."""
-    return [] if schedule is None else [f"infer.schedule={json.dumps(schedule)}"]
-
-
-#: Help of ``--schedule`` (evaluate, infer).
+#: Help of ``--schedule`` (evaluate, infer): it stands for ``-s infer.schedule=NAME``, so that
+#: the config recorded with the results names the schedule that gave them.
 _SCHEDULE_HELP = "Inference schedule: fast | reference (default: the checkpoint's infer.schedule)."
 
 
@@ -277,13 +280,13 @@ def evaluate(
     levels = tuple(occlusion_level or [0])
     if any(lv not in (0, 1, 2, 3) for lv in levels):
         _fail(f"--occlusion-level must be 0..3, got {list(levels)}")
+    extra, given = _option_overrides({"infer.schedule": ("--schedule", schedule)})
     try:
         metrics = evaluate_checkpoint(
-            model, levels, [*(overrides or []), *_schedule_override(schedule)], out,
-            unseen_azimuth=unseen_azimuth,
+            model, levels, [*(overrides or []), *extra], out, unseen_azimuth=unseen_azimuth
         )
     except ValueError as exc:
-        _fail(_name_option(str(exc), {"infer.schedule": "--schedule"} if schedule else {}))
+        _fail(_name_option(str(exc), given))
         return
     except KeyboardInterrupt as exc:  # metrics.json is written at the end
         exit_interrupted(console, exc, out)
@@ -344,6 +347,7 @@ def infer(
     from nvsm.infer.predict_io import run_inference
 
     folder = _run_dir(out, "infer")
+    extra, given = _option_overrides({"infer.schedule": ("--schedule", schedule)})
     try:
         summary = run_inference(
             model,
@@ -353,10 +357,10 @@ def infer(
             category=category,
             infer_category=infer_category,
             overlays=overlays,
-            overrides=[*(overrides or []), *_schedule_override(schedule)],
+            overrides=[*(overrides or []), *extra],
         )
     except (ValueError, FileNotFoundError, ConfigError) as exc:
-        _fail(_name_option(str(exc), {"infer.schedule": "--schedule"} if schedule else {}))
+        _fail(_name_option(str(exc), given))
         return
     except KeyboardInterrupt as exc:  # the outputs are written aside, moved into place at the end
         exit_interrupted(console, exc, folder)
