@@ -229,6 +229,7 @@ def train(
         nvsm train -s model.backbone=resnet50-unet --backbone-weights resnet50-imagenet.pth
     """
     from nvsm.pipeline import train_and_evaluate
+    from nvsm.train.distributed import PeerFailed
 
     cfg = _config(recipe, overrides,
                   {"model.backbone_weights": ("--backbone-weights", backbone_weights)})
@@ -237,6 +238,8 @@ def train(
         metrics = train_and_evaluate(cfg, folder, resume=resume, evaluate=evaluate)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
+    except PeerFailed as exc:  # the failed process printed the cause: one line here too
+        exit_with_error(console, str(exc), 1)
     except KeyboardInterrupt as exc:
         _interrupted(exc, folder, "its last checkpoint, model.pt, if one was saved "
                              "(every train.checkpoint_every steps)")
@@ -454,6 +457,7 @@ def fewshot(
     """
     from nvsm.data.splits import SPLIT_STRATEGIES
     from nvsm.fewshot.loop import run_fewshot
+    from nvsm.train.distributed import PeerFailed
 
     if dataset is not None and dataset not in FEWSHOT_DATASETS:
         _fail(f"--dataset must be one of {', '.join(FEWSHOT_DATASETS)}, got {dataset!r}")
@@ -481,6 +485,8 @@ def fewshot(
         result = run_fewshot(cfg, folder, resume=resume, log=console.print)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
+    except PeerFailed as exc:
+        exit_with_error(console, str(exc), 1)
     except KeyboardInterrupt as exc:
         _interrupted(exc, folder, "every complete stage")
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports, on its run folder

@@ -395,6 +395,10 @@ def _train_and_evaluate(
             raise ValueError(f"cannot resume {run_dir}: {ckpt} was trained with another config, "
                              f"which differs from this run's in {diff}")
         done_steps = int(meta.get("step", 0))
+        if done_steps > config.train.steps:  # it went on with no step and recorded the fewer
+            raise ValueError(f"cannot resume {run_dir}: {ckpt} holds step {done_steps}, beyond "
+                             f"train.steps = {config.train.steps}; ask for at least "
+                             f"{done_steps}")
         model.config = config  # what the checkpoint saved from here on records (steps, device)
     else:
         model = build_model(
@@ -424,7 +428,7 @@ def _train_and_evaluate(
         print(f"note: resuming at step {done_steps} with a fresh optimiser and fresh random "
               f"streams, so the result will differ from an uninterrupted run's: {why_inexact}",
               file=sys.stderr)
-    summary = trainer.fit(data, steps=max(0, config.train.steps - done_steps), checkpoint_path=ckpt)
+    summary = trainer.fit(data, steps=config.train.steps - done_steps, checkpoint_path=ckpt)
     ddp.barrier()  # the final checkpoint is written
     if not info.is_main:
         return None

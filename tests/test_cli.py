@@ -445,6 +445,12 @@ def test_train_resume_continues_step_count(tiny_synthetic, tmp_path):
     assert "['model.feature_dim', 'seed']" in res.output
     assert (run / "run_info.json").read_bytes() == info
     assert NeMoModel.load(run / "model.pt")[1]["step"] == 4
+    # Fewer steps than the checkpoint holds went on with none and recorded the fewer.
+    res = runner.invoke(app, [*base, "-s", "train.steps=3", "--resume"])
+    assert res.exit_code == 2, res.output
+    assert (f"{run / 'model.pt'} holds step 4, beyond train.steps = 3; ask for at least 4"
+            in " ".join(res.output.split()))
+    assert (run / "run_info.json").read_bytes() == info
 
 
 def test_an_unreadable_training_image_stops_train_before_the_run_folder(tiny_synthetic, tmp_path):

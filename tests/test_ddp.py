@@ -460,6 +460,47 @@ def test_torchrun_train_command(tiny_synthetic, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_process_that_fails_mid_training_stops_the_other_with_one_line(tiny_synthetic,
+                                                                          tmp_path):
+    # Rank 1 fails at its third step; rank 0 then failed in its next collective with a
+    # 180-line gloo traceback ("Connection closed by peer") that hid rank 1's error line.
+    script = tmp_path / "rank1_fails.py"
+    script.write_text(
+        "import sys\n"
+        "from nvsm.train.trainer import NeMoTrainer\n"
+        "real = NeMoTrainer.train_step\n"
+        "def step(self, data, index):\n"
+        "    if self.rank == 1 and self.step == 2:\n"
+        "        raise ValueError('bad crop on rank 1')\n"
+        "    return real(self, data, index)\n"
+        "NeMoTrainer.train_step = step\n"
+        "from nvsm.cli import app\n"
+        "app(sys.argv[1:])\n"
+    )
+    sets = [f"data.root={tiny_synthetic}", "data.crop_scale=0.2", f"data.crop_size={list(SIZE)}",
+            "train.steps=50", "train.batch_size=2", "labels.annotations=3",
+            "model.feature_dim=16", "model.n_vertices=200", "device=cpu"]
+    # torchrun looks at its children every 5 s here, so that rank 0 meets the lost peer in
+    # its own next collective before torchrun's SIGTERM reaches it ("error: terminated").
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--monitor-interval=5",
+           f"--nproc_per_node={WORLD}", str(script), "train", "-r", "synthetic-car-7labels",
+           "--no-evaluate", "--out", str(tmp_path / "run"),
+           *(arg for s in sets for arg in ("-s", s))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NVSM_DIST_TIMEOUT": str(COLLECTIVE_TIMEOUT_S)}
+    for name in TORCHRUN_ENV:
+        env.pop(name, None)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=DEADLINE_S,
+                         check=False)
+    output = res.stdout + res.stderr
+    assert res.returncode != 0 and "error: bad crop on rank 1" in output, output[-3000:]
+    # rank 0 says in one line that another process stopped; torchrun's own launcher still
+    # reports its failed children with a traceback of its own, after that.
+    said = [line for line in output.splitlines() if line.startswith("error: rank 0:")]
+    assert said and "another process of this run stopped" in said[0], output[-3000:]
+    assert "[rank0]: Traceback" not in output and "pair.cc" not in output.split(said[0])[0]
+
+
+@pytest.mark.slow
 def test_torchrun_fewshot_command(tiny_synthetic, tmp_path):
     """``torchrun ... -m nvsm.cli fewshot``: every training stage is one DDP training, rank 0
     alone runs the E-steps, evaluates, writes and reports, and the run resumes."""

@@ -239,6 +239,37 @@ def test_a_loss_scaler_wraps_the_step_when_mixed_precision_is_on(tiny_synthetic)
     assert calls == ["scale", "step", "update"] * 2
 
 
+def test_checkpoints_follow_the_run_step_and_a_diverged_loss_stops_training(tiny_synthetic,
+                                                                            tmp_path):
+    from nvsm.train.trainer import TrainingDiverged
+
+    recs = load_dataset("synthetic", tiny_synthetic, split="train").records
+    data = build_cropset(recs, crop_scale=0.2, crop_size=tuple(SIZE), show_progress=False)
+    meshes = category_meshes(tiny_synthetic, ["car"], 200)
+    cfg = _cfg(**{"train.checkpoint_every": 4})
+    trainer = NeMoTrainer(build_model(cfg, meshes), cfg.train, seed=0)
+    saved: list[int] = []
+    trainer.save = lambda path: saved.append(trainer.step)
+    # Resumed at step 5: the saves were counted from the resume (9, 13) and the last one,
+    # at a multiple, written twice.
+    trainer.step = 5
+    trainer.fit(data, steps=8, checkpoint_path=tmp_path / "model.pt", show_progress=False)
+    assert saved == [8, 12, 13]
+    saved.clear()
+    trainer.fit(data, steps=3, checkpoint_path=tmp_path / "model.pt", show_progress=False)
+    assert saved == [16]
+    # A loss that is no longer a number ended in exit 0 and a checkpoint of NaN weights.
+    hot = _cfg(**{"train.lr_head": 1e30, "train.lr_backbone": 1e30, "train.warmup_steps": 0})
+    trainer = NeMoTrainer(build_model(hot, meshes), hot.train, seed=0)
+    saved.clear()
+    trainer.save = lambda path: saved.append(trainer.step)
+    message = r"training diverged at step (\d+): the loss is nan .*model\.pt keeps the last step"
+    with pytest.raises(TrainingDiverged, match=message) as info:
+        trainer.fit(data, steps=6, checkpoint_path=tmp_path / "model.pt", show_progress=False)
+    diverged = int(re.search(r"step (\d+)", str(info.value)).group(1))
+    assert all(step < diverged for step in saved)  # nothing written from the diverged step on
+
+
 def test_a_checkpoint_with_the_wrong_contents_is_named(tiny_synthetic, tmp_path):
     # Each of these is nvsm's own file format holding parts that do not fit the model; loading
     # used to end in torch's RuntimeError, a KeyError or an IndexError from inside.

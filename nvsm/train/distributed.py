@@ -43,6 +43,20 @@ TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"
 DEFAULT_TIMEOUT_S = 1800.0
 
 
+class PeerFailed(RuntimeError):
+    """Another process of the job stopped (its own output says why), so this one cannot go on:
+    a collective operation lost its peer."""
+
+
+def _lost_peer(exc: RuntimeError) -> bool:
+    """Whether ``exc`` is a collective operation failing because a peer went away: torch's
+    distributed errors, or gloo's / NCCL's plain RuntimeError ("Connection closed by peer")."""
+    text = str(exc).lower()
+    return isinstance(exc, getattr(dist, "DistError", ())) or any(
+        word in text for word in ("gloo", "nccl", "closed by peer", "reset by peer")
+    )
+
+
 @dataclass(frozen=True)
 class DistInfo:
     """Where this process sits in the (possibly single-process) job.
@@ -162,6 +176,16 @@ def process_group(device: str | torch.device = "auto") -> Iterator[DistInfo]:
     info = init_distributed(device)  # no-op without torchrun
     try:
         yield info
+    except RuntimeError as exc:
+        # One process's error ended it; the others then failed in their next collective with
+        # a long gloo traceback that hid the cause, which the failed process has printed.
+        if info.world_size > 1 and not isinstance(exc, PeerFailed) and _lost_peer(exc):
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PeerFailed(
+                f"rank {info.rank}: another process of this run stopped, so this one cannot go "
+                f"on (the other's own error line says why; here: {first})"
+            ) from exc
+        raise
     finally:
         if owns_group:
             cleanup()

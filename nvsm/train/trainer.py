@@ -70,6 +70,10 @@ from nvsm.train.loss import (
 from nvsm.train.model import NeMoModel
 
 
+class TrainingDiverged(ValueError):
+    """The training loss stopped being a finite number."""
+
+
 @dataclass(frozen=True)
 class StepResult:
     loss: float
@@ -382,9 +386,14 @@ class NeMoTrainer:
         ``final_loss`` (the mean loss of its last tenth of steps, steadier than the last
         step's, which the progress bar shows).
 
-        When ``checkpoint_path`` is given the model is saved there every
-        ``config.checkpoint_every`` steps and at the end (with the step count), so an
-        interrupted run can resume from it.
+        When ``checkpoint_path`` is given the model is saved there at every multiple of
+        ``config.checkpoint_every`` steps (counted from the first step of the run, a resumed
+        one included) and at the end (with the step count), so an interrupted run can resume
+        from it.
+
+        Raises:
+            TrainingDiverged: the loss is not finite; the checkpoint keeps the last finite
+                step saved (a diverged model was written and the run reported success).
         """
         steps = self.config.steps if steps is None else steps
         start = time.perf_counter()
@@ -400,13 +409,24 @@ class NeMoTrainer:
         show_progress = show_progress and self.rank == 0
         with Progress(*columns, disable=not show_progress) as progress:
             task = progress.add_task(description, total=steps, loss=float("nan"))
-            for i in range(steps):
+            saved_at = None
+            for _ in range(steps):
                 result = self.train_step(data, self.sample_batch(len(data)))
+                # The loss is averaged over the ranks: every rank stops at the same step.
+                if not math.isfinite(result.loss):
+                    raise TrainingDiverged(
+                        f"training diverged at step {self.step}: the loss is {result.loss} "
+                        "(lower train.lr_backbone / train.lr_head, or raise train.temperature)"
+                        + (f"; {checkpoint_path} keeps the last step saved before it"
+                           if checkpoint_path is not None else "")
+                    )
                 losses.append(result.loss)
                 progress.update(task, advance=1, loss=result.loss)
-                if checkpoint_path is not None and (i + 1) % self.config.checkpoint_every == 0:
+                # The run's own step count: after a resume, saves stay at the multiples.
+                if checkpoint_path is not None and self.step % self.config.checkpoint_every == 0:
                     self.save(checkpoint_path)
-        if checkpoint_path is not None:
+                    saved_at = self.step
+        if checkpoint_path is not None and saved_at != self.step:
             self.save(checkpoint_path)
         tail = losses[-max(1, len(losses) // 10) :]
         return {
