@@ -71,7 +71,14 @@ def test_affine_jitter_keeps_projection_exact():
     poses = torch.tensor([[0.7, 0.3, 0.1, 5.0]], dtype=torch.float64)
     ys, xs = torch.meshgrid(torch.arange(h).double(), torch.arange(w).double(), indexing="ij")
     ramps = torch.stack([xs, ys])[None]
-    out, k2 = affine_jitter(ramps, k, torch.tensor([1.1]), torch.tensor([[3.0, -2.0]]))
+    out, k2, padded = affine_jitter(ramps, k, torch.tensor([0.9]), torch.tensor([[3.0, -2.0]]))
+    # The padding is exactly where the warp reads outside the crop: zeros there, hidden from
+    # training (vertices on it were sampled from the zeros as visible).
+    src_x = (xs - 29.5 - 3.0) / 0.9 + 29.5
+    src_y = (ys - 19.5 + 2.0) / 0.9 + 19.5
+    outside = (src_x < 0) | (src_x > w - 1) | (src_y < 0) | (src_y > h - 1)
+    assert torch.equal(padded[0], outside) and outside.any() and not outside.all()
+    torch.testing.assert_close(out[0, 0][~outside], src_x[~outside], rtol=0, atol=1e-5)
     _, px = _points_image(poses, k, pts, h, w)
     _, px2 = _points_image(poses, k2, pts, h, w)
     grid = torch.stack([2 * px2[..., 0] / (w - 1) - 1, 2 * px2[..., 1] / (h - 1) - 1], -1)

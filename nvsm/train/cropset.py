@@ -357,9 +357,12 @@ def mirror_cameras(
 
 def affine_jitter(
     images: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Zoom by ``scale`` (B,) about the crop centre and shift by ``shift`` (B, 2) pixels:
-    new_xy = s·(xy − c0) + c0 + t, with the intrinsics changed the same way (exact)."""
+    new_xy = s·(xy − c0) + c0 + t, with the intrinsics changed the same way (exact).
+
+    Returns the images, the intrinsics and the (B, H, W) bool mask of the pixels read (at
+    least in part) from outside the crop, which are padding (zeros), not image."""
     _b, _, h, w = images.shape
     c0 = torch.tensor([(w - 1) / 2, (h - 1) / 2], dtype=k.dtype, device=k.device)
     s = scale.to(k.dtype)
@@ -378,7 +381,9 @@ def affine_jitter(
     out = F.grid_sample(
         images, grid.to(images), mode="bilinear", padding_mode="zeros", align_corners=True
     )
-    return out, k
+    size = torch.tensor([w - 1, h - 1], dtype=src.dtype)
+    padded = ((src < 0) | (src > size)).any(-1)
+    return out, k, padded.to(images.device)
 
 
 class BatchAugmenter:
@@ -393,23 +398,27 @@ class BatchAugmenter:
     def __call__(
         self, images: torch.Tensor, k: torch.Tensor, poses: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """images (B, 3, H, W) float; returns (images, k, poses, occluded (B, H, W) bool)."""
+        """images (B, 3, H, W) float; returns (images, k, poses, hidden (B, H, W) bool: pasted
+        occluders and the jitter's padding)."""
         cfg, g = self.config, self.generator
         b, _, h, w = images.shape
         if cfg.flip:
             images, k, poses = flip_batch(images, k, poses, torch.rand(b, generator=g) < 0.5)
+        # The jitter's padding hides the object as an occluder does: vertices projected onto
+        # it were sampled from the zeros there and trained into the bank as visible.
+        hidden = torch.zeros(b, h, w, dtype=torch.bool)
         if cfg.scale_jitter > 0 or cfg.translate_jitter > 0:
             scale = 1 + (torch.rand(b, generator=g) * 2 - 1) * cfg.scale_jitter
             shift = (torch.rand(b, 2, generator=g) * 2 - 1) * cfg.translate_jitter
             shift = shift * torch.tensor([w, h], dtype=shift.dtype)
-            images, k = affine_jitter(images, k, scale, shift)
+            images, k, hidden = affine_jitter(images, k, scale, shift)
         if self.color is not None:
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
             images = self.color(images).clamp(0, 1)
-        occluded = torch.zeros(b, h, w, dtype=torch.bool)
         if cfg.occluders > 0:
             images, occluded = paste_occluders(images, cfg.occluders, g)
-        return images, k, poses, occluded
+            hidden = hidden | occluded.to(hidden.device)
+        return images, k, poses, hidden
 
 
 def paste_occluders(
