@@ -22,6 +22,7 @@ from nvsm.data.cad import load_cad_models
 from nvsm.data.datasets import load_dataset
 from nvsm.data.errors import id_sample
 from nvsm.data.kitti import KITTI_N_FOLDS, KITTI_TEST_FOLD
+from nvsm.data.occluded import OCCLUDED_SUBFOLDER
 from nvsm.data.record import ObjectRecord
 from nvsm.data.splits import FEW_SHOT_LADDER, LABELS_SETTING, Strategy, few_shot_splits
 from nvsm.mesh import Mesh, single_cuboid
@@ -175,7 +176,7 @@ def occluded_root(config: RunConfig, root: Path) -> Path:
     published release is a separate download, usually elsewhere)."""
     if config.data.occluded_root:
         return Path(config.data.occluded_root)
-    return root / "OccludedPASCAL3D"
+    return root / OCCLUDED_SUBFOLDER
 
 
 def category_meshes(root: Path, categories: list[str], n_vertices: int) -> dict[str, Mesh]:

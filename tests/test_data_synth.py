@@ -352,6 +352,17 @@ def test_cli_command(tmp_path: Path) -> None:
                                    "--counts", "car=2:1", "--counts", "bike=1:1"])
     assert res.exit_code == 2 and "--counts names bike, car, which the categories" in res.output
     assert not other.exists()
+    # A malformed count was a boxed usage message; an absurd one filled the memory (or ended
+    # in a MemoryError traceback) while the task list was built, leaving a staging folder.
+    for counts, message in (
+        ("chair=2", "error: --counts: expected CATEGORY=TRAIN:VAL, got 'chair=2'\n"),
+        (f"chair={10**20}:1", f"error: chair: counts must be in [0, 1000000] and not both 0, "
+                              f"got ({10**20}, 1)\n"),
+    ):
+        res = CliRunner().invoke(app, ["synth", "--out", str(other), "--tiny", "-c", "chair",
+                                       "--counts", counts])
+        assert res.exit_code == 2 and res.output == message, res.output
+        assert not other.exists() and not list(tmp_path.glob(".other.partial-*"))
 
 
 @pytest.mark.slow
@@ -391,3 +402,24 @@ def test_a_stopped_generation_stops_the_workers_in_one_line_and_writes_nothing(
     assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
     assert output.rstrip().endswith(f"error: {word}: nothing was written to {out}")
     assert list(tmp_path.iterdir()) == []  # neither the dataset nor its staging folder
+
+
+def test_verify_checks_the_occluded_levels_and_masks_it_ships(dataset: Path,
+                                                              tmp_path: Path) -> None:
+    # Verify passed a copy missing an occluded image (which stops fewshot) and a mask (which
+    # the reader goes on without).
+    import shutil
+
+    from nvsm.data.verify import verify_dataset
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    assert verify_dataset("synthetic", copy, decode_images=True) == []
+    cat = next(c for c, n in COUNTS.items() if n[1] > 0)
+    val_id = _ids(copy, cat, "val")[0]
+    occluded = copy / "OccludedPASCAL3D" / "images" / f"{cat}FGL2_BGL2" / f"{val_id}.JPEG"
+    mask = copy / "Masks" / f"{cat}_imagenet" / f"{_ids(copy, cat, 'train')[0]}.png"
+    occluded.unlink()
+    mask.unlink()
+    found = {(p.kind, p.path) for p in verify_dataset("synthetic", copy)}
+    assert found == {("missing_file", occluded), ("missing_file", mask)}

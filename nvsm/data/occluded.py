@@ -30,6 +30,7 @@ from nvsm.data.record import ObjectRecord
 __all__ = [
     "NEMO_OCCLUSION_LEVELS",
     "OCCLUDED_NPZ_KEYS",
+    "OCCLUDED_SUBFOLDER",
     "OccludedAnnotation",
     "load_occluded_pascal3d",
     "occluded_folder",
@@ -38,6 +39,10 @@ __all__ = [
     "read_occluded_npz",
 ]
 
+#: The folder, inside a PASCAL3D+-layout root, that holds its Occluded PASCAL3D+ levels when
+#: they come with it (the built-in synthetic set; the published release is a download of its
+#: own, usually elsewhere).
+OCCLUDED_SUBFOLDER = "OccludedPASCAL3D"
 #: Keys every Occluded PASCAL3D+ annotation ``.npz`` has.
 OCCLUDED_NPZ_KEYS: tuple[str, ...] = ("source", "mask", "occluder_mask", "box", "occluder_box")
 #: NeMo's L1..L3 → (foreground level, background level).

@@ -35,6 +35,7 @@ __all__ = [
     "pascal3d_annotation_dir",
     "pascal3d_image_dir",
     "pascal3d_image_set",
+    "pascal3d_mask_dir",
     "read_image_set",
     "read_pascal3d_annotation",
 ]
@@ -52,6 +53,11 @@ def pascal3d_image_dir(root: Path, category: str, subset: Subset = "imagenet") -
 def pascal3d_annotation_dir(root: Path, category: str, subset: Subset = "imagenet") -> Path:
     """``<root>/Annotations/<category>_<subset>``."""
     return Path(root) / "Annotations" / f"{category}_{subset}"
+
+
+def pascal3d_mask_dir(root: Path, category: str, subset: Subset = "imagenet") -> Path:
+    """``<root>/Masks/<category>_<subset>`` (object masks: nvsm's synthetic set only)."""
+    return Path(root) / "Masks" / f"{category}_{subset}"
 
 
 def pascal3d_image_set(root: Path, category: str, split: str, subset: Subset = "imagenet") -> Path:
@@ -178,7 +184,7 @@ def load_pascal3d(
                 raise
             result.errors.append(exc)
             continue
-        mask_dir = root / "Masks" / f"{category}_{subset}"
+        mask_dir = pascal3d_mask_dir(root, category, subset)
         for image_id in ids:
             mask = mask_dir / f"{image_id}.png"
             try:

@@ -72,6 +72,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from nvsm.data.matlab import MATLAB_PIXEL_OFFSET
+from nvsm.data.occluded import OCCLUDED_SUBFOLDER
 from nvsm.data.shapes import CATEGORY_BUILDERS, SubType, category_subtypes
 from nvsm.data.synth_render import (
     BackgroundBank,
@@ -359,9 +360,9 @@ class _Worker:
                 name = f"{task.category}FGL{level}_BGL{level}"
                 occ_boxes = [_box_rows(res.occluder_mask & lab) for lab in
                              _components(res.occluder_mask)]
-                files[f"OccludedPASCAL3D/images/{name}/{task.image_id}.JPEG"] = _jpeg(
+                files[f"{OCCLUDED_SUBFOLDER}/images/{name}/{task.image_id}.JPEG"] = _jpeg(
                     _finish(res.image, post))
-                files[f"OccludedPASCAL3D/annotations/{name}/{task.image_id}.npz"] = (
+                files[f"{OCCLUDED_SUBFOLDER}/annotations/{name}/{task.image_id}.npz"] = (
                     occluded_npz_bytes(
                         task.image_id, mask_u8, res.occluder_mask.astype(bool), _box_rows(mask),
                         np.array(occ_boxes, dtype=np.int64),
@@ -395,6 +396,10 @@ def _run_task(task: _Task) -> dict[str, bytes]:
 
 
 # ----------------------------------------------------------------------------- the generator
+#: Most images of one category and split (a million renders take days on a laptop).
+MAX_IMAGES = 1_000_000
+
+
 def _resolve_counts(
     size: str | Mapping[str, tuple[int, int]], categories: Sequence[str]
 ) -> tuple[str, dict[str, tuple[int, int]]]:
@@ -414,8 +419,10 @@ def _resolve_counts(
         if cat not in preset:
             raise ValueError(f"size {name!r} gives no (train, val) counts for {cat!r}")
         n_train, n_val = (int(v) for v in preset[cat])
-        if n_train < 0 or n_val < 0 or n_train + n_val == 0:
-            raise ValueError(f"{cat}: counts must be >= 0 and not both 0, got {preset[cat]}")
+        # The task list is built before rendering: an absurd count filled the memory first.
+        if not (0 <= n_train <= MAX_IMAGES and 0 <= n_val <= MAX_IMAGES) or n_train + n_val == 0:
+            raise ValueError(f"{cat}: counts must be in [0, {MAX_IMAGES}] and not both 0, got "
+                             f"{preset[cat]}")
         counts[cat] = (n_train, n_val)
     return name, counts
 
@@ -424,7 +431,7 @@ def _image_id(category: str, split: int, index: int) -> str:
     return f"{SYNSETS[category]}_{split + 1}{index + 1:05d}"
 
 
-_OWNED = ("Images", "Annotations", "Masks", "CAD", "Image_sets", "OccludedPASCAL3D")
+_OWNED = ("Images", "Annotations", "Masks", "CAD", "Image_sets", OCCLUDED_SUBFOLDER)
 MANIFEST_NAME = "synthetic_manifest.json"
 
 
@@ -575,7 +582,7 @@ def _render_dataset(
         if occlusion and counts[cat][1] > 0:
             val_ids = [_image_id(cat, 1, i) for i in range(counts[cat][1])]
             for level in OCCLUSION_LEVELS:
-                atomic_write_text(out / "OccludedPASCAL3D" / "lists" /
+                atomic_write_text(out / OCCLUDED_SUBFOLDER / "lists" /
                                   f"{cat}FGL{level}_BGL{level}.txt",
                                   "".join(f"{x}.JPEG\n" for x in val_ids))
                 n_files += 1
@@ -681,7 +688,7 @@ def _parse_counts(values: Sequence[str]) -> dict[str, tuple[int, int]]:
             cat, nums = item.split("=", 1)
             n_train, n_val = (int(v) for v in nums.split(":", 1))
         except ValueError as exc:
-            raise typer.BadParameter(f"expected CATEGORY=TRAIN:VAL, got {item!r}") from exc
+            raise ValueError(f"--counts: expected CATEGORY=TRAIN:VAL, got {item!r}") from exc
         counts[cat.strip()] = (n_train, n_val)
     return counts
 
@@ -726,7 +733,10 @@ def synth_command(
     categories = categories or ["car", "aeroplane", "chair"]
     console = Console()
     if counts:
-        asked = _parse_counts(counts)
+        try:
+            asked = _parse_counts(counts)
+        except ValueError as exc:
+            exit_with_error(console, str(exc), 2)
         unused = sorted(set(asked) - set(categories))
         if unused:  # they were ignored without a word
             exit_with_error(console, f"--counts names {', '.join(unused)}, which the categories "

@@ -44,12 +44,13 @@ from nvsm.data.matlab import (
     record_image_size,
 )
 from nvsm.data.occluded import (
+    OCCLUDED_SUBFOLDER,
     occluded_folder,
     occluded_image_path,
     read_occluded_entry,
     read_occluded_npz,
 )
-from nvsm.data.pascal3d import read_image_set
+from nvsm.data.pascal3d import pascal3d_mask_dir, read_image_set
 
 __all__ = [
     "PROBLEM_KINDS", "Problem", "check_dataset_root", "load_manifest", "manifest_dir",
@@ -210,6 +211,7 @@ def _verify_pascal_layout(root: Path, manifest: dict[str, Any], categories: list
                 out.run(load_cad_models, root, cat)
         img_dir = root / layout["image_dir"].format(category=cat)
         ann_dir = root / layout["annotation_dir"].format(category=cat)
+        mask_dir = pascal3d_mask_dir(root, cat)
         listed: dict[str, tuple[Path, list[str]]] = {}
         images: dict[str, dict[Path, Path]] = {}
         for split, pattern in (layout.get("lists") or {}).items():
@@ -222,6 +224,10 @@ def _verify_pascal_layout(root: Path, manifest: dict[str, Any], categories: list
             for image_id in ids:
                 result = out.run(parse_record_file, ann_dir / f"{image_id}.mat", img_dir,
                                  categories=[cat], source=source, image_id=image_id)
+                mask = mask_dir / f"{image_id}.png"
+                if mask_dir.is_dir() and not mask.is_file():  # the reader goes on without it
+                    out.add(Problem("missing_file", mask, f"object mask of {image_id} missing "
+                                    f"from {mask_dir.name} (the other images have one)"))
                 if result is None:
                     continue
                 images[split][result.image_path.resolve()] = ann_dir / f"{image_id}.mat"
@@ -400,6 +406,11 @@ def verify_dataset(
 
     if name in ("pascal3d", "synthetic"):
         _verify_pascal_layout(root, manifest, cats, decode_images, out)
+    if name == "synthetic" and (root / OCCLUDED_SUBFOLDER).is_dir():
+        # The built-in dataset carries its own occluded test levels, which fewshot reads.
+        _verify_occluded(root / OCCLUDED_SUBFOLDER, load_manifest("occluded_pascal3d",
+                                                                  manifest_directory),
+                         cats, decode_images, root, out)
     elif name == "occluded_pascal3d":
         _verify_occluded(root, manifest, cats, decode_images,
                          None if pascal3d_root is None else Path(pascal3d_root), out)
