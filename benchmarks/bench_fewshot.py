@@ -248,6 +248,13 @@ def run_sizes(config: RunConfig, labelled: int, pool: int, test: int) -> RunSize
     return RunSizes(labelled, pool, test, train, anchors, views, accepted)
 
 
+def stand_in_pseudo_anchors(sizes: RunSizes, k: int, mirror_anchors: bool) -> int:
+    """Pool images that stand in for round ``k``'s pseudo-labelled anchors, beside the labels:
+    ``sizes.anchors`` counts the mirrored copies, which the stage benchmark adds itself (taken
+    as they were, round 1 got as many stand-ins as labels, and twice its views)."""
+    return sizes.anchors[k] // (2 if mirror_anchors else 1) - sizes.labelled
+
+
 def _category_set(data: CropSet, category: str) -> CropSet:
     return data.subset([i for i, c in enumerate(data.categories) if c == category])
 
@@ -280,7 +287,7 @@ def bench_stages(args: argparse.Namespace) -> dict[str, Any]:
         n_pool = min(n_pool, fs.unlabelled_limit)
     n_test = sum(len(v) for v in splits.test.values())
     sizes = run_sizes(config, n_labelled, n_pool, n_test)
-    pseudo_anchors = sizes.anchors[measured_round] - n_labelled
+    pseudo_anchors = stand_in_pseudo_anchors(sizes, measured_round, fs.mirror_anchors)
 
     # Crop only what is timed: --images pool crops (and the stand-in pseudo-anchors).
     limit = min(n_pool, max(args.images, pseudo_anchors))

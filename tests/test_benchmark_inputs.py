@@ -169,3 +169,18 @@ def test_argument_types() -> None:
     ]:
         with pytest.raises(argparse.ArgumentTypeError, match="expected"):
             parse(text)
+
+
+def test_the_stage_benchmark_measures_the_round_it_reports(load_benchmark) -> None:
+    # It took the mirrored anchor count for the unmirrored one: round 1 of the default run
+    # (7 labels, 14 anchors with mirrors, 294 views) was measured at 28 anchors, 588 views.
+    from nvsm.config import load_config
+
+    bench = load_benchmark("bench_fewshot")
+    config = load_config("synthetic-car-7shot")
+    sizes = bench.run_sizes(config, 7, 393, 600)
+    mirror = config.fewshot.mirror_anchors
+    for k in range(1, sizes.rounds + 1):
+        stand_ins = bench.stand_in_pseudo_anchors(sizes, k, mirror)
+        assert (7 + stand_ins) * (2 if mirror else 1) == sizes.anchors[k]
+    assert mirror and bench.stand_in_pseudo_anchors(sizes, 1, mirror) == 0
