@@ -807,7 +807,9 @@ def test_synthetic_layout_and_kitti_split(tmp_path: Path, p3d_root: Path) -> Non
     write_off(syn / "CAD" / "car" / "01.off", cuboid_mesh([-0.5, -1, -0.4], [0.5, 1, 0.4], 60))
     assert verify_dataset("synthetic", syn) == []
     (syn / "Masks" / "car_imagenet").mkdir(parents=True)
-    Image.fromarray(np.full((H, W), 255, np.uint8)).save(syn / "Masks/car_imagenet/s1.png")
+    for image_id in ("s0", "s1"):  # a Masks folder has every listed image's (verify checks)
+        Image.fromarray(np.full((H, W), 255, np.uint8)).save(
+            syn / f"Masks/car_imagenet/{image_id}.png")
     recs = load_dataset("synthetic", syn, split="val").records
     assert [(r.source, r.image_id) for r in recs] == [("synthetic", "s1")]
     assert recs[0].object_mask_path == syn / "Masks/car_imagenet/s1.png"
