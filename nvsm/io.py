@@ -169,7 +169,11 @@ def check_run_folder(folder: str | os.PathLike[str], resume: bool, command: str)
                          "start a run there")
     info = folder / "run_info.json"
     if resume and info.is_file():
-        made_by = read_json_object(info).get("command", command)  # older runs did not say
+        try:
+            made_by = read_json_object(info).get("command", command)  # older runs did not say
+        except ValueError as exc:
+            raise ValueError(f"cannot resume {folder}: {exc}; delete {info} to resume on the "
+                             "stages' own checks") from exc
         if made_by != command:
             raise ValueError(f"cannot resume {folder} with nvsm {command}: it holds a run of "
                              f"nvsm {made_by} ({info} field 'command')")

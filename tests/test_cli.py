@@ -106,6 +106,11 @@ def test_a_run_folder_of_another_command_is_not_resumed(tmp_path):
             f"error: cannot resume {folder} with nvsm {cmd[0]}: it holds a run of nvsm "
             f"{made_by} ({folder / 'run_info.json'} field 'command')")
         assert [p.name for p in folder.iterdir()] == ["run_info.json"]
+    # One that cannot be read says so, with the way out.
+    (folder / "run_info.json").write_text("{oops")
+    res = runner.invoke(app, ["train", "--resume", "--out", str(folder)])
+    assert res.exit_code == 2 and "expected a JSON object" in res.output
+    assert f"delete {folder / 'run_info.json'} to resume" in " ".join(res.output.split())
 
 
 def test_option_values_are_taken_as_typed(tmp_path, monkeypatch):
