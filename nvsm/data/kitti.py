@@ -408,7 +408,8 @@ def _read_frame(base: Path, frame: str, config: KittiConfig, result: ReadResult)
     label = base / "label_2" / f"{frame}.txt"
     kitti_frame_id(label)
     objects = read_kitti_label(label)
-    if not any(o.type in dict(config.classes) for o in objects):
+    classes = dict(config.classes)
+    if not any(o.type in classes for o in objects):
         return
     image = base / "image_2" / f"{frame}.png"
     if not image.is_file():
