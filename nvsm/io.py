@@ -154,13 +154,19 @@ def check_output_folder(folder: str | os.PathLike[str]) -> None:
             raise ValueError(f"cannot write into {folder}: {path} is a file, not a folder")
 
 
-def check_run_folder(folder: str | os.PathLike[str], resume: bool, command: str) -> None:
+def check_run_folder(
+    folder: str | os.PathLike[str], resume: bool, command: str
+) -> dict[str, Any] | None:
     """``check_output_folder``; when resuming, that ``folder`` holds something to resume (a
     mistyped path started the whole run anew without a word) and no run of another command
     (``nvsm train --resume`` into a few-shot run replaced its run_info.json and metrics.json);
     otherwise, that it holds no run already (no ``run_info.json``): a new run there would leave
     the old run's other stages beside its own (a run of fewer rounds kept the old later rounds,
-    which the exports read)."""
+    which the exports read).
+
+    Returns:
+        the run's ``run_info.json`` when resuming a folder that has one, else None.
+    """
     check_output_folder(folder)
     folder = Path(folder)
     if resume and not (folder.is_dir() and any(folder.iterdir())):
@@ -168,20 +174,25 @@ def check_run_folder(folder: str | os.PathLike[str], resume: bool, command: str)
         raise ValueError(f"nothing to resume in {folder}: it {state}; leave out --resume to "
                          "start a run there")
     info = folder / "run_info.json"
-    if resume and info.is_file():
-        try:
-            made_by = read_json_object(info).get("command", command)  # older runs did not say
-        except ValueError as exc:
-            raise ValueError(f"cannot resume {folder}: {exc}; delete {info} to resume on the "
-                             "stages' own checks") from exc
-        if made_by != command:
-            raise ValueError(f"cannot resume {folder} with nvsm {command}: it holds a run of "
-                             f"nvsm {made_by} ({info} field 'command')")
-    if not resume and (folder / "run_info.json").exists():
-        raise ValueError(
-            f"{folder} holds a run already: resume it (--resume), or choose another folder "
-            "(--out) or delete it"
-        )
+    if not resume:
+        if info.exists():
+            raise ValueError(
+                f"{folder} holds a run already: resume it (--resume), or choose another folder "
+                "(--out) or delete it"
+            )
+        return None
+    if not info.is_file():
+        return None
+    try:
+        record = read_json_object(info)
+    except ValueError as exc:
+        raise ValueError(f"cannot resume {folder}: {exc}; delete {info} to resume on the "
+                         "stages' own checks") from exc
+    made_by = record.get("command", command)  # older runs did not say
+    if made_by != command:
+        raise ValueError(f"cannot resume {folder} with nvsm {command}: it holds a run of "
+                         f"nvsm {made_by} ({info} field 'command')")
+    return record
 
 
 @contextmanager

@@ -731,13 +731,13 @@ def _run_fewshot(
     device = info.device
     schedule = schedule or acceptance_schedule(fs)
     run_dir = ddp.broadcast_object(run_dir)  # e.g. a timestamped default: rank 0's
-    check_run_folder(run_dir, resume, "fewshot")
+    record = check_run_folder(run_dir, resume, "fewshot")
     config_json = config_to_dict(config)
     info_path = run_dir / "run_info.json"
-    if resume and info_path.is_file():
+    if record is not None:
         # Before anything is written: the stage checks below would refuse too, but only after
         # run_info.json had been overwritten with the refused config.
-        saved = read_json_object(info_path).get("config")
+        saved = record.get("config")
         if not isinstance(saved, dict):  # compared as {} it read as the defaults
             raise ValueError(
                 f"cannot resume {run_dir}: {info_path} field 'config': expected the run's config "

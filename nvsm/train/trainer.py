@@ -533,6 +533,7 @@ class NeMoTrainer:
                 return None, f"{path}: entry 'optimizer.{key}' fits no parameter of this model"
         return state, None
 
+
 def training_state_path(checkpoint: Path, rank: int) -> Path:
     """Where rank ``rank`` keeps its training state for ``checkpoint``: beside it, e.g.
     ``model.train_state.rank0.pt``."""
