@@ -184,20 +184,13 @@ def _typed(row: Any, path: Path, line: int) -> Row:
     if not isinstance(row, dict):
         raise DataFormatError(path, where, f"an object with the fields {', '.join(ROW_FIELDS)}",
                               type(row).__name__)
-    missing = [k for k in ROW_FIELDS if row.get(k, ...) is ...]
+    missing = [k for k in ROW_FIELDS if k not in row]
     if missing:
         raise DataFormatError(path, f"{where} {missing[0]}",
                               f"the fields {', '.join(ROW_FIELDS)}", f"fields {sorted(row)}")
     out: Row = {k: row[k] for k in ROW_FIELDS}
     for k in _FLOAT_FIELDS:
-        v = out[k]
-        try:
-            if isinstance(v, bool) or not isinstance(v, (int, float, str, type(None))):
-                raise TypeError
-            out[k] = math.nan if v is None or v == "" else float(v)
-        except (TypeError, ValueError):
-            raise DataFormatError(path, f"{where} {k}", "a number (empty, nan or null for none)",
-                                  v) from None
+        out[k] = _number(out[k], path, f"{where} {k}")
     out["error"] = out["error"] or ""
     for k in ("image", "uid", "category", "error"):
         if not isinstance(out[k], str):
@@ -207,6 +200,18 @@ def _typed(row: Any, path: Path, line: int) -> Row:
         raise DataFormatError(path, f"{where} error", "a message exactly where the pose is "
                               "missing (a failure)", out["error"])
     return out
+
+
+def _number(value: Any, path: Path, field: str) -> float:
+    """A float field read back: NaN for none (empty, ``nan`` or null), else a number."""
+    if value is None or value == "":
+        return math.nan
+    if isinstance(value, int | float | str) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise DataFormatError(path, field, "a number (empty, nan or null for none)", value)
 
 
 def _read_text(path: Path) -> str:
