@@ -116,6 +116,15 @@ def test_mirror_pose_matches_flipped_image():
     np.testing.assert_allclose(pix_m[:, 1], pix[:, 1], atol=1e-9)
 
 
+def test_mirror_pose_keeps_the_documented_ranges():
+    for t in (math.pi, np.pi):
+        _, _, tm = P.mirror_pose(np.float64(0.3), np.float64(0.2), np.float64(t))
+        assert tm == math.pi
+    a, _, tm = P.mirror_pose(torch.tensor([0.0, 1.0]), torch.tensor([0.1, 0.1]), torch.tensor([math.pi, 0.5]))
+    assert a.tolist() == [0.0, pytest.approx(2 * math.pi - 1.0)]
+    assert tm.tolist() == [pytest.approx(math.pi), -0.5]
+
+
 def test_angles_come_back_in_their_documented_ranges():
     # The remainder rounded a tiny negative angle up to 2π itself (atan2 gives −2e−16 for an
     # azimuth of 360°), and atan2 gives θ = −π for a half turn in plane.

@@ -231,12 +231,13 @@ def pose_from_opencv(r_cv: ArrayLike, t_cv: ArrayLike) -> tuple[Any, Any, Any, A
 
 
 def mirror_pose(azimuth: Array, elevation: Array, theta: Array) -> tuple[Array, Array, Array]:
-    """Pose of the horizontally flipped image: (a, e, θ) → (−a mod 2π, e, −θ).
+    """Pose of the horizontally flipped image: (a, e, θ) → (−a mod 2π, e, −θ wrapped to (−π, π]).
 
     Valid for objects that are mirror-symmetric about their x = 0 plane (PASCAL3D+ CAD models:
-    the left/right plane), with the flip taken about the column of the principal point.
+    the left/right plane), with the flip taken about the column of the principal point. Both
+    angles come back in the ranges every pose function uses, so θ = π mirrors to π, not −π.
     """
-    return wrap_azimuth(-azimuth), elevation, -theta
+    return wrap_azimuth(-azimuth), elevation, wrap_angle(-theta)
 
 
 def wrap_angle(x: Array) -> Array:
