@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from nvsm.data.synth import (
     OCCLUSION_LEVELS,
     SYNSETS,
     generate_synthetic_dataset,
+    render_processes,
     synth_command,
 )
 from nvsm.data.synth_render import BackgroundBank, RenderMesh, ViewPose, rasterize
@@ -114,6 +116,19 @@ def test_layout_and_mat_fields(dataset: Path) -> None:
             assert min(box[0], box[1]) >= 1 and box[2] <= w and box[3] <= h
     manifest = (dataset / "synthetic_manifest.json").read_text()
     assert '"seed": 0' in manifest and '"generator_version"' in manifest
+
+
+def test_render_processes_never_exceed_the_cpus(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # --workers 100000 started a process per queued chunk until the memory ran out.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert render_processes(100_000, 400) == 3
+    assert render_processes(2, 400) == 2
+    assert render_processes(8, 63) == 1  # too few images to pay for starting workers
+    with pytest.raises(ValueError, match="workers: expected an integer >= 1, got 0"):
+        generate_synthetic_dataset(tmp_path / "w", {"car": (1, 0)}, categories=["car"], workers=0)
+    assert not (tmp_path / "w").exists()
 
 
 def test_fixed_seed_identical_bytes_and_seeds_differ(dataset: Path, tmp_path: Path) -> None:

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import shutil
 import signal
 import threading
@@ -495,8 +496,9 @@ def generate_synthetic_dataset(
         categories: any of ``"car"``, ``"aeroplane"``, ``"chair"``.
         image_size: (H, W) of the images.
         occlusion: also write the ``OccludedPASCAL3D`` levels 1–3 built from the val images.
-        workers: processes rendering in parallel (1, or fewer than 64 images: in this process);
-            the output is identical whatever the number.
+        workers: processes rendering in parallel (``render_processes``: at most the CPUs, and
+            this process alone for fewer than 64 images); the output is identical whatever
+            the number.
         overwrite: replace an earlier synthetic dataset in ``out`` (only folders it owns).
         use_skimage_backgrounds: include scikit-image's shipped photos.
         progress: called as ``progress(0, total)`` when rendering starts (every option has
@@ -514,6 +516,8 @@ def generate_synthetic_dataset(
     size_name, counts = _resolve_counts(size, categories)
     if seed < 0:
         raise ValueError(f"seed: expected an integer >= 0, got {seed}")
+    if workers < 1:
+        raise ValueError(f"workers: expected an integer >= 1, got {workers}")
     _check_out(out, overwrite)
     # Every option is checked before anything is written; the photos here, not mid-render.
     bank_names = BackgroundBank.default(backgrounds, use_skimage_backgrounds, check=True).names
@@ -627,12 +631,24 @@ def _manifest(
     }
 
 
+def render_processes(workers: int, n_images: int) -> int:
+    """How many processes render ``n_images`` when ``workers`` are asked for: 1 (this process)
+    for fewer than 64 images, which do not pay for starting workers (~seconds each), and never
+    more than the CPUs this process may run on, since each worker holds a renderer and extra
+    ones only fill the memory (``--workers 100000`` started processes until it ran out)."""
+    if n_images < 64:
+        return 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(workers, cpus or 1)
+
+
 def _run_all(
     tasks: list[_Task], backgrounds: Path | None, use_skimage: bool, workers: int
 ) -> Iterator[tuple[_Task, dict[str, bytes]]]:
-    """Render tasks in order, in this process or in a spawn-started process pool (only for
-    enough images to pay for starting the workers, ~seconds each)."""
-    if workers <= 1 or len(tasks) < 64:
+    """Render tasks in order, in this process or in a spawn-started process pool
+    (``render_processes``)."""
+    workers = render_processes(workers, len(tasks))
+    if workers == 1:
         worker = _Worker(backgrounds, use_skimage)
         for task in tasks:
             yield task, worker.run(task)
@@ -707,7 +723,8 @@ def synth_command(
         list[str] | None,
         typer.Option("--counts", help="Override sizes: CATEGORY=TRAIN:VAL (repeatable)."),
     ] = None,
-    workers: Annotated[int, typer.Option("--workers", min=1, help="Rendering processes.")] = 2,
+    workers: Annotated[int, typer.Option("--workers", min=1,
+                                              help="Rendering processes (at most the CPUs).")] = 2,
     no_occlusion: Annotated[
         bool, typer.Option("--no-occlusion", help="Skip the OccludedPASCAL3D levels.")
     ] = False,
