@@ -28,6 +28,7 @@ from nvsm.fewshot.report import (
     REPORT_NAME,
     accuracy_series,
     label_errors_deg,
+    round_folders,
     sheet_selection,
 )
 
@@ -130,6 +131,22 @@ def test_export_filters_and_writes(tmp_path):
     res = runner.invoke(app, ["pseudo-labels", "export", str(run), "-f", "csv", "-o", str(source)])
     assert res.exit_code == 2 and "lies inside the run folder" in res.output
     assert source.read_bytes() == before
+
+
+def test_only_the_loops_own_round_names_are_rounds(tmp_path, monkeypatch):
+    # A stray round_01 (a copy, say) was a second round 1: which one the export and the report
+    # read depended on the order the folder listed them in. Listed here in name order, where
+    # round_١ (an Arabic-Indic one) follows round_1.
+    listing = Path.iterdir
+    monkeypatch.setattr(Path, "iterdir", lambda self: iter(sorted(listing(self))))
+    run = _fake_run(tmp_path, {1: [_label("a", 0.9, True)]})
+    stray_labels = pseudo_labels_jsonl([_label("x", 0.9, True)])
+    for stray in ("round_01", "round_001", "round_0001", "round_١"):
+        (run / stray).mkdir()
+        (run / stray / "pseudo_labels.jsonl").write_text(stray_labels)
+    assert round_folders(run) == {0: run / "round_0", 1: run / "round_1"}
+    res = runner.invoke(app, ["pseudo-labels", "export", str(run), "-f", "jsonl", "-k", "1"])
+    assert res.exit_code == 0 and [json.loads(x)["uid"] for x in res.stdout.splitlines()] == ["a"]
 
 
 def test_export_errors_name_the_path(tmp_path):

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -106,6 +107,11 @@ SUMMARY_KEYS = ("acc_pi_6", "acc_pi_18", "median_error_deg", "n", "failures")
 
 #: Seed offset between EM rounds (trainer, augmentation and clutter streams).
 ROUND_SEED_STRIDE = 1000
+
+#: The name of round k's folder, ``round_<k>`` with k written as ``f"round_{k}"`` writes it: a
+#: stray ``round_01`` or ``round_١`` is not a second name for round 1 (which of the two was
+#: read depended on the order the folder listed them in).
+ROUND_FOLDER = re.compile(r"round_(0|[1-9][0-9]*)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -753,10 +759,10 @@ def _run_fewshot(
         # (the pseudo-label export and report read the last round there is).
         held = max(
             (
-                int(k)
+                int(m.group(1))
                 for root in (run_dir, run_dir / "self_training")
                 for p in root.glob("round_*")
-                if (k := p.name.removeprefix("round_")).isdigit()
+                if (m := ROUND_FOLDER.fullmatch(p.name))
             ),
             default=0,
         )

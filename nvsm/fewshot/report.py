@@ -23,7 +23,6 @@ import base64
 import html
 import io
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from PIL import Image
 
 from nvsm.config import ConfigError, config_from_dict
 from nvsm.data.splits import azimuth_coverage
-from nvsm.fewshot.loop import FewShotData, prepare_fewshot_data
+from nvsm.fewshot.loop import ROUND_FOLDER, FewShotData, prepare_fewshot_data
 from nvsm.fewshot.pseudo_labels import (
     PseudoLabel,
     pseudo_labels_csv,
@@ -89,9 +88,6 @@ FIG_DPI = 72
 ACCEPTED_COLOR = "#2ca02c"
 REJECTED_COLOR = "#d62728"
 
-_ROUND_DIR = re.compile(r"round_(\d+)")
-
-
 class RunFolderError(ValueError):
     """A run folder, round or pseudo-label file that is missing or malformed; the message
     names the path and what was expected."""
@@ -116,7 +112,7 @@ def round_folders(run_dir: Path) -> dict[int, Path]:
     found = {
         int(m.group(1)): p
         for p in run_dir.iterdir()
-        if p.is_dir() and (m := _ROUND_DIR.fullmatch(p.name))
+        if p.is_dir() and (m := ROUND_FOLDER.fullmatch(p.name))
     }
     if not found:
         raise RunFolderError(_not_a_fewshot_run(run_dir))
@@ -127,7 +123,7 @@ def _not_a_fewshot_run(run_dir: Path) -> str:
     """Why ``run_dir`` (a folder without round folders) is not a few-shot run folder: a round
     folder itself, an ``nvsm train`` run, or neither."""
     expected = "expected a run folder written by 'nvsm fewshot --out RUN'"
-    if m := _ROUND_DIR.fullmatch(run_dir.name):
+    if m := ROUND_FOLDER.fullmatch(run_dir.name):
         return (f"{run_dir} is one round of a run; give its run folder {run_dir.parent} instead "
                 f"('nvsm pseudo-labels export' takes --round {m.group(1)} to export only this "
                 "round)")
