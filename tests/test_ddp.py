@@ -33,6 +33,7 @@ from nvsm.train.cropset import CropSet, build_cropset
 from nvsm.train.distributed import (
     TORCHRUN_ENV,
     DistInfo,
+    _pick_device,
     cleanup,
     get_rank,
     init_distributed,
@@ -141,6 +142,23 @@ def test_init_distributed_without_torchrun_is_a_no_op(monkeypatch):
     assert not torch.distributed.is_initialized()
     assert init_distributed("auto").device == resolve_device("auto")
     cleanup()  # nothing to clean up: no error
+
+
+def test_more_processes_than_gpus_are_refused_by_name(monkeypatch):
+    # Local ranks past the GPU count were wrapped onto a GPU another rank held: NCCL refuses
+    # two ranks on one GPU deep inside its first collective.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert _pick_device("auto", 1) == torch.device("cuda", 1)
+    assert _pick_device("cpu", 5) == torch.device("cpu")
+    for name, value in {"RANK": "2", "WORLD_SIZE": "3", "LOCAL_RANK": "2",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=r"local rank 2 .* 2 CUDA device.* -s device=cpu"):
+        init_distributed("cuda")  # refused before it joins a process group
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"local rank 0 .* 0 CUDA device"):
+        _pick_device("cuda", 0)
 
 
 def _once_worker(rank: int, out: Path) -> None:

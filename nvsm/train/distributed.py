@@ -112,15 +112,26 @@ def is_main_process() -> bool:
 def _pick_device(preference: str | torch.device, local_rank: int | None) -> torch.device:
     """The device of this process. ``auto`` means CUDA when available, else CPU. Under torchrun
     (``local_rank`` given) a CUDA device becomes ``cuda:<local_rank>``; otherwise the
-    preference is used as given (as ``nvsm.pipeline.resolve_device`` does)."""
+    preference is used as given (as ``nvsm.pipeline.resolve_device`` does).
+
+    Raises:
+        ValueError: CUDA asked for but absent, or more processes on this machine than it has
+            GPUs (the extra ones shared a GPU, which NCCL refuses deep inside its first call).
+    """
     name = str(preference)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and local_rank is not None:
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-        return torch.device(device.type, local_rank % torch.cuda.device_count())
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if local_rank >= count:
+            raise ValueError(
+                f"device: torchrun started local rank {local_rank} on this machine, which has "
+                f"{count} CUDA device(s) for device={str(preference)!r}; start at most "
+                f"{count} process(es) per machine (torchrun --nproc-per-node) or use "
+                "-s device=cpu"
+            )
+        return torch.device(device.type, local_rank)
     return device
 
 
