@@ -31,6 +31,7 @@ from nvsm.fewshot.pseudo_labels import (
     pseudo_labels_csv,
     read_pseudo_labels,
 )
+from nvsm.pose import wrap_angle
 from nvsm.train.model import NeMoModel
 
 runner = CliRunner()
@@ -571,6 +572,11 @@ def test_theta_shifts_are_configurable(tiny_data):
     )  # fmt: skip
     assert len(labels) == len(pool)
     assert all(lb.shift[2] == pytest.approx(math.radians(10.0)) for lb in labels)
+    # Not only recorded: the matched view was rendered 10° off its anchor in θ (no refinement).
+    anchor_theta = dict(zip(anchors.uids, anchors.poses[:, 2].tolist(), strict=True))
+    for lb in labels:
+        moved = float(wrap_angle(np.float64(lb.theta - anchor_theta[lb.source_uid])))
+        assert moved == pytest.approx(math.radians(10.0), abs=1e-6)
 
 
 @pytest.mark.parametrize(("sample", "chunk"), [(4096, 1024), (2, 1024), (2, 2)])

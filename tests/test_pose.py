@@ -99,7 +99,8 @@ def test_opencv_camera_matches_pascal_projection():
     np.testing.assert_allclose(pix, P.project_pascal3d(pts, a, e, t, d, px, py), atol=1e-9)
     # The object origin sits on the optical axis at depth d.
     o, od = P.project_opencv(np.zeros((1, 3)), r_cv, t_cv, P.intrinsics(3000.0, px, py))
-    np.testing.assert_allclose(o[0], [px, py]) and np.testing.assert_allclose(od, [d])
+    np.testing.assert_allclose(o[0], [px, py])
+    np.testing.assert_allclose(od, [d])
     assert (depth > 0).all()
 
 
