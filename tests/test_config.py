@@ -20,6 +20,30 @@ from nvsm.config import (
 def test_defaults_round_trip():
     cfg = RunConfig()
     assert config_from_dict(config_to_dict(cfg)) == cfg
+    # Missing keys are filled with defaults, so the default alone would round-trip through an
+    # empty dict: every section is also changed, and every field must be written out.
+    changed = load_config("synthetic-car-7shot", [
+        "seed=5", "device=cpu", "data.crop_size=[64, 96]", "model.feature_dim=64",
+        "labels.annotations=20", "train.steps=123", "infer.schedule=reference",
+        "fewshot.rounds=3",
+    ])  # fmt: skip
+    assert changed != RunConfig()
+    written = config_to_dict(changed)
+    assert config_from_dict(written) == changed
+
+    def names(obj: typing.Any, prefix: str = "") -> set[str]:
+        out: set[str] = set()
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            out |= names(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else {
+                f"{prefix}{f.name}"}
+        return out
+
+    def keys(d: dict, prefix: str = "") -> set[str]:
+        return set().union(*(keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+                             for k, v in d.items()))
+
+    assert keys(written) == names(changed)
 
 
 def test_recipe_and_overrides(tmp_path):

@@ -75,6 +75,7 @@ def test_stratified_with_empty_bins_fills_at_random() -> None:
     recs = [_rec(i, 10.0 + (i % 3)) for i in range(30)]  # all in one bin
     picked = select_labelled(recs, 7, "stratified", seed=0)
     assert len(picked) == 7 and len(set(picked)) == 7
+    assert select_labelled(recs, 7, "stratified", seed=1) != picked  # at random: seeded
 
 
 def test_few_shot_splits_nested_and_complete(records: list[ObjectRecord]) -> None:

@@ -320,7 +320,6 @@ def test_azimuth_zero_shows_the_front() -> None:
 
 # ----------------------------------------------------------------------------- readers & CLI
 def test_round_trip_through_the_readers(dataset: Path) -> None:
-    pytest.importorskip("nvsm.data.pascal3d")
     from nvsm.data.datasets import load_dataset
 
     for split in ("train", "val"):

@@ -144,8 +144,13 @@ def test_batchnorm_frozen_in_train_mode(lite0):
 
 def test_resnet_batchnorm_frozen(resnet_unet):
     bns = [m for m in resnet_unet.modules() if isinstance(m, nn.BatchNorm2d)]
+    before = [(m.running_mean.clone(), m.running_var.clone()) for m in bns]
     resnet_unet.train()
     assert bns and not any(m.training for m in bns)
+    assert not any(p.requires_grad for m in bns for p in m.parameters())
+    resnet_unet(torch.randn(2, 3, 64, 96) * 3 + 1)
+    for m, (mean, var) in zip(bns, before, strict=True):
+        assert torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
 
 
 def test_lite0_pretrained_weights_loaded(lite0):

@@ -96,6 +96,9 @@ def test_augmenter_is_seeded():
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
     assert a[3].any()  # occluders were pasted and reported
+    # ... and the seed matters (each DDP rank and round gets its own).
+    c = BatchAugmenter(AugmentConfig(occluders=1.0), seed=4)(imgs, k, poses)
+    assert not torch.equal(a[0], c[0])
 
 
 def test_score_counts_failures_and_levels():
