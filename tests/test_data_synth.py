@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +150,19 @@ def test_encoders_are_deterministic(tmp_path: Path) -> None:
     assert b"Created on" not in mat_bytes(rec)[:116]
     arrays = {"source": np.array("x"), "mask": np.eye(3, dtype=np.uint8)}
     assert npz_bytes(arrays) == npz_bytes(arrays)
+    # Equal in another process too, with another string-hash seed and another second on the
+    # clock (a dict or set order, or a timestamp, would differ there).
+    here = hashlib.sha256(mat_bytes(rec) + npz_bytes(arrays)).hexdigest()
+    code = ("import hashlib, numpy as np; from nvsm.data.writers import mat_bytes, npz_bytes; "
+            f"rec = {rec!r}; "
+            "arrays = {'source': np.array('x'), 'mask': np.eye(3, dtype=np.uint8)}; "
+            "print(hashlib.sha256(mat_bytes(rec) + npz_bytes(arrays)).hexdigest())")
+    time.sleep(2)  # zip and MATLAB headers keep 2-second and 1-second times
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=env, check=True)
+        assert run.stdout.strip() == here
     # The file writers (used by the reader tests) are built on the same encoders.
     obj = {"class": "car", "bbox": np.array([1.0, 2.0, 3.0, 4.0]), "viewpoint": {"azimuth": 1.0}}
     mat = write_pascal3d_record(tmp_path / "a.mat", "a.JPEG", [obj], imgsize=(4, 5, 3),
@@ -388,11 +404,7 @@ def test_a_stopped_generation_stops_the_workers_in_one_line_and_writes_nothing(
     # printed a KeyboardInterrupt traceback and the pool an InvalidStateError one, and the
     # command itself exited 130 without a word. kill: SIGTERM to the command alone ended it at
     # once, leaving the staging folder and two orphaned workers that went on rendering.
-    import os
     import signal
-    import subprocess
-    import sys
-    import time
 
     out = tmp_path / "syn"
     proc = subprocess.Popen(  # SIGINT as a terminal's Ctrl-C sends it, even if ours ignores it
