@@ -437,6 +437,37 @@ def config_differences(
     return sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
 
 
+def check_resumed_config(
+    run_dir: Path,
+    record: dict[str, Any] | None,
+    current: dict[str, Any],
+    resumable: Collection[str],
+) -> None:
+    """Refuse to resume ``run_dir``, whose ``run_info.json`` is ``record`` (None: it has none),
+    with a config that differs from the recorded one outside the ``resumable`` keys. Checked
+    before anything is written: the stages' own checks (a checkpoint's config) would refuse
+    too, but only after run_info.json had been overwritten with the refused config, and a run
+    stopped before its first checkpoint has none to refuse it.
+
+    Raises:
+        ValueError: naming the run folder and the differing keys, or the malformed field.
+    """
+    if record is None:
+        return
+    saved = record.get("config")
+    info = Path(run_dir) / "run_info.json"
+    if not isinstance(saved, dict):  # compared as {} it read as the defaults
+        raise ValueError(
+            f"cannot resume {run_dir}: {info} field 'config': expected the run's config (a JSON "
+            f"object), got {type(saved).__name__ if saved is not None else 'none'}; delete "
+            "run_info.json to resume on the stages' own checks"
+        )
+    diff = config_differences(saved, current, resumable)
+    if diff:
+        raise ValueError(f"cannot resume {run_dir}: its run_info.json records another config, "
+                         f"which differs from this run's in {diff}")
+
+
 def list_recipes(recipe_dir: Path = RECIPE_DIR) -> dict[str, str]:
     """Named recipes and their one-line descriptions."""
     out = {}

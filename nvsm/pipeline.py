@@ -14,6 +14,7 @@ import torch
 from nvsm.config import (
     RunConfig,
     check_config,
+    check_resumed_config,
     config_differences,
     config_to_dict,
     override_config,
@@ -363,7 +364,8 @@ def train_and_evaluate(
     from nvsm.io import check_run_folder
 
     check_run_config(config)
-    check_run_folder(run_dir, resume, "train")
+    check_resumed_config(run_dir, check_run_folder(run_dir, resume, "train"),
+                         config_to_dict(config), TRAIN_RESUMABLE_KEYS)
     with ddp.process_group(config.device) as info:
         return _train_and_evaluate(config, run_dir, resume, evaluate, info)
 

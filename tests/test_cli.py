@@ -443,13 +443,31 @@ def test_train_resume_continues_step_count(tiny_synthetic, tmp_path):
     # Resuming under another config went on with the checkpoint's model (feature_dim 16),
     # exit 0, while run_info.json recorded the new config.
     info = (run / "run_info.json").read_bytes()
-    res = runner.invoke(app, [*base, "-s", "train.steps=6", "-s", "model.feature_dim=32",
-                              "-s", "seed=9", "--resume"])
+    other = [*base, "-s", "train.steps=6", "-s", "model.feature_dim=32", "-s", "seed=9",
+             "--resume"]
+    res = runner.invoke(app, other)
     assert res.exit_code == 2, res.output
-    assert "was trained with another config, which differs from this run's in" in res.output
+    assert "its run_info.json records another config, which differs from this run's in" in " ".join(
+        res.output.split())
     assert "['model.feature_dim', 'seed']" in res.output
     assert (run / "run_info.json").read_bytes() == info
     assert NeMoModel.load(run / "model.pt")[1]["step"] == 4
+    # So is a run stopped before its first checkpoint: with no model.pt to compare with, it
+    # trained afresh under the other config and replaced run_info.json.
+    (run / "model.pt").rename(tmp_path / "model.pt")
+    res = runner.invoke(app, other)
+    assert res.exit_code == 2 and "its run_info.json records another config" in " ".join(
+        res.output.split())
+    assert (run / "run_info.json").read_bytes() == info and not (run / "model.pt").exists()
+    (tmp_path / "model.pt").rename(run / "model.pt")
+    # Without run_info.json, the checkpoint's own config refuses it.
+    (run / "run_info.json").rename(tmp_path / "run_info.json")
+    res = runner.invoke(app, other)
+    assert res.exit_code == 2, res.output
+    assert "was trained with another config, which differs from this run's in" in " ".join(
+        res.output.split())
+    assert not (run / "run_info.json").exists()
+    (tmp_path / "run_info.json").rename(run / "run_info.json")
     # Fewer steps than the checkpoint holds went on with none and recorded the fewer.
     res = runner.invoke(app, [*base, "-s", "train.steps=3", "--resume"])
     assert res.exit_code == 2, res.output

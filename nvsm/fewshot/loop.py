@@ -50,6 +50,7 @@ from nvsm.config import (
     RunConfig,
     TrainConfig,
     check_choice,
+    check_resumed_config,
     config_differences,
     config_to_dict,
 )
@@ -737,23 +738,9 @@ def _run_fewshot(
     device = info.device
     schedule = schedule or acceptance_schedule(fs)
     run_dir = ddp.broadcast_object(run_dir)  # e.g. a timestamped default: rank 0's
-    record = check_run_folder(run_dir, resume, "fewshot")
     config_json = config_to_dict(config)
-    info_path = run_dir / "run_info.json"
-    if record is not None:
-        # Before anything is written: the stage checks below would refuse too, but only after
-        # run_info.json had been overwritten with the refused config.
-        saved = record.get("config")
-        if not isinstance(saved, dict):  # compared as {} it read as the defaults
-            raise ValueError(
-                f"cannot resume {run_dir}: {info_path} field 'config': expected the run's config "
-                f"(a JSON object), got {type(saved).__name__ if saved is not None else 'none'}; "
-                "delete run_info.json to resume on the stages' own config.json checks"
-            )
-        diff = config_differences(saved, config_json, RESUMABLE_KEYS)
-        if diff:
-            raise ValueError(f"cannot resume {run_dir}: its run_info.json records another "
-                             f"config, which differs from this run's in {diff}")
+    check_resumed_config(run_dir, check_run_folder(run_dir, resume, "fewshot"), config_json,
+                         RESUMABLE_KEYS)
     if resume:
         # Fewer rounds than the folder holds left the later rounds beside results of fewer
         # (the pseudo-label export and report read the last round there is).
