@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -47,10 +48,12 @@ def _unique(categories: list[str] | None) -> list[str] | None:
     return list(dict.fromkeys(categories)) if categories else None
 
 
-def _check_name(name: str) -> str:
-    if name not in DATASET_NAMES:
-        raise typer.BadParameter(f"unknown dataset {name!r}; choose from {_NAMES}")
-    return name
+def _check_choice(console: Console, option: str, value: str, choices: Sequence[str]) -> None:
+    """One ``error:`` line and exit 2 for a value outside ``choices`` (typer's own check of a
+    ``choices`` option boxes its message, as the rest of the CLI does not)."""
+    if value not in choices:
+        exit_with_error(console, f"{option}: expected one of {', '.join(choices)}, got {value!r}",
+                        2)
 
 
 _NAMES = ", ".join(DATASET_NAMES)
@@ -77,8 +80,8 @@ def verify(
 
         nvsm data verify --dataset pascal3d --root /data/PASCAL3D+_release1.1
     """
-    _check_name(dataset)
     console = Console()
+    _check_choice(console, "--dataset", dataset, DATASET_NAMES)
     try:
         problems = verify_dataset(dataset, root, categories=_unique(category),
                                   decode_images=decode, pascal3d_root=pascal3d_root)
@@ -131,18 +134,18 @@ def split(
         nvsm data split --dataset pascal3d --root /data/PASCAL3D+_release1.1 \
             --annotations 7 20 50 --seed 0 --strategy stratified --out splits/pascal3d
     """
-    _check_name(dataset)
-    if strategy not in SPLIT_STRATEGIES:
-        raise typer.BadParameter(f"strategy must be one of {SPLIT_STRATEGIES}")
+    console = Console()
+    _check_choice(console, "--dataset", dataset, DATASET_NAMES)
+    _check_choice(console, "--strategy", strategy, SPLIT_STRATEGIES)
     given = annotations or [",".join(map(str, FEW_SHOT_LADDER))]
     tokens = [t for part in [*given, *ctx.args] for t in re.split(r"[,\s]+", part) if t]
     try:
         sizes = sorted({int(t) for t in tokens})
-    except ValueError as exc:
-        raise typer.BadParameter(f"--annotations takes integers, got {tokens}") from exc
+    except ValueError:
+        sizes = []
     if not sizes or min(sizes) < 1:
-        raise typer.BadParameter("--annotations needs positive integers")
-    console = Console()
+        exit_with_error(console, f"--annotations: expected positive integers, got "
+                        f"{' '.join(tokens) or 'none'}", 2)
     try:
         check_output_folder(out)  # before reading the dataset, not at the first write
     except ValueError as exc:
