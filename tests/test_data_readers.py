@@ -698,13 +698,13 @@ def test_cli_verify_and_help(p3d_root: Path) -> None:
         helptext = runner.invoke(app, [cmd, "--help"], terminal_width=200).output
         assert "Example" in helptext and f"nvsm data {cmd}" in helptext
     # Refused in one line, as everywhere else in the CLI: these were typer's boxed messages.
-    names = "pascal3d, occluded_pascal3d, kitti, objectnet3d, synthetic"
+    names = "pascal3d | occluded_pascal3d | kitti | objectnet3d | synthetic"
     split = ["split", "-d", "pascal3d", "-r", str(p3d_root), "-o", str(p3d_root.parent / "s")]
     for args, message in (
         (["verify", "--dataset", "nope", "--root", str(p3d_root)],
          f"--dataset: expected one of {names}, got 'nope'"),
         (["split", "-d", "nope", *split[3:]], f"--dataset: expected one of {names}, got 'nope'"),
-        ([*split, "--strategy", "best"], "--strategy: expected one of random, stratified, got "
+        ([*split, "--strategy", "best"], "--strategy: expected one of random | stratified, got "
          "'best'"),
         ([*split, "-n", "0"], "--annotations: expected positive integers, got 0"),
         ([*split, "-n", "7,x"], "--annotations: expected positive integers, got 7 x"),

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from nvsm.data.datasets import DATASET_NAMES, train_test_records
+from nvsm.config import ConfigError, check_choice
+from nvsm.data.datasets import DATASET_NAMES, DatasetName, train_test_records
 from nvsm.data.errors import DataFormatError
 from nvsm.data.kitti import KITTI_N_FOLDS, KITTI_TEST_FOLD
 from nvsm.data.matlab import ReadResult
 from nvsm.data.splits import (
     FEW_SHOT_LADDER,
     SPLIT_STRATEGIES,
+    Strategy,
     few_shot_splits,
     write_few_shot_splits,
 )
@@ -48,12 +49,13 @@ def _unique(categories: list[str] | None) -> list[str] | None:
     return list(dict.fromkeys(categories)) if categories else None
 
 
-def _check_choice(console: Console, option: str, value: str, choices: Sequence[str]) -> None:
-    """One ``error:`` line and exit 2 for a value outside ``choices`` (typer's own check of a
-    ``choices`` option boxes its message, as the rest of the CLI does not)."""
-    if value not in choices:
-        exit_with_error(console, f"{option}: expected one of {', '.join(choices)}, got {value!r}",
-                        2)
+def _check_option(console: Console, option: str, value: str, choices: Any) -> None:
+    """``nvsm.config.check_choice`` of an option's ``value`` against the ``Literal`` type
+    ``choices``, refused in one ``error:`` line with exit 2 (``typer.BadParameter`` boxed it)."""
+    try:
+        check_choice(value, choices, option)
+    except ConfigError as exc:
+        exit_with_error(console, str(exc), 2)
 
 
 _NAMES = ", ".join(DATASET_NAMES)
@@ -81,7 +83,7 @@ def verify(
         nvsm data verify --dataset pascal3d --root /data/PASCAL3D+_release1.1
     """
     console = Console()
-    _check_choice(console, "--dataset", dataset, DATASET_NAMES)
+    _check_option(console, "--dataset", dataset, DatasetName)
     try:
         problems = verify_dataset(dataset, root, categories=_unique(category),
                                   decode_images=decode, pascal3d_root=pascal3d_root)
@@ -135,8 +137,8 @@ def split(
             --annotations 7 20 50 --seed 0 --strategy stratified --out splits/pascal3d
     """
     console = Console()
-    _check_choice(console, "--dataset", dataset, DATASET_NAMES)
-    _check_choice(console, "--strategy", strategy, SPLIT_STRATEGIES)
+    _check_option(console, "--dataset", dataset, DatasetName)
+    _check_option(console, "--strategy", strategy, Strategy)
     given = annotations or [",".join(map(str, FEW_SHOT_LADDER))]
     tokens = [t for part in [*given, *ctx.args] for t in re.split(r"[,\s]+", part) if t]
     try:
