@@ -455,14 +455,18 @@ def fewshot(
         nvsm fewshot -r synthetic-car-7shot -s fewshot.matcher=faiss -s fewshot.rounds=3
         torchrun --standalone --nproc_per_node 4 -m nvsm.cli fewshot --annotations 7
     """
-    from nvsm.data.splits import SPLIT_STRATEGIES
+    from nvsm.data.splits import Strategy
+    from nvsm.errors import ConfigError, check_choice
     from nvsm.fewshot.loop import run_fewshot
     from nvsm.train.distributed import PeerFailed
 
-    if dataset is not None and dataset not in FEWSHOT_DATASETS:
-        _fail(f"--dataset must be one of {', '.join(FEWSHOT_DATASETS)}, got {dataset!r}")
-    if anchors is not None and anchors not in SPLIT_STRATEGIES:
-        _fail(f"--anchors must be one of {', '.join(SPLIT_STRATEGIES)}, got {anchors!r}")
+    try:
+        if dataset is not None:
+            check_choice(dataset, FEWSHOT_DATASETS, "--dataset")
+        if anchors is not None:
+            check_choice(anchors, Strategy, "--anchors")
+    except ConfigError as exc:
+        _fail(str(exc))
     if dataset not in (None, "synthetic") and root is None and recipe is None:
         _fail(f"--dataset {dataset} needs --root PATH (the dataset on disk)")
     if tiny and (recipe is not None or dataset not in (None, "synthetic")):

@@ -27,6 +27,7 @@ import yaml
 from nvsm.data.datasets import DatasetName
 from nvsm.data.splits import Strategy
 from nvsm.data.synth import SynthSize
+from nvsm.errors import ConfigError, check_choice
 from nvsm.models.common import STRIDE
 from nvsm.pose.camera import CropProtocol
 from nvsm.render.rasterizer import RasterizerName
@@ -42,10 +43,6 @@ T = TypeVar("T")
 
 #: Where named recipes live: the repository's ``recipes/`` folder (beside the package).
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
-
-
-class ConfigError(ValueError):
-    """A recipe or override that does not fit the configuration schema."""
 
 
 @dataclass(frozen=True)
@@ -298,16 +295,6 @@ class RunConfig:
 
 #: A plain decimal number, exponent allowed (no inf/nan words, no underscores).
 _DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
-
-
-def check_choice(value: Any, choices: Any, where: str) -> Any:
-    """``value`` if it is one of the ``Literal`` type ``choices``; ``ConfigError`` (a
-    ``ValueError``) naming ``where`` otherwise. Loading checks every string setting with it;
-    code handed a setting by a caller that skipped loading checks it here too."""
-    allowed = typing.get_args(choices)
-    if isinstance(value, str) and value in allowed:
-        return value
-    raise ConfigError(f"{where}: expected one of {' | '.join(allowed)}, got {value!r}")
 
 
 def _check_type(value: Any, tp: Any, where: str) -> Any:

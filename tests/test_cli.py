@@ -36,6 +36,9 @@ def test_errors_print_the_user_input_whole(tmp_path):
     assert not (tmp_path / "train").exists()
     res = runner.invoke(app, ["fewshot", "--anchors", f"[bold]{'y' * 90}"])
     assert res.exit_code == 2 and f"got '[bold]{'y' * 90}'" in res.output
+    res = runner.invoke(app, ["fewshot", "--dataset", "coco"])
+    message = "--dataset: expected one of synthetic | pascal3d | kitti, got 'coco'"
+    assert res.exit_code == 2 and message in res.output, res.output
     recipe = root / "my.yaml"  # a config error names the recipe file
     recipe.parent.mkdir(parents=True)
     recipe.write_text("trian: {steps: 5}\n")

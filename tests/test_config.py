@@ -231,6 +231,32 @@ def test_choices_match_what_their_modules_implement():
     assert set(typing.get_args(ScheduleName)) == set(SCHEDULES)
 
 
+def test_arguments_below_the_config_are_checked_like_settings(tmp_path):
+    # Splits, crop cameras and the PASCAL3D+ reader each had their own "must be one of" check
+    # and message; they share the config's now (and a tuple of choices works as a Literal).
+    from nvsm.data.crops import crop_camera
+    from nvsm.data.pascal3d import load_pascal3d
+    from nvsm.data.record import ObjectRecord
+    from nvsm.data.splits import select_labelled
+    from nvsm.errors import check_choice
+
+    assert check_choice("b", ("a", "b"), "x") == "b"
+    with pytest.raises(ConfigError, match=re.escape("x: expected one of a | b, got 'c'")):
+        check_choice("c", ("a", "b"), "x")
+    with pytest.raises(ConfigError, match=re.escape("x: expected one of a | b, got ('a',)")):
+        check_choice(("a",), ("a", "b"), "x")
+    message = "strategy: expected one of random | stratified, got 'even'"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        select_labelled([], 0, "even")
+    message = "subset: expected one of imagenet | pascal, got 'coco'"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_pascal3d(tmp_path, ["car"], subset="coco")
+    record = ObjectRecord.__new__(ObjectRecord)
+    message = "protocol: expected one of gt-normalized | bbox, got 'box'"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        crop_camera(record, "box")
+
+
 def test_non_utf8_recipe_names_its_file(tmp_path):
     # Before: path.read_text() raised a bare UnicodeDecodeError (not a ConfigError) that named
     # no file, from load_config and list_recipes alike.

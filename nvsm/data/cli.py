@@ -11,7 +11,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from nvsm.config import ConfigError, check_choice
 from nvsm.data.datasets import DATASET_NAMES, DatasetName, train_test_records
 from nvsm.data.errors import DataFormatError
 from nvsm.data.kitti import KITTI_N_FOLDS, KITTI_TEST_FOLD
@@ -25,6 +24,7 @@ from nvsm.data.splits import (
 )
 from nvsm.data.synth import synth_command
 from nvsm.data.verify import check_dataset_root, verify_dataset
+from nvsm.errors import ConfigError, check_choice
 from nvsm.io import check_output_folder
 from nvsm.runtime import exit_with_error
 
@@ -50,7 +50,7 @@ def _unique(categories: list[str] | None) -> list[str] | None:
 
 
 def _check_option(console: Console, option: str, value: str, choices: Any) -> None:
-    """``nvsm.config.check_choice`` of an option's ``value`` against the ``Literal`` type
+    """``nvsm.errors.check_choice`` of an option's ``value`` against the ``Literal`` type
     ``choices``, refused in one ``error:`` line with exit 2 (``typer.BadParameter`` boxed it)."""
     try:
         check_choice(value, choices, option)

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from kornia.geometry.conversions import normalize_pixel_coordinates
 
 from nvsm.data.record import ObjectRecord
-from nvsm.pose.camera import CROP_PROTOCOLS, CropCamera, bbox_crop, gt_normalized_crop
+from nvsm.errors import check_choice
+from nvsm.pose.camera import CropCamera, CropProtocol, bbox_crop, gt_normalized_crop
 from nvsm.pose.convention import PASCAL3D_VIEWPORT
 
 __all__ = [
@@ -75,15 +76,14 @@ def crop_camera(
             record's (px, py), the principal point of its PASCAL3D+ camera model, so the record's
             pose projects correctly with the crop camera.
     """
+    check_choice(protocol, CropProtocol, "protocol")
     size = size or default_crop_size(record.category)
     if protocol == "gt-normalized":
         return gt_normalized_crop(record.distance, record.px, record.py, record.focal_px, size,
                                   normalized_focal)
-    if protocol == "bbox":
-        principal = principal_xy if principal_xy is not None else (record.px, record.py)
-        return bbox_crop(record.bbox, principal, record.focal_px, size, fill=fill,
-                         normalized_focal=normalized_focal)
-    raise ValueError(f"protocol must be one of {CROP_PROTOCOLS}, got {protocol!r}")
+    principal = principal_xy if principal_xy is not None else (record.px, record.py)
+    return bbox_crop(record.bbox, principal, record.focal_px, size, fill=fill,
+                     normalized_focal=normalized_focal)
 
 
 def _to_chw_float(image: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -28,9 +28,9 @@ from nvsm.data.matlab import (
     SkippedObject,
     parse_record_file,
 )
+from nvsm.errors import check_choice
 
 __all__ = [
-    "PASCAL3D_SUBSETS",
     "load_pascal3d",
     "pascal3d_annotation_dir",
     "pascal3d_image_dir",
@@ -41,7 +41,6 @@ __all__ = [
 ]
 
 Subset = Literal["imagenet", "pascal"]
-PASCAL3D_SUBSETS: tuple[str, ...] = ("imagenet", "pascal")
 _VOC_SETS = Path("PASCAL/VOCdevkit/VOC2012/ImageSets/Main")
 
 
@@ -164,8 +163,7 @@ def load_pascal3d(
         objects with reasons (e.g. distance == 0, coarse viewpoint only; ``object_index`` None
         for an image holding no object of its class) and collected errors.
     """
-    if subset not in PASCAL3D_SUBSETS:
-        raise ValueError(f"subset must be one of {PASCAL3D_SUBSETS}, got {subset!r}")
+    check_choice(subset, Subset, "subset")
     root = Path(root)
     result = ReadResult()
     for category in categories or PASCAL3D_CATEGORIES:

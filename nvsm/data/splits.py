@@ -40,6 +40,7 @@ from typing import Literal, get_args
 import numpy as np
 
 from nvsm.data.record import ObjectRecord
+from nvsm.errors import check_choice
 from nvsm.io import atomic_write_text, check_output_folder, staging_folder
 
 __all__ = [
@@ -117,8 +118,7 @@ def select_labelled(
     Returns:
         the ``n`` ids, sorted.
     """
-    if strategy not in SPLIT_STRATEGIES:
-        raise ValueError(f"strategy must be one of {SPLIT_STRATEGIES}, got {strategy!r}")
+    check_choice(strategy, Strategy, "strategy")
     recs = _sorted_unique(records)
     _require_records(recs, n, setting)
     ids = [r.uid for r in recs]

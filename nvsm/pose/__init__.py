@@ -1,7 +1,6 @@
 """Pose conventions (PASCAL3D+), crop cameras and pose metrics. See ``convention`` first."""
 
 from nvsm.pose.camera import (
-    CROP_PROTOCOLS,
     CropCamera,
     bbox_crop,
     feature_intrinsics,
@@ -31,7 +30,6 @@ from nvsm.pose.metrics import (
 )
 
 __all__ = [
-    "CROP_PROTOCOLS",
     "NORMALIZED_DISTANCE",
     "PASCAL3D_VIEWPORT",
     "CropCamera",

@@ -20,14 +20,13 @@ Protocols (named in configs and outputs):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal
 
 import numpy as np
 
 from nvsm.pose.convention import NORMALIZED_DISTANCE, PASCAL3D_VIEWPORT, intrinsics
 
 CropProtocol = Literal["gt-normalized", "bbox"]
-CROP_PROTOCOLS: tuple[str, ...] = get_args(CropProtocol)
 
 
 @dataclass(frozen=True)
