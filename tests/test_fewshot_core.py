@@ -624,6 +624,14 @@ def test_acceptance_rule_and_schedule() -> None:
         with pytest.raises(ValueError, match="score_rank_weight"):
             AcceptanceRule(rank_with_flip=True, score_rank_weight=bad)
 
+    # Equal rank sums tie exactly: score ranks 1…10 and flip ranks 1 2 3 9 8 7 10 6 5 4 give
+    # sums 13 for the 4th to 6th label, all three at the threshold of the top half. As percentile
+    # ranks (rank / 10) one sum came out 1.2999999999999998 and that label was dropped.
+    ranks = np.array([1, 2, 3, 9, 8, 7, 10, 6, 5, 4], np.float64)
+    half = AcceptanceRule(top_fraction=0.5, rank_with_flip=True)
+    kept = half.accept_arrays(np.arange(1.0, 11.0) / 10, np.full(10, np.inf), ranks / 100)
+    assert kept.tolist() == [False, False, False, True, True, True, True, True, True, True]
+
     sched = AcceptanceSchedule((AcceptanceRule(top_fraction=0.3), AcceptanceRule(top_fraction=0.7)))
     assert sched.rule(0).top_fraction == 0.3 and sched.rule(7) == sched.rules[-1]
     with pytest.raises(ValueError, match="round_index"):

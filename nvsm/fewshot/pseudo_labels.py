@@ -370,8 +370,9 @@ class AcceptanceRule:
             independently of the other criteria.
         require_flip_evidence: see ``min_flip_margin``.
         per_category: rank ``top_fraction`` within each category.
-        rank_with_flip: rank ``top_fraction`` by the score's percentile rank plus
-            ``flip_rank_weight`` times the flip score's (a NaN flip score ranks last) instead of
+        rank_with_flip: rank ``top_fraction`` by ``score_rank_weight`` times the score's rank
+            plus ``flip_rank_weight`` times the flip score's (a NaN flip score ranks last; equal
+            rank sums tie exactly, so with whole weights the ties are kept) instead of
             by the score alone, so a label must be both well matched and clearly not back to
             front.
         flip_rank_weight: > 0, the flip score's weight in that ranking (1: both count the same;
@@ -382,7 +383,7 @@ class AcceptanceRule:
             pseudo-pose's azimuth (``nvsm.data.splits.azimuth_bins``: 360°/n wide, the first
             centred on 0°, the front) instead of over the whole pool, so that every view of the
             object gets its share of pseudo-labels, not only the views the features match best.
-            Ranks are then percentile ranks within the bin.
+            Ranks are then ranks within the bin.
     Non-finite scores (no match) are always rejected.
     """
 
@@ -455,9 +456,9 @@ class AcceptanceRule:
                 key = s
                 if self.rank_with_flip:
                     key = np.full(len(s), -np.inf)
-                    key[members] = self.score_rank_weight * _percentile_rank(
+                    key[members] = self.score_rank_weight * _ranks(
                         s[members]
-                    ) + self.flip_rank_weight * _percentile_rank(f[members])
+                    ) + self.flip_rank_weight * _ranks(f[members])
                 vals = np.sort(key[members])[::-1]
                 keep = math.ceil(self.top_fraction * vals.size - 1e-9)
                 top |= members & (key >= vals[max(keep, 1) - 1])
@@ -475,9 +476,13 @@ class AcceptanceRule:
         )
 
 
-def _percentile_rank(x: np.ndarray) -> np.ndarray:
-    """(n,) average ranks of x scaled to (0, 1]; NaN ranks below everything."""
-    return rankdata(np.nan_to_num(x, nan=-np.inf)) / len(x)
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """(n,) average ranks of x (1 … n, ties share their mean rank); NaN ranks below everything.
+
+    Unscaled on purpose: the ranking only compares labels of one group, and sums of these
+    half-integers are exact, so labels with equal rank sums tie exactly at the threshold (and
+    are kept together) instead of being split by the round-off of rank / n."""
+    return rankdata(np.nan_to_num(x, nan=-np.inf))
 
 
 def apply_acceptance(
