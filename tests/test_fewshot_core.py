@@ -29,7 +29,6 @@ from nvsm.fewshot import (
     exclusion_mask,
     expanding_shift_grid,
     faiss_available,
-    hubness_corrected,
     make_pseudo_labels,
     nvsm_similarity,
     nvsm_similarity_pairs,
@@ -460,10 +459,24 @@ def test_faiss_matches_brute_force() -> None:
     )
 
 
+def test_equal_scores_go_to_the_lower_view_index() -> None:
+    """An all-zero target scores exactly 0 against every view under the clutter-aware score
+    (ReLU(0 − 0)): the matchers then list the views by index (torch.topk leaves the order of
+    ties open), and the FAISS re-scored shortlist (every view) agrees with the brute force."""
+    views, masks, targets, clutter = _match_data()
+    targets[2] = 0.0
+    assert (nvsm_similarity(views, masks, targets, clutter)[2, torch.arange(40) != 3] == 0).all()
+    vals, idx = TorchMatcher().search(views, masks, targets, 6, clutter=clutter)
+    assert idx[2].tolist() == [0, 1, 2, 4, 5, 6]  # view 3 has no usable pixel
+    if faiss_available():
+        got = FaissMatcher(shortlist=40).search(views, masks, targets, 6, clutter=clutter)
+        _assert_same_topk(got, (vals, idx))
+
+
 def test_hubness_correction_is_csls() -> None:
     """r_m = the mean of view m's k best scores over the targets (excluded pairs and views
-    without usable pixels left out), merged over target chunks; the corrected ranking is
-    that of s − r_m / 2 over all views, computed here directly."""
+    without usable pixels left out), merged over target chunks; with offsets −r_m / 2 both
+    matchers rank by s − r_m / 2 over all views, computed here directly, for every k."""
     views, masks, targets, clutter = _match_data()
     t, m, k = targets.shape[0], views.shape[0], 3
     excl = torch.zeros(t, m, dtype=torch.bool)
@@ -481,16 +494,40 @@ def test_hubness_correction_is_csls() -> None:
     assert r[3] == 0.0 and r[7] == 0.0  # nothing to match: no correction
     assert r[8] == pytest.approx(float(s[t - 2 :, 8].mean()))  # only its finite scores
     expected = torch.where(torch.isfinite(s), s - r[None] / 2, s)
-    vals, idx = TorchMatcher().search(views, masks, targets, m, clutter=clutter, exclude=excl)
-    got_s, got_i = hubness_corrected(vals, idx, r)
-    want_s, want_i = expected.topk(m, dim=1)
-    finite = torch.isfinite(want_s)
-    assert torch.equal(torch.isfinite(got_s), finite)
-    assert torch.allclose(got_s[finite], want_s[finite], atol=1e-6)
-    assert torch.equal(got_i[:, 0], want_i[:, 0])
-    assert (got_i[~finite] == -1).all()
-    # The correction can change a target's best view (it does on this data).
-    assert not torch.equal(got_i[:, 0], idx[:, 0])
+    matchers: list[TorchMatcher | FaissMatcher] = [TorchMatcher(), TorchMatcher(query_batch=5)]
+    if faiss_available():
+        # The shortlist re-scored as one score block, and pair by pair (full_rescore_ratio 0).
+        matchers += [FaissMatcher(shortlist=m), FaissMatcher(query_batch=4, shortlist=m),
+                     FaissMatcher(shortlist=m, full_rescore_ratio=0)]
+    for matcher in matchers:
+        for kk in (1, 3, m):
+            got_s, got_i = matcher.search(
+                views, masks, targets, kk, clutter=clutter, exclude=excl, offsets=-r / 2
+            )
+            want_s, want_i = expected.topk(kk, dim=1)
+            finite = torch.isfinite(want_s)
+            assert torch.equal(torch.isfinite(got_s), finite)
+            assert torch.allclose(got_s[finite], want_s[finite], atol=1e-5)
+            assert torch.equal(got_i[:, 0], want_i[:, 0])
+            assert (got_i[~finite] == -1).all()
+    # The linear score: FAISS answers it from the index alone (no re-scoring), where the offset
+    # is the views' extra coordinate.
+    lin = nvsm_similarity(views, masks, targets, exclude=excl)
+    r_lin = view_hubness(lin.topk(k, dim=0).values)
+    expected_lin = torch.where(torch.isfinite(lin), lin - r_lin[None] / 2, lin)
+    linear: list[TorchMatcher | FaissMatcher] = [TorchMatcher()]
+    if faiss_available():
+        linear += [FaissMatcher(), FaissMatcher(pca_dim=m)]
+    for matcher in linear:
+        for kk in (1, 3):
+            got_s, got_i = matcher.search(views, masks, targets, kk, exclude=excl,
+                                          offsets=-r_lin / 2)
+            want_s, want_i = expected_lin.topk(kk, dim=1)
+            assert torch.allclose(got_s, want_s, atol=1e-5) and torch.equal(got_i, want_i)
+    # The correction changes some target's best view on this data (so the checks above can
+    # tell a matcher that ignores the offsets).
+    raw = TorchMatcher().search(views, masks, targets, 1, clutter=clutter, exclude=excl)[1]
+    assert not torch.equal(raw[:, 0], expected.argmax(dim=1))
 
 
 def _self_match_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -23,7 +23,6 @@ import torch
 from nvsm.config import FewShotConfig, RunConfig, ScoreArea, check_choice
 from nvsm.fewshot.matching import (
     Matcher,
-    hubness_corrected,
     nvsm_similarity,
     top_scores,
     view_hubness,
@@ -174,8 +173,10 @@ def _match_category(
     Views are synthesised ``fs.view_chunk`` at a time and every chunk is matched against the
     targets ``fs.target_chunk`` at a time, so neither the views nor the pool's feature maps
     (possibly a memory-mapped file, ``extract_features(path=...)``) are ever all in memory.
-    With ``fs.hubness_k`` > 0 each chunk's candidates are re-ranked by the CSLS-corrected score
-    (``hubness_corrected``), the views' hubness taken over a ``fs.hubness_sample`` pool sample.
+    With ``fs.hubness_k`` > 0 the views of each chunk are first scored against an evenly spaced
+    sample of ``fs.hubness_sample`` pool images for their hubness r_m (``view_hubness``), and the
+    matcher then keeps every target's best views by the CSLS-corrected score s − r_m / 2, so the
+    candidates do not depend on how the views are chunked.
 
     Returns scores (T, K), view index (T, K), view poses (M, 4), view shifts (M, 3) and the
     anchor uid of every view."""
@@ -192,7 +193,8 @@ def _match_category(
     best_i = torch.full((t, 0), -1, dtype=torch.int64)
     poses, shift, source = [], [], []
     offset = 0
-    hub_stride = max(1, math.ceil(t / max(1, fs.hubness_sample)))
+    # The hubness sample: every hub_stride-th target, spread over the pool.
+    hub_rows = list(range(0, t, max(1, math.ceil(t / max(1, fs.hubness_sample)))))
     synthesized = iter_synthesized_views(
         feats, visible, view_anchor_poses, shifts, mesh, view_k, size, rasterizer, fs.view_chunk
     )
@@ -204,31 +206,32 @@ def _match_category(
         src_uids = np.asarray([anchors.uids[i] for i in views.source.tolist()])
         areas = view_areas(views, fs.score_area)
         k = min(fs.candidates, len(views))
+        offsets = None
+        if fs.hubness_k > 0:
+            with timer("matching"):
+                hubness = _view_hubness_over(
+                    views, areas, pool_feats, [target_index[r] for r in hub_rows],
+                    [target_uids[r] for r in hub_rows], src_uids, clutter, fs,
+                )  # fmt: skip
+            offsets = -hubness / 2
         parts_s, parts_i = [], []
-        hub_top = None  # (≤ hubness_k, views) best scores over the sampled pool images
         for start in range(0, t, fs.target_chunk):
             rows = slice(start, start + fs.target_chunk)
             with timer("matching"):
                 targets = pool_feats[torch.tensor(target_index[rows])].to(device)
-                exclude = (np.asarray(target_uids[rows]), src_uids)
                 s, i = matcher.search(
                     views.features.float(),
                     views.mask,
                     targets,
                     k,
                     clutter=clutter,
-                    exclude=exclude,
+                    exclude=(np.asarray(target_uids[rows]), src_uids),
                     areas=areas,
+                    offsets=offsets,
                 )
-                if fs.hubness_k > 0:
-                    hub_top = _hubness_update(
-                        hub_top, views, areas, targets, exclude, start, hub_stride, clutter, fs
-                    )
             parts_s.append(s.float().cpu())
             parts_i.append(i.cpu())
         chunk_s, chunk_i = torch.cat(parts_s), torch.cat(parts_i)
-        if hub_top is not None:
-            chunk_s, chunk_i = hubness_corrected(chunk_s, chunk_i, view_hubness(hub_top).cpu())
         chunk_i = torch.where(chunk_i >= 0, chunk_i + offset, chunk_i)
         cat_s = torch.cat([best_s, chunk_s], 1)
         cat_i = torch.cat([best_i, chunk_i], 1)
@@ -241,33 +244,35 @@ def _match_category(
     return best_s, best_i, torch.cat(poses), torch.cat(shift), source
 
 
-def _hubness_update(
-    top: torch.Tensor | None,
+def _view_hubness_over(
     views: SynthesizedViews,
     areas: torch.Tensor | None,
-    targets: torch.Tensor,
-    exclude: tuple[np.ndarray, np.ndarray],
-    start: int,
-    stride: int,
+    pool_feats: torch.Tensor,
+    sample_index: list[int],
+    sample_uids: list[str],
+    src_uids: np.ndarray,
     clutter: torch.Tensor | None,
     fs: FewShotConfig,
-) -> torch.Tensor | None:
-    """``top_scores`` of the views merged with this target chunk's sampled rows: the targets at
-    positions ≡ 0 (mod ``stride``) of the whole target list (every one when the pool is at most
-    ``fewshot.hubness_sample``), so that the sample is spread over the pool and independent of
-    the chunking."""
-    rows = list(range(-start % stride, len(targets), stride))
-    if not rows:
-        return top
-    s = nvsm_similarity(
-        views.features.float(),
-        views.mask,
-        targets[rows],
-        clutter=clutter,
-        exclude=(exclude[0][rows], exclude[1]),
-        areas=areas,
-    )
-    return top_scores(s, fs.hubness_k, top)
+) -> torch.Tensor:
+    """(M,) ``view_hubness`` of the views over the sampled pool images ``pool_feats[
+    sample_index]`` (read ``fs.target_chunk`` at a time; self-matches excluded): the mean of
+    each view's ``fs.hubness_k`` best scores."""
+    top = None
+    device = views.features.device
+    for start in range(0, len(sample_index), fs.target_chunk):
+        rows = slice(start, start + fs.target_chunk)
+        s = nvsm_similarity(
+            views.features.float(),
+            views.mask,
+            pool_feats[torch.tensor(sample_index[rows])].to(device),
+            clutter=clutter,
+            exclude=(np.asarray(sample_uids[rows]), src_uids),
+            areas=areas,
+        )
+        top = top_scores(s, fs.hubness_k, top)
+    if top is None:  # no target at all: nothing to correct
+        return torch.zeros(len(views), device=device)
+    return view_hubness(top)
 
 
 def flip_margins(

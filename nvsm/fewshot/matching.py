@@ -32,14 +32,17 @@ score is not linear, so FAISS then only shortlists the top-k' views per target b
 score and the shortlist is re-scored exactly (``nvsm_similarity_pairs``): exact whenever the
 clutter-aware top-k lies inside the linear top-k' (always when k' ≥ M).
 
-Hubness (``view_hubness``, ``hubness_corrected``): a view that scores high against many targets
-(in practice the unshifted views, Δ = 0, which reproduce an anchor's own features without
-synthesis holes, and the anchors whose appearance is close to the average car) wins matches it
-does not deserve, so an end-on car is matched to the half-turn view of a "hub" anchor. The
-correction is CSLS (cross-domain similarity local scaling, Conneau et al., ICLR 2018, from
-nearest-neighbour word translation): s'(t, m) = s(t, m) − r_m / 2 with r_m the mean of view m's
-k best scores over the targets. (CSLS's target term r_t is the same for every view of a target,
-so it cannot change a target's ranking and is left out.)
+Hubness (``view_hubness``): a view that scores high against many targets (in practice the
+unshifted views, Δ = 0, which reproduce an anchor's own features without synthesis holes, and
+the anchors whose appearance is close to the average car) wins matches it does not deserve, so
+an end-on car is matched to the half-turn view of a "hub" anchor. The correction is CSLS
+(cross-domain similarity local scaling, Conneau et al., ICLR 2018, from nearest-neighbour word
+translation): s'(t, m) = s(t, m) − r_m / 2 with r_m the mean of view m's k best scores over the
+targets. (CSLS's target term r_t is the same for every view of a target, so it cannot change a
+target's ranking and is left out.) The matchers take −r_m / 2 as per-view ``offsets`` and add
+them before their top-k, so the k views kept per target are the best by the corrected score
+(correcting the k best raw scores afterwards would miss a view that only the correction lifts
+into the top k).
 
 Self-matches are excluded by masking the score matrix (−inf): ``exclude`` is a (T, M) bool mask
 (True = forbidden) or a pair (target_ids (T,), view_source_ids (M,)) forbidding equal ids.
@@ -69,7 +72,6 @@ __all__ = [
     "encode_views",
     "exclusion_mask",
     "faiss_available",
-    "hubness_corrected",
     "nvsm_similarity",
     "nvsm_similarity_pairs",
     "prepare_views",
@@ -102,6 +104,8 @@ class PreparedViews:
         support: (h·w,) bool, the Ps pixels covered by at least one view.
         map_shape: (D, h, w) of the original maps.
         areas: (M,) the score's denominators A_m (module docstring; float, the compute dtype).
+        offsets: optional (M,) added to every score of each view (the CSLS correction −r_m / 2;
+            float, the compute dtype).
     """
 
     features: torch.Tensor
@@ -110,6 +114,7 @@ class PreparedViews:
     support: torch.Tensor
     map_shape: tuple[int, int, int]
     areas: torch.Tensor
+    offsets: torch.Tensor | None = None
 
     @property
     def num_views(self) -> int:
@@ -148,6 +153,7 @@ def prepare_views(
     dtype: torch.dtype | None = None,
     chunk: int = 1024,
     areas: torch.Tensor | None = None,
+    offsets: torch.Tensor | None = None,
 ) -> PreparedViews:
     """Renormalise, mask and support-restrict synthesised views (``chunk`` views at a time, so
     the transient memory stays near one copy of the result).
@@ -157,6 +163,7 @@ def prepare_views(
         dtype: compute dtype (default: float32, or float64 for float64 views).
         areas: optional (M,) score denominators A_m, each ≥ the view's usable pixel count
             (default: that count).
+        offsets: optional (M,) finite values added to each view's scores.
     Returns:
         ``PreparedViews``.
     """
@@ -182,7 +189,13 @@ def prepare_views(
         denominators = areas.to(device=counts.device, dtype=dtype)
         if bool((denominators < counts).any()):
             raise ValueError("areas must be >= each view's number of usable pixels")
-    return PreparedViews(feats, sel, counts, support, (d, h, w), denominators)
+    if offsets is not None:
+        if offsets.shape != (m,):
+            raise ValueError(f"offsets must be ({m},), got {tuple(offsets.shape)}")
+        offsets = offsets.to(device=counts.device, dtype=dtype)
+        if not bool(torch.isfinite(offsets).all()):
+            raise ValueError("offsets must be finite")
+    return PreparedViews(feats, sel, counts, support, (d, h, w), denominators, offsets)
 
 
 def _select_targets(targets: torch.Tensor, pv: PreparedViews) -> torch.Tensor:
@@ -296,6 +309,8 @@ def _score_block(
             obj.sub_(clu).relu_().mul_(pv.mask[m0:m1].T[:, None, :].to(obj.dtype))
             s[:, m0:m1] = obj.sum(0)
     s = s / pv.areas.clamp(min=1)[None]
+    if pv.offsets is not None:
+        s = s + pv.offsets[None]
     return s.masked_fill(pv.empty[None], NEG_INF)
 
 
@@ -363,23 +378,6 @@ def view_hubness(top: torch.Tensor) -> torch.Tensor:
     return total / finite.sum(0).clamp(min=1)
 
 
-def hubness_corrected(
-    scores: torch.Tensor, index: torch.Tensor, hubness: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """CSLS-corrected candidates, re-sorted: s − r_m / 2 (module docstring).
-
-    Args:
-        scores: (T, K) candidate scores (−inf = none); index: (T, K) their view ids (−1 = none).
-        hubness: (M,) ``view_hubness`` of the views that ``index`` points into.
-    Returns:
-        scores (T, K) descending and index (T, K), −inf / −1 entries last.
-    """
-    valid = index >= 0
-    bias = hubness.to(scores.dtype)[index.clamp(min=0)]
-    corrected = torch.where(valid, scores - bias / 2, scores)
-    return _topk(corrected, index, scores.shape[1])
-
-
 def _pair_scores(
     pv: PreparedViews,
     tsel: torch.Tensor,
@@ -405,6 +403,8 @@ def _pair_scores(
         if b is not None:
             obj = torch.relu(obj - torch.einsum("d,rdp->rp", b, t)[:, None, :])
         s = (obj * pv.mask[safe]).sum(-1) / pv.areas[safe].clamp(min=1)
+        if pv.offsets is not None:
+            s = s + pv.offsets[safe]
         out[r0:r1] = s.masked_fill((cand < 0) | pv.empty[safe], NEG_INF)
     return out
 
@@ -438,11 +438,21 @@ def _topk(
     scores: torch.Tensor, index: torch.Tensor | None, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k per row of (T, K) scores (with candidate view ids (T, K), or column ids when None),
-    padded to k with −inf / −1; entries scoring −inf get index −1."""
+    padded to k with −inf / −1; entries scoring −inf get index −1. Equal scores are ordered by
+    view id (``torch.topk`` leaves their order to the device and the thread count, so the
+    chosen view, its anchor and its shift could change with them)."""
     t, kk = scores.shape
     n = min(k, kk)
-    vals, pos = scores.topk(n, dim=1) if n > 0 else (scores[:, :0], scores[:, :0].long())
-    idx = pos if index is None else index.to(pos.device).gather(1, pos)
+    if index is None:
+        ids = torch.arange(kk, device=scores.device).expand(t, kk)
+        by_id = ids
+    else:
+        ids = index.to(scores.device)
+        by_id = ids.argsort(dim=1, stable=True)
+    # A stable sort by score of the columns in view-id order keeps equal scores in that order.
+    order = scores.gather(1, by_id).argsort(dim=1, descending=True, stable=True)[:, :n]
+    pos = by_id.gather(1, order)
+    vals, idx = scores.gather(1, pos), ids.gather(1, pos)
     idx = idx.masked_fill(vals == NEG_INF, -1)
     if n < k:
         vals = torch.cat([vals, vals.new_full((t, k - n), NEG_INF)], dim=1)
@@ -469,6 +479,7 @@ class Matcher(Protocol):
         clutter: torch.Tensor | None = None,
         exclude: Exclude = None,
         areas: torch.Tensor | None = None,
+        offsets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k views per target.
 
@@ -477,8 +488,11 @@ class Matcher(Protocol):
             clutter: optional (D,), selects the clutter-aware score.
             exclude: optional self-match exclusion.
             areas: optional (M,) score denominators (module docstring; default |Ω_m|).
+            offsets: optional (M,) added to each view's scores before the top-k (the hubness
+                correction −r_m / 2), so that the k kept are the best corrected ones.
         Returns:
-            scores (T, k) descending and index (T, k) int64 view indices (−1 / −inf padding).
+            scores (T, k) descending (equal scores: the lower view index first) and index
+            (T, k) int64 view indices (−1 / −inf padding).
         """
         ...
 
@@ -505,11 +519,14 @@ class TorchMatcher:
         clutter: torch.Tensor | None = None,
         exclude: Exclude = None,
         areas: torch.Tensor | None = None,
+        offsets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """See ``Matcher.search``."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        pv = prepare_views(views, view_masks, _compute_dtype(views, targets), areas=areas)
+        pv = prepare_views(
+            views, view_masks, _compute_dtype(views, targets), areas=areas, offsets=offsets
+        )
         t = targets.shape[0]
         excl = _Exclusion(exclude, t, pv.num_views)
         rows = self.query_batch or _target_rows(pv, self.chunk_elements)
@@ -643,16 +660,25 @@ class FaissMatcher:
         return np.ascontiguousarray(y.detach().to("cpu", torch.float32).numpy())
 
     def build(
-        self, views: torch.Tensor, view_masks: torch.Tensor, areas: torch.Tensor | None = None
+        self,
+        views: torch.Tensor,
+        view_masks: torch.Tensor,
+        areas: torch.Tensor | None = None,
+        offsets: torch.Tensor | None = None,
     ) -> FaissViewIndex:
-        """Encode the views (M, D, h, w) with masks (M, h, w) (score denominators ``areas``,
-        see ``prepare_views``) and build the index."""
+        """Encode the views (M, D, h, w) with masks (M, h, w) (score denominators ``areas``
+        and score ``offsets``, see ``prepare_views``) and build the index. An offset is one
+        more coordinate of the view's encoding, against a constant 1 in every target's, so
+        the index's inner products include it exactly."""
         faiss = _import_faiss()
-        pv = prepare_views(views, view_masks, areas=areas)
+        pv = prepare_views(views, view_masks, areas=areas, offsets=offsets)
         valid = torch.nonzero(~pv.empty).squeeze(1).cpu()
         enc = pv.encoded(valid.to(pv.features.device))
         projection = self._fit_projection(enc) if self.pca_dim is not None and len(valid) else None
         x = self._project(enc, projection)
+        if pv.offsets is not None:
+            column = pv.offsets[valid.to(pv.offsets.device)][:, None]
+            x = np.hstack([x, self._project(column, None)])
         dim = max(1, x.shape[1])
         keep: list[Any] = []
         if self.index_type == "flat" or len(valid) == 0:
@@ -709,6 +735,8 @@ class FaissMatcher:
                 )
                 continue
             q = self._project(tsel.reshape(stop - start, -1), built.projection)
+            if pv.offsets is not None:
+                q = np.hstack([q, np.ones((q.shape[0], 1), np.float32)])
             dist, lab = built.index.search(q, kk)
             lab_t = torch.as_tensor(lab, dtype=torch.int64, device=tsel.device)
             cand = torch.where(
@@ -742,8 +770,8 @@ class FaissMatcher:
         clutter: torch.Tensor | None = None,
         exclude: Exclude = None,
         areas: torch.Tensor | None = None,
+        offsets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """See ``Matcher.search`` (``build`` + ``query``)."""
-        return self.query(
-            self.build(views, view_masks, areas), targets, k, clutter=clutter, exclude=exclude
-        )
+        built = self.build(views, view_masks, areas, offsets)
+        return self.query(built, targets, k, clutter=clutter, exclude=exclude)
