@@ -73,15 +73,17 @@ def export(
         nvsm pseudo-labels export runs/nvsm7 --format csv --out labels.csv
         nvsm pseudo-labels export runs/nvsm7 --round 1 --format jsonl --accepted-only
     """
-    from nvsm.fewshot.report import RunFolderError, export_labels
-    from nvsm.io import atomic_write_text
+    from nvsm.fewshot.report import export_labels
+    from nvsm.io import atomic_write_text, check_output_folder
 
     if out is not None and out.resolve().is_relative_to(run.resolve()):
         # An export onto round_<k>/pseudo_labels.jsonl replaced the round's own record.
         _fail(f"--out {out} lies inside the run folder {run}; write the export elsewhere")
     try:
+        if out is not None:
+            check_output_folder(out.parent)  # under a file, it failed as "File exists"
         k, n, text = export_labels(run, round_index, fmt.value, accepted_only)
-    except RunFolderError as exc:
+    except ValueError as exc:  # RunFolderError is one
         _fail(str(exc))
     if out is None:
         typer.echo(text, nl=False)
@@ -118,15 +120,23 @@ def inspect(
         nvsm pseudo-labels inspect runs/nvsm7
         nvsm pseudo-labels inspect runs/nvsm7 --per-round 24 --out nvsm7-labels.html
     """
-    from nvsm.fewshot.report import REPORT_NAME, RunFolderError, write_report
+    from nvsm.fewshot.report import REPORT_NAME, RunFolderError, round_folders, write_report
     from nvsm.io import check_output_folder
 
     target = out or run / REPORT_NAME
-    try:  # before the crops are rebuilt, not in the final write
+    try:  # the run, then the output, before the crops are rebuilt, not in the final write
+        round_folders(run)
+        resolved, run_dir = target.resolve(), run.resolve()
+        if resolved.is_relative_to(run_dir) and not (
+            resolved.parent == run_dir and resolved.suffix.lower() in (".html", ".htm")
+        ):
+            # --out round_2/pseudo_labels.jsonl replaced the round's record with the report.
+            raise ValueError(f"--out {out} would overwrite the run's own records; inside the "
+                             f"run folder only an .html file directly in {run} is written")
         check_output_folder(target.parent)
         if target.is_dir():
             raise ValueError(f"cannot write {target}: it is a folder; name an HTML file")
-    except ValueError as exc:
+    except ValueError as exc:  # RunFolderError is one
         _fail(str(exc))
     try:
         summary = write_report(run, out, per_round)

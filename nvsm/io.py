@@ -19,26 +19,42 @@ from typing import IO, Any
 
 @contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
-    """Open a temporary file beside ``path``; on success it is renamed onto ``path``.
+    """Open a temporary file beside ``path``; on success it is renamed onto ``path``. Text is
+    UTF-8 whatever the locale (the HTML report declares it, and a C or cp1252 locale cannot
+    encode its π).
 
-    On any exception the temporary file is removed and ``path`` is left untouched.
+    On any exception the temporary file and the folders made for ``path`` are removed, and
+    ``path`` is left untouched.
     """
     path = Path(path)
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except BaseException:
+        _remove_empty(made)
+        raise
     try:
         # mkstemp creates 0600; give the result the permissions a plain open() would.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, mode) as fh:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        _remove_empty(made)
         raise
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) where still empty: what a failed write made."""
+    for folder in folders:
+        with suppress(OSError):
+            folder.rmdir()
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
@@ -76,10 +92,10 @@ def read_json_object(
 ) -> dict[str, Any]:
     """The JSON object in ``path``; otherwise ``error`` naming the file and what was wrong."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise error(f"cannot read {path}: {exc.strerror or exc}") from exc
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, or nested too deep
         raise error(f"{path}: expected a JSON object, got invalid JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
@@ -146,12 +162,24 @@ def write_run_info(run_dir: str | os.PathLike[str], config: dict[str, Any], seed
 
 
 def check_output_folder(folder: str | os.PathLike[str]) -> None:
-    """Raise ``ValueError`` unless ``folder`` is, or can be made, a folder: a command checks
-    its output folder before any work, rather than failing in its first write afterwards."""
+    """Raise ``ValueError`` unless ``folder`` is, or can be made, a folder that can be written
+    in: a command checks its output folder before any work, rather than failing in its first
+    write afterwards. Writing is tried with a temporary file in ``folder``'s nearest existing
+    folder, removed at once (permissions alone do not tell: root may write anywhere but in a
+    read-only file system or ``/proc``)."""
     folder = Path(folder)
     for path in (folder, *folder.parents):
         if path.exists() and not path.is_dir():
             raise ValueError(f"cannot write into {folder}: {path} is a file, not a folder")
+    existing = next((p for p in (folder, *folder.parents) if p.is_dir()), None)
+    if existing is None:  # a relative path below a missing working folder
+        raise ValueError(f"cannot write into {folder}: no folder above it exists")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".nvsm-write-check.", dir=existing)
+    except OSError as exc:
+        raise ValueError(f"cannot write into {folder}: {existing}: {exc.strerror or exc}") from exc
+    os.close(fd)
+    Path(probe).unlink(missing_ok=True)
 
 
 def check_run_folder(

@@ -57,6 +57,37 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
 
 
+def test_atomic_writes_are_utf8_and_leave_no_folders_on_failure(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from nvsm.io import atomic_open
+
+    # Under a C locale without UTF-8 mode, text went out in ASCII: the HTML report (which
+    # declares UTF-8) failed with UnicodeEncodeError on its π.
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    code = ("import sys; from nvsm.io import atomic_write_text; "
+            "atomic_write_text(sys.argv[1], '\\u03c0')")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "p.txt")], env=env, check=True)
+    assert (tmp_path / "p.txt").read_bytes() == "π".encode()
+    # A write that fails removes the folders it made for its file (they were left behind).
+    with pytest.raises(RuntimeError), atomic_open(tmp_path / "new" / "sub" / "x.txt") as fh:
+        fh.write("half")
+        raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.txt"]
+
+
+def test_output_folders_are_checked_for_writing(tmp_path):
+    from nvsm.io import check_output_folder
+
+    check_output_folder(tmp_path / "a" / "b")  # can be made
+    assert list(tmp_path.iterdir()) == []  # the check leaves nothing behind
+    # /proc takes no files, even from root: the command failed only in its last write.
+    with pytest.raises(ValueError, match="cannot write into /proc/nvsm: /proc: "):
+        check_output_folder("/proc/nvsm")
+
+
 def test_json_files_are_strict_json(tmp_path):
     # A round that accepted nothing wrote "acc_pi_6": NaN, which JSON.parse refuses.
     import json

@@ -258,6 +258,81 @@ def test_inspect_without_dataset_and_errors(tmp_path):
         assert f"field '{field}': expected a mapping" in " ".join(res.output.split())
 
 
+def test_damaged_runs_and_outputs_are_refused_before_any_work(tmp_path):
+    def fails(command: str, args: list[str], *expected: str) -> None:
+        extra = ["-f", "csv"] if command == "export" else []
+        res = runner.invoke(app, ["pseudo-labels", command, *args, *extra])
+        assert res.exit_code == 2, res.output
+        text = " ".join(res.output.split())
+        assert "Traceback" not in res.output and all(p in text for p in expected), (expected, text)
+
+    labels = [_label("a", 0.9, True), _label("b", 0.1, False)]
+    run = _fake_run(tmp_path, {1: labels, 2: labels})
+    record = run / "round_2" / "pseudo_labels.jsonl"
+    kept = record.read_text()
+    # --out onto the run's own files replaced a round's record with the HTML page.
+    fails("inspect", [str(run), "--out", str(record)], "would overwrite the run's own records")
+    assert record.read_text() == kept
+    # A complete round without its labels was left out without a word.
+    record.unlink()
+    for command in ("export", "inspect"):
+        fails(command, [str(run)], f"{record} does not exist, though round 2 is complete")
+    # No label, an image labelled twice, rounds of different pools.
+    for text, message in (("", "expected one pseudo-label per unlabelled image, got none"),
+                          (pseudo_labels_jsonl([labels[0], labels[0]]), "'a' is labelled twice")):
+        record.write_text(text.replace('"round": 1', '"round": 2'))
+        fails("export", [str(run)], str(record), message)
+    second = [dataclasses.replace(lb, round=2) for lb in labels]
+    record.write_text(pseudo_labels_jsonl(second[::-1]))
+    fails("inspect", [str(run)], str(record), "expected the images of", "in the same order")
+    # JSON nested too deep (RecursionError) and a uid that cannot be written as UTF-8.
+    record.write_text("[" * 100_000 + "\n")
+    fails("export", [str(run)], f"{record} line 1", "invalid JSON")
+    bad = json.dumps({**dataclasses.replace(labels[0], round=2).to_dict(), "uid": "a\ud800"})
+    record.write_text(bad + "\n")
+    fails("export", [str(run)], f"{record} line 1: field 'uid': expected printable text")
+    # A file as RUN, an export under a file, an output nothing can be written in.
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    fails("inspect", [str(blocker)], f"{blocker} is not a folder; expected a few-shot run folder")
+    record.write_text(pseudo_labels_jsonl(second))
+    fails("export", [str(run), "--out", str(blocker / "x.csv")], f"{blocker} is a file")
+    fails("inspect", [str(run), "--out", "/proc/nvsm/r.html"], "cannot write into /proc/nvsm")
+    assert not (run / REPORT_NAME).exists()
+
+
+def test_config_damage_is_an_error_and_odd_names_are_drawn(tmp_path):
+    labels = [_label("a", 0.9, True), dataclasses.replace(_label("b", -math.inf, False),
+                                                         azimuth=math.nan)]
+    run = _fake_run(tmp_path, {1: labels})
+    metrics = run / "round_1" / "metrics.json"
+    metrics.write_text(json.dumps({"test": {"pooled": {"$\\frac{a$": {"acc_pi_6": 0.5}}}}))
+    (run / "round_1" / "config.json").write_text("{garbled")
+    res = runner.invoke(app, ["pseudo-labels", "inspect", str(run)])
+    # It was a warning, and a report without contact sheets.
+    assert res.exit_code == 2 and "config.json: expected a JSON object" in res.output
+    (run / "round_1" / "config.json").unlink()
+    (run / "round_0" / "config.json").write_text(json.dumps({"data": {"root": "/no/data"}}))
+    res = runner.invoke(app, ["pseudo-labels", "inspect", str(run)])
+    assert res.exit_code == 0, res.output  # a "$" in a level's name broke matplotlib's mathtext
+    assert "Contact sheets omitted" in res.output
+
+
+def test_unmatched_labels_are_captioned_as_such(tiny_synthetic, tmp_path):
+    cfg = load_config("synthetic-car-7shot", _tiny_overrides(tiny_synthetic, 2))
+    uids = prepare_fewshot_data(cfg).unlabelled.uids
+    labels = [_label(uids[0], 0.9, True)] + [
+        dataclasses.replace(_label(u, -math.inf, False), azimuth=math.nan) for u in uids[1:]
+    ]
+    run = _fake_run(tmp_path, {1: labels}, config_to_dict(cfg))
+    res = runner.invoke(app, ["pseudo-labels", "inspect", str(run)])
+    assert res.exit_code == 0, res.output
+    text = (run / REPORT_NAME).read_text()
+    # It read "score -inf · err 180° · rejected", like a confident front/back flip.
+    assert text.count("<figcaption>no match · rejected</figcaption>") == len(uids) - 1
+    assert "-inf" not in text
+
+
 def test_help_has_examples():
     for cmd in ("export", "inspect"):
         res = runner.invoke(app, ["pseudo-labels", cmd, "--help"])

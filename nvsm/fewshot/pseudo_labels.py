@@ -179,6 +179,11 @@ class PseudoLabel:
         }
         for name in ("uid", "category", "source_uid"):
             kw[name] = _typed(data, name, str, "a string")
+            if not kw[name].isprintable():
+                # A lone surrogate (valid JSON: "\ud800", not printable) cannot be written as
+                # UTF-8, so the CSV export failed deep in its write; control characters such as
+                # a newline break the CSV's rows.
+                raise ValueError(f"field {name!r}: expected printable text, got {kw[name]!r}")
         shift = _typed(data, "shift", list, "a list of 3 numbers")
         if len(shift) != 3:
             raise ValueError(f"field 'shift': expected 3 values, got {len(shift)}")
@@ -643,7 +648,7 @@ def read_pseudo_labels(path: Path, round_index: int | None = None) -> list[Pseud
             continue
         try:
             data = json.loads(line)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[…" nested too deep
             raise ValueError(
                 f"{path} line {number}: expected one pseudo-label JSON object per line "
                 f"(PseudoLabel.to_dict), got invalid JSON: {exc}"

@@ -138,10 +138,19 @@ def label_files(run_dir: Path) -> dict[int, Path]:
     """Round → ``pseudo_labels.jsonl`` of every round that has one, in increasing order.
 
     Raises:
-        RunFolderError: bad run folder (``round_folders``), or no round has pseudo-labels.
+        RunFolderError: bad run folder (``round_folders``), no round has pseudo-labels, or an
+            EM round that is complete (it has its ``metrics.json``) lacks them: its record is
+            damaged, and the loop's ``--resume`` refuses it too (the round was left out without
+            a word).
     """
     folders = round_folders(run_dir)
     files = {k: f / LABELS_FILE for k, f in folders.items() if (f / LABELS_FILE).is_file()}
+    for k, folder in folders.items():
+        if k >= 1 and k not in files and (folder / "metrics.json").is_file():
+            raise RunFolderError(
+                f"{folder / LABELS_FILE} does not exist, though round {k} is complete (it has "
+                "its metrics.json); the round's record is damaged"
+            )
     if not files:
         raise RunFolderError(
             f"{run_dir} has no round with {LABELS_FILE} yet (rounds: "
@@ -178,14 +187,25 @@ def load_labels(path: Path, round_index: int) -> list[PseudoLabel]:
     line.
 
     Raises:
-        RunFolderError: unreadable file, or a line that is not a ``PseudoLabel.to_dict`` object.
+        RunFolderError: unreadable file, a line that is not a ``PseudoLabel.to_dict`` object,
+            no label at all, or an image labelled twice (the loop writes one label per
+            unlabelled image).
     """
     try:
-        return read_pseudo_labels(path, round_index)
+        labels = read_pseudo_labels(path, round_index)
     except OSError as exc:
         raise RunFolderError(f"cannot read {path}: {exc.strerror or exc}") from exc
     except ValueError as exc:
         raise RunFolderError(str(exc)) from exc
+    if not labels:
+        raise RunFolderError(f"{path}: expected one pseudo-label per unlabelled image, got none")
+    seen: set[str] = set()
+    for number, lb in enumerate(labels, 1):
+        if lb.uid in seen:
+            raise RunFolderError(f"{path}: label {number}: image {lb.uid!r} is labelled twice "
+                                 "(expected one pseudo-label per unlabelled image)")
+        seen.add(lb.uid)
+    return labels
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -403,7 +423,8 @@ def _accuracy_figure(series: dict[str, tuple[list[int], list[float]]]) -> str:
     fig = Figure(figsize=(8.0, 3.0), layout="constrained")
     ax = fig.subplots()
     for name, (xs, ys) in series.items():
-        ax.plot(xs, [100 * y for y in ys], marker="o", label=name)
+        # A "$" in a name (a level key of metrics.json) would start matplotlib's mathtext.
+        ax.plot(xs, [100 * y for y in ys], marker="o", label=name.replace("$", r"\$"))
     rounds = sorted({x for xs, _ in series.values() for x in xs})
     ax.set(xlabel="round", ylabel="%", ylim=(0, 100), xticks=rounds, title="accuracy per round")
     # Beside the axes: inside, it hid the lines it names (every corner holds some accuracy).
@@ -473,8 +494,9 @@ def _contact_sheet(labels: Sequence[PseudoLabel], data: FewShotData, per_round: 
         dist = lb.distance if lb.accepted else float(pool.reference_distance[r])
         pose = np.array([lb.azimuth, lb.elevation, lb.theta, dist])
         image = thumbnail(pool.images[r], data.meshes[lb.category], pose, pool.k[r])
-        caption = f"score {lb.score:.3g}"
-        caption += f" · err {err:.0f}°" if np.isfinite(err) else ""
+        matched = math.isfinite(lb.score)  # no view could be matched: no pose to score
+        caption = f"score {lb.score:.3g}" if matched else "no match"
+        caption += f" · err {err:.0f}°" if matched and np.isfinite(err) else ""
         caption += "" if lb.accepted else " · rejected"
         tip = (
             f"{lb.uid}: azimuth {math.degrees(lb.azimuth):.0f}°, elevation "
@@ -582,12 +604,22 @@ def write_report(
         RunFolderError: missing run folder, no round with pseudo-labels, malformed files.
     """
     run_dir = Path(run_dir)
-    rounds = {k: load_labels(path, k) for k, path in label_files(run_dir).items()}
+    files = label_files(run_dir)
+    rounds = {k: load_labels(path, k) for k, path in files.items()}
+    first = next(iter(rounds))
+    for k, labels in rounds.items():
+        if [lb.uid for lb in labels] != [lb.uid for lb in rounds[first]]:
+            raise RunFolderError(
+                f"{files[k]}: expected the images of {files[first]} in the same order (every "
+                "round labels the same unlabelled pool), got another list"
+            )
     metrics = round_metrics(run_dir)
     note = ""
     if data is None:
         try:
             data = load_pool(run_dir)
+        except RunFolderError:  # the run's own record is damaged: not a missing data set
+            raise
         except (ValueError, OSError) as exc:
             note = f"Contact sheets omitted: the run's data set could not be loaded ({exc})."
     text = render_report(run_dir, rounds, metrics, data, per_round, note)
