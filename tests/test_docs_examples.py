@@ -140,6 +140,8 @@ def _check(example: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
     monkeypatch.chdir(tmp_path)  # relative --out folders land here, should anything write
     if path in WORK:
         monkeypatch.setattr(WORK[path], _stand_in)
+        if path == ("pseudo-labels", "inspect"):  # it checks the run folder before the work
+            (tmp_path / args[2] / "round_1").mkdir(parents=True, exist_ok=True)
     elif path not in {("info",), ("recipes", "list"), ("recipes", "show")}:
         return  # parsed; the rest of these commands is reading the data the example names
     res = runner.invoke(app, args)
