@@ -171,6 +171,12 @@ def test_synthesis_equals_direct_rendering_of_the_anchor_bank() -> None:
         rotation_matrix(raw[:, 0], raw[:, 1], raw[:, 2]),
         atol=1e-6,
     )
+    # Half-precision features keep full-precision poses and cameras: their poses were rounded
+    # (up to 0.05° in float16), and the rounded poses became the pseudo-labels.
+    for low in (torch.float16, torch.bfloat16):
+        views_low = synthesize_views(feats.to(low), vis, poses, shifts, mesh, kk, SIZE, chunk=5)
+        assert views_low.poses.dtype == torch.float32 and torch.equal(views_low.poses, p)
+        assert torch.equal(views_low.silhouette, views.silhouette)
 
 
 IMAGE_SIZE = (48, 64)

@@ -235,7 +235,8 @@ class SynthesizedViews:
         mask: (B, h, w) bool, pixels owned by a face whose three vertices were all seen by the
             anchor (the pixels matching may use).
         silhouette: (B, h, w) bool, pixels owned by any face (the cuboid's silhouette).
-        poses: (B, 4) (a, e, θ, d) radians in the features' dtype, exactly the poses rendered.
+        poses: (B, 4) (a, e, θ, d) radians, exactly the poses rendered: float32, or float64
+            for float64 features.
         source: (B,) int64 anchor index of each view.
         shift: (B, 3) float64 (Δa, Δe, Δθ) radians applied to the anchor pose.
     """
@@ -291,11 +292,14 @@ def iter_synthesized_views(
     device = anchor_feats.device
     mesh_d = mesh.to(device)
     faces = mesh_d.faces
-    k_all = _k_batch(k_feat, n, device).to(anchor_feats.dtype)
+    # Cameras and poses in float32 at least: float16 features had their poses rounded by up to
+    # 0.05° (bfloat16: 0.4°), and the rounded poses became the pseudo-labels.
+    geometry = torch.promote_types(anchor_feats.dtype, torch.float32)
+    k_all = _k_batch(k_feat, n, device).to(geometry)
     if rasterizer is None:
         rasterizer = default_rasterizer(device)
     poses, source, shift = shifted_poses(anchor_poses.to(device), shifts)
-    poses = poses.to(anchor_feats.dtype)
+    poses = poses.to(geometry)
     seen_all = anchor_visible.to(device=device, dtype=torch.bool)
     masked = anchor_feats * seen_all[..., None].to(anchor_feats.dtype)
     for start in range(0, poses.shape[0], chunk):
