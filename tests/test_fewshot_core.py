@@ -854,7 +854,8 @@ def test_read_pseudo_labels_names_file_line_and_field(tmp_path: Path) -> None:
 
     good = dataclasses.replace(_label("a", "car", 0.9, 0.2, 0.3), accepted=True, weight=1.0)
     path = tmp_path / "pseudo_labels.jsonl"
-    text = pseudo_labels_jsonl([good, dataclasses.replace(good, uid="b", accepted=False)])
+    text = pseudo_labels_jsonl([good, dataclasses.replace(good, uid="b", accepted=False,
+                                                          weight=0.0)])
     path.write_text(text)
     assert read_pseudo_labels(path)[1].uid == "b"
 
@@ -870,6 +871,11 @@ def test_read_pseudo_labels_names_file_line_and_field(tmp_path: Path) -> None:
           "field 'round': expected an integer, got 7.9")
     fails(first + b"\n" + re.sub(rb'"azimuth": [^,]+', b'"azimuth": null', first),
           "accepted pseudo-label with non-finite azimuth (nan)")
+    # The M-step trains with the weights: a resumed round took 5 (or a rejected label's 1).
+    fails(first + b"\n" + first.replace(b'"weight": 1.0', b'"weight": 5.0'),
+          "field 'weight': expected a number in [0, 1], got 5.0")
+    fails(first + b"\n" + first.replace(b'"accepted": true', b'"accepted": false'),
+          "field 'weight': expected 0 (rejected), got 1.0")
     # Before: the file was decoded outside the try, so the error named neither file nor line.
     fails(first + b"\n" + first + b"\xff", "not UTF-8 text (invalid byte 0xff at offset")
 

@@ -161,7 +161,8 @@ class PseudoLabel:
 
         Raises:
             ValueError: naming the field: not a JSON object, unknown or missing fields, a value
-                of the wrong type, or an accepted label with a non-finite pose.
+                of the wrong type, an accepted label with a non-finite pose, or a weight outside
+                [0, 1] (not 0 for a rejected label).
         """
         if not isinstance(data, dict):
             raise ValueError(f"expected a JSON object, got {type(data).__name__}")
@@ -198,6 +199,12 @@ class PseudoLabel:
             for name in _ACCEPTED_FINITE:
                 if not math.isfinite(kw[name]):
                     raise ValueError(f"accepted pseudo-label with non-finite {name} ({kw[name]})")
+        # The M-step trains with these weights (a resumed round reads them from the file): an
+        # accepted label's in [0, 1] (``confidence_weights``), a rejected one's 0.
+        weight = kw.get("weight", 0.0)
+        if not (0.0 <= weight <= 1.0) or (weight and not kw.get("accepted", False)):
+            expected = "a number in [0, 1]" if kw.get("accepted", False) else "0 (rejected)"
+            raise ValueError(f"field 'weight': expected {expected}, got {weight}")
         return cls(**kw)
 
 
