@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from nvsm.infer import (
@@ -10,6 +11,7 @@ from nvsm.infer import (
     estimate_poses,
     flip_margin,
     pose_loss,
+    refine_poses,
     render_templates,
     score_templates,
 )
@@ -77,6 +79,24 @@ def test_template_search_and_refinement_recover_known_pose():
     assert ((pred.poses[:, 3] - gt[:, 3]).abs() <= (init - gt[:, 3]).abs() + 0.05).all()
     assert (pred.poses[1, 3] - init[1]) > 0.02
     assert (pred.loss <= pred.hypothesis_loss.min(1).values + 1e-6).all()
+
+
+def test_every_refinement_step_counts():
+    # The pose after the last Adam step was never scored: N steps made N - 1 usable updates, and
+    # one step returned the start unchanged.
+    mesh, feats, clutter, k = _scene()
+    gt = torch.tensor([[1.0, 0.3, 0.1, 5.0], [4.0, 0.1, -0.05, 5.3]])
+    fm = _image(mesh, feats, clutter, k, gt)
+    init = (gt + torch.tensor([0.2, 0.0, 0.0, 0.0]))[:, None]
+    losses, moved = [], []
+    for steps in (0, 1, 2):
+        refined, loss = refine_poses(fm, init, mesh, feats, clutter, k,
+                                     InferenceSchedule(steps=steps, lr=0.05))
+        losses.append(loss)
+        moved.append(float((refined - init).abs().amax()))
+    # Adam's first step moves each coordinate by the learning rate.
+    assert moved[0] == 0.0 and moved[1] == pytest.approx(0.05, abs=1e-6) and moved[2] > 0.09
+    assert (losses[1] < losses[0]).all() and (losses[2] < losses[1]).all()
 
 
 def test_the_solver_follows_the_feature_maps_device(monkeypatch):

@@ -265,7 +265,8 @@ def refine_poses(
         k_feat: (B, 3, 3) or (3, 3) feature-map intrinsics of each image.
     Returns:
         refined (B, k, 4) and their final losses (B, k). Each hypothesis keeps the best pose
-        seen during optimisation.
+        seen during optimisation: the start and the pose after each of the ``schedule.steps``
+        Adam steps (fewer when early stopping ends it).
     """
     b, k, _ = init.shape
     _, _, h, w = feature_maps.shape
@@ -292,24 +293,33 @@ def refine_poses(
     opt = torch.optim.Adam([params], lr=schedule.lr, betas=schedule.betas)
     sched = torch.optim.lr_scheduler.StepLR(opt, schedule.lr_decay_every, schedule.lr_decay)
     stale = 0
-    for _ in range(schedule.steps):
-        loss = render_loss(params)
+
+    def keep_best(loss: torch.Tensor) -> bool:
+        """Keep the best pose seen; whether early stopping ends the refinement: a step that
+        improves no hypothesis' best loss by more than the tolerance counts towards patience
+        (reading it back waits for the device, so only when early stopping is on)."""
+        nonlocal best, best_loss, stale
         with torch.no_grad():
-            # Keep the best pose seen; a step that improves no hypothesis' best loss by more
-            # than the tolerance counts towards patience (reading it back waits for the device,
-            # so only when early stopping is on).
             better = loss < best_loss
             if schedule.tolerance > 0:
                 significant = bool((loss < best_loss - schedule.tolerance).any())
                 stale = 0 if significant else stale + 1
             best = torch.where(better[:, None], params.detach(), best)
             best_loss = torch.where(better, loss.detach(), best_loss)
-        if schedule.tolerance > 0 and stale >= schedule.patience:
+        return schedule.tolerance > 0 and stale >= schedule.patience
+
+    for _ in range(schedule.steps):
+        loss = render_loss(params)
+        if keep_best(loss):
             break
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()
         opt.step()
         sched.step()
+    else:
+        # The pose after the last step: unscored, the last step was wasted (1 step did nothing).
+        with torch.no_grad():
+            keep_best(render_loss(params))
     return best.reshape(b, k, 4), best_loss.reshape(b, k)
 
 
