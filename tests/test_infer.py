@@ -99,6 +99,24 @@ def test_every_refinement_step_counts():
     assert (losses[1] < losses[0]).all() and (losses[2] < losses[1]).all()
 
 
+def test_the_scores_follow_the_feature_maps_dtype():
+    # Float64 or float16 feature maps met the float32 templates, renderings and clutter model
+    # in one product: "expected scalar type Double but found Float".
+    mesh, feats, clutter, k = _scene()
+    gt = torch.tensor([[1.0, 0.3, 0.1, 5.0], [4.0, 0.1, -0.05, 5.3]])
+    fm = _image(mesh, feats, clutter, k, gt)
+    schedule = InferenceSchedule(n_azimuth=8, elevations_deg=(0.0, 30.0), steps=3)
+    bank = render_templates(mesh, feats, schedule, SIZE, 8)
+    ref = score_templates(fm, bank.features, bank.masks, clutter)
+    for dtype, tol in ((torch.float64, 1e-6), (torch.bfloat16, 0.05)):
+        scores = score_templates(fm.to(dtype), bank.features, bank.masks, clutter)
+        assert scores.dtype == dtype
+        torch.testing.assert_close(scores.float(), ref, atol=tol, rtol=0)
+        pred = estimate_poses(fm.to(dtype), k, torch.tensor([5.0, 5.0]), mesh, feats, clutter,
+                              bank, schedule)
+        assert torch.isfinite(pred.loss).all()
+
+
 def test_the_solver_follows_the_feature_maps_device(monkeypatch):
     # No GPU here: the "meta" device stands in for one. The crop set hands in its cameras and
     # starting distances on the CPU; the solver made its best-loss buffer there too, so on a GPU

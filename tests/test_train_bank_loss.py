@@ -223,6 +223,11 @@ def test_momentum_update_visibility_weighted():
     # A zero weight on the only image that sees v1 leaves v1 unchanged.
     zero = momentum_update(bank, feats, vis, 0.5, weights=torch.tensor([0.0, 1.0]))
     assert torch.equal(zero[1], bank[1])
+    # Rows that do not count are left out, not multiplied by 0: a NaN where image 1 does not see
+    # v1 (0 · NaN = NaN) made v1's prototype NaN, though image 0 sees it.
+    nan = feats.detach().clone()
+    nan[1, 1] = math.nan
+    torch.testing.assert_close(momentum_update(bank, nan, vis, momentum=0.5), new)
 
 
 def test_enqueue_wraps_like_sequential_writes():

@@ -131,10 +131,10 @@ def pose_loss(
         feature_maps: (N, D, h, w) image features; rendered: (N, D, h, w); mask: (N, h, w);
         clutter: (D,) clutter model.
     Returns:
-        (N,) loss = 1 − mean_p mask·ReLU(⟨R, F⟩ − ⟨b, F⟩).
+        (N,) loss = 1 − mean_p mask·ReLU(⟨R, F⟩ − ⟨b, F⟩), in the feature maps' dtype.
     """
-    obj = (rendered * feature_maps).sum(1)
-    clu = torch.einsum("d,ndhw->nhw", clutter, feature_maps)
+    obj = (rendered.to(feature_maps.dtype) * feature_maps).sum(1)
+    clu = torch.einsum("d,ndhw->nhw", clutter.to(feature_maps.dtype), feature_maps)
     return 1 - (mask * torch.relu(obj - clu)).mean(dim=(1, 2))
 
 
@@ -150,10 +150,10 @@ def score_templates(
         feature_maps: (B, D, h, w); templates: (T, D, h, w); template_masks: (T, h, w) bool;
         clutter: (D,).
     Returns:
-        (B, T) losses (lower is better).
+        (B, T) losses (lower is better), in the feature maps' dtype.
     """
-    clu = torch.einsum("d,bdhw->bhw", clutter, feature_maps)
-    obj = torch.einsum("bdhw,tdhw->bthw", feature_maps, templates)
+    clu = torch.einsum("d,bdhw->bhw", clutter.to(feature_maps.dtype), feature_maps)
+    obj = torch.einsum("bdhw,tdhw->bthw", feature_maps, templates.to(feature_maps.dtype))
     fg = torch.relu(obj - clu[:, None]) * template_masks[None].to(obj.dtype)
     return 1 - fg.mean(dim=(2, 3))
 
@@ -216,10 +216,12 @@ def flip_margin(
 ) -> torch.Tensor:
     """Front/back flip margin: ``pose_loss`` at (a + π, e, θ, d) − ``pose_loss`` at (a, e, θ, d).
 
-    A cuboid maps onto itself under a half turn about its vertical axis, so the two poses cover
-    exactly the same pixels: the margin measures only how much better the vertex features
-    explain the image the given way round than back to front (feasibility notes: ~180° flips
-    are the dominant few-shot error, and match scores alone do not expose them).
+    A cuboid centred on the object's origin maps onto itself under a half turn about its
+    vertical axis, so the two poses cover the same pixels (nvsm's cuboids are centred on the CAD
+    models' extents, off by ~0.002 on the synthetic cars; an off-centre one would add a
+    silhouette difference to the margin): the margin measures only how much better the vertex
+    features explain the image the given way round than back to front (feasibility notes: ~180°
+    flips are the dominant few-shot error, and match scores alone do not expose them).
 
     Args:
         feature_maps: (N, D, h, w) unit features; poses: (N, 4) (a, e, θ, d);

@@ -74,6 +74,9 @@ def momentum_update(
             w = w * weights.detach().to(bank.dtype)[:, None]
         total = w.sum(0)  # (K,)
         seen = total > 0
+        # Rows that do not count are zeroed, not multiplied by 0: a NaN there (0 · NaN = NaN)
+        # reached the prototype of a vertex the image never saw.
+        feats = torch.where((w > 0)[..., None], feats, 0.0)
         mean = (
             torch.einsum("bk,bkd->kd", w, feats)
             / total.clamp_min(torch.finfo(bank.dtype).tiny)[:, None]
