@@ -18,6 +18,7 @@ from nvsm.cli_pseudo_labels import app as pseudo_labels_app
 from nvsm.config import RunConfig
 from nvsm.data.cli import app as data_app
 from nvsm.runtime import (
+    check_option,
     exit_interrupted,
     exit_with_error,
     flow_help,
@@ -456,17 +457,13 @@ def fewshot(
         torchrun --standalone --nproc_per_node 4 -m nvsm.cli fewshot --annotations 7
     """
     from nvsm.data.splits import Strategy
-    from nvsm.errors import ConfigError, check_choice
     from nvsm.fewshot.loop import run_fewshot
     from nvsm.train.distributed import PeerFailed
 
-    try:
-        if dataset is not None:
-            check_choice(dataset, FEWSHOT_DATASETS, "--dataset")
-        if anchors is not None:
-            check_choice(anchors, Strategy, "--anchors")
-    except ConfigError as exc:
-        _fail(str(exc))
+    if dataset is not None:
+        check_option(console, "--dataset", dataset, FEWSHOT_DATASETS)
+    if anchors is not None:
+        check_option(console, "--anchors", anchors, Strategy)
     if dataset not in (None, "synthetic") and root is None and recipe is None:
         _fail(f"--dataset {dataset} needs --root PATH (the dataset on disk)")
     if tiny and (recipe is not None or dataset not in (None, "synthetic")):

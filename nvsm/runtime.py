@@ -12,11 +12,13 @@ import inspect
 import os
 import signal
 import threading
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+from nvsm.errors import ConfigError, check_choice
 
 #: glibc ``mallopt`` parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -65,6 +67,16 @@ def exit_with_error(console: Console, message: str, code: int) -> NoReturn:
     as markup, so that the paths it names stay whole, brackets and all, for copying."""
     console.print("[red]error:[/red]", escape(message), soft_wrap=True)
     raise typer.Exit(code)
+
+
+def check_option(console: Console, option: str, value: str, choices: Any) -> None:
+    """``nvsm.errors.check_choice`` of an option's ``value`` against ``choices`` (a ``Literal``
+    type or the allowed strings), refused in one ``error:`` line with exit 2 (the usage code;
+    ``typer.BadParameter`` boxed it)."""
+    try:
+        check_choice(value, choices, option)
+    except ConfigError as exc:
+        exit_with_error(console, str(exc), 2)
 
 
 class Terminated(KeyboardInterrupt):

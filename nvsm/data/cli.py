@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -24,9 +24,8 @@ from nvsm.data.splits import (
 )
 from nvsm.data.synth import synth_command
 from nvsm.data.verify import check_dataset_root, verify_dataset
-from nvsm.errors import ConfigError, check_choice
 from nvsm.io import check_output_folder
-from nvsm.runtime import exit_with_error
+from nvsm.runtime import check_option, exit_with_error
 
 app = typer.Typer(
     help="""Datasets: verify a local copy, write few-shot split lists, render the synthetic set.
@@ -47,15 +46,6 @@ app.command("synth")(synth_command)
 def _unique(categories: list[str] | None) -> list[str] | None:
     """The categories asked for, each once (a repeated one would be read, and split, twice)."""
     return list(dict.fromkeys(categories)) if categories else None
-
-
-def _check_option(console: Console, option: str, value: str, choices: Any) -> None:
-    """``nvsm.errors.check_choice`` of an option's ``value`` against the ``Literal`` type
-    ``choices``, refused in one ``error:`` line with exit 2 (``typer.BadParameter`` boxed it)."""
-    try:
-        check_choice(value, choices, option)
-    except ConfigError as exc:
-        exit_with_error(console, str(exc), 2)
 
 
 _NAMES = ", ".join(DATASET_NAMES)
@@ -83,7 +73,7 @@ def verify(
         nvsm data verify --dataset pascal3d --root /data/PASCAL3D+_release1.1
     """
     console = Console()
-    _check_option(console, "--dataset", dataset, DatasetName)
+    check_option(console, "--dataset", dataset, DatasetName)
     try:
         problems = verify_dataset(dataset, root, categories=_unique(category),
                                   decode_images=decode, pascal3d_root=pascal3d_root)
@@ -137,8 +127,8 @@ def split(
             --annotations 7 20 50 --seed 0 --strategy stratified --out splits/pascal3d
     """
     console = Console()
-    _check_option(console, "--dataset", dataset, DatasetName)
-    _check_option(console, "--strategy", strategy, Strategy)
+    check_option(console, "--dataset", dataset, DatasetName)
+    check_option(console, "--strategy", strategy, Strategy)
     given = annotations or [",".join(map(str, FEW_SHOT_LADDER))]
     tokens = [t for part in [*given, *ctx.args] for t in re.split(r"[,\s]+", part) if t]
     try:

@@ -607,8 +607,9 @@ def write_report(
     files = label_files(run_dir)
     rounds = {k: load_labels(path, k) for k, path in files.items()}
     first = next(iter(rounds))
+    pool = [lb.uid for lb in rounds[first]]
     for k, labels in rounds.items():
-        if [lb.uid for lb in labels] != [lb.uid for lb in rounds[first]]:
+        if [lb.uid for lb in labels] != pool:
             raise RunFolderError(
                 f"{files[k]}: expected the images of {files[first]} in the same order (every "
                 "round labels the same unlabelled pool), got another list"
