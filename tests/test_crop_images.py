@@ -63,11 +63,18 @@ def test_a_mirrored_cropset_matches_flip_batch() -> None:
         uids=list("abc"),
         occlusion_levels=torch.zeros(n, dtype=torch.long),
         reference_distance=torch.full((n,), 5.0, dtype=torch.float64),
+        image_box=torch.tensor([[-2.0, 0.5, 1.5, 2.0]] * n, dtype=torch.float64),
     )
     mirrored = data.mirrored()
-    f_images, f_k, f_poses = flip_batch(images, data.k, data.poses, torch.ones(n, dtype=torch.bool))
+    f_images, f_k, f_poses, f_box = flip_batch(
+        images, data.k, data.poses, data.image_box, torch.ones(n, dtype=torch.bool)
+    )
     assert torch.equal(mirrored.images[:], f_images)
     assert torch.equal(mirrored.k, f_k) and torch.equal(mirrored.poses, f_poses)
+    assert torch.equal(mirrored.image_box, f_box)
+    # W = 6: x -> 5 - x, so the box's x range [-2, 1.5] becomes [3.5, 7].
+    assert f_box[0].tolist() == [3.5, 0.5, 7.0, 2.0]
+    assert torch.equal(mirrored.mirrored().image_box, data.image_box)
     assert mirrored.images.sources[0] is images  # no copy
     both = CropSet.concat([data, mirrored]).subset([4, 1])
     assert torch.equal(both.images[:], torch.stack([f_images[1], images[1]]))

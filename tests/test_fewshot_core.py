@@ -215,13 +215,19 @@ def _rendered_points(
     return both[..., :3], both[..., 3:], out.mask[0]
 
 
+def _whole_image(n: int) -> torch.Tensor:
+    """(n, 4) image boxes of crops that lie wholly inside their images."""
+    h, w = IMAGE_SIZE
+    return torch.tensor([[0.0, 0.0, w - 1, h - 1]] * n, dtype=torch.float64)
+
+
 def test_image_synthesis_at_zero_shift_returns_the_crop() -> None:
     mesh = _mesh()
     pose = _deg_pose(40, 20, 5)
     crop = _textured_crop(mesh, pose)
     p = torch.tensor([pose], dtype=torch.float64)
     images, poses, seen = synthesize_images(
-        crop[None], IMAGE_K[None], p, torch.zeros(1, 3), mesh
+        crop[None], IMAGE_K[None], p, _whole_image(1), torch.zeros(1, 3), mesh
     )
     assert images.dtype == torch.uint8 and images.shape == (1, 3, *IMAGE_SIZE)
     assert torch.allclose(poses, p)
@@ -241,7 +247,9 @@ def test_image_synthesis_equals_rendering_at_the_shifted_pose() -> None:
     crops = torch.stack([_textured_crop(mesh, p) for p in source])
     p = torch.tensor(source, dtype=torch.float64)
     shifts = torch.tensor([[math.radians(25), math.radians(-10), 0.0], [math.radians(-30), 0, 0]])
-    images, poses, seen = synthesize_images(crops, IMAGE_K.expand(2, 3, 3), p, shifts, mesh)
+    images, poses, seen = synthesize_images(
+        crops, IMAGE_K.expand(2, 3, 3), p, _whole_image(2), shifts, mesh
+    )
     raw = p[:, :3] + shifts.double()
     assert torch.allclose(
         rotation_matrix(poses[:, 0], poses[:, 1], poses[:, 2]),
@@ -276,7 +284,7 @@ def test_image_synthesis_equals_rendering_at_the_shifted_pose() -> None:
     crop = _textured_crop(mesh, _deg_pose(30, 15, 0))
     p = torch.tensor([_deg_pose(30, 15, 0)], dtype=torch.float64)
     _, poses, seen = synthesize_images(
-        crop[None], IMAGE_K[None], p, torch.tensor([[math.pi, 0.0, 0.0]]), mesh
+        crop[None], IMAGE_K[None], p, _whole_image(1), torch.tensor([[math.pi, 0.0, 0.0]]), mesh
     )
     _, normals, silhouette = _rendered_points(mesh, poses[0])
     top = normals[..., 2] > 0.99
@@ -287,8 +295,35 @@ def test_synthesize_images_checks_shapes() -> None:
     crop = torch.zeros(2, 3, *IMAGE_SIZE, dtype=torch.uint8)
     with pytest.raises(ValueError, match=re.escape("expected k (N, 3, 3), poses (N, 4)")):
         synthesize_images(
-            crop, IMAGE_K.expand(2, 3, 3), torch.zeros(2, 4), torch.zeros(1, 3), _mesh()
-        )
+            crop, IMAGE_K.expand(2, 3, 3), torch.zeros(2, 4), _whole_image(2), torch.zeros(1, 3),
+            _mesh(),
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape("image_box (N, 4)")):
+        synthesize_images(
+            crop, IMAGE_K.expand(2, 3, 3), torch.zeros(2, 4), _whole_image(1), torch.zeros(2, 3),
+            _mesh(),
+        )  # fmt: skip
+
+
+def test_image_synthesis_takes_no_texture_from_the_padding() -> None:
+    """Where the crop reached past its original image (left of ``image_box``'s x_lo) it holds
+    zeros, not object: a synthesised pixel whose cuboid point projects there is not seen."""
+    mesh = _mesh()
+    pose = _deg_pose(40, 20, 5)
+    crop = _textured_crop(mesh, pose)
+    p = torch.tensor([pose], dtype=torch.float64)
+    shifts = torch.tensor([[math.radians(20), 0.0, 0.0]])
+    _, _, seen_all = synthesize_images(crop[None], IMAGE_K[None], p, _whole_image(1), shifts, mesh)
+    cut = float(IMAGE_K[0, 2])  # the principal point's column: the object spans it
+    box = _whole_image(1)
+    box[0, 0] = cut
+    _, poses, seen = synthesize_images(crop[None], IMAGE_K[None], p, box, shifts, mesh)
+    points, _, _ = _rendered_points(mesh, poses[0])
+    r_cv, t_cv = opencv_extrinsics(p[0, 0], p[0, 1], p[0, 2], p[0, 3])
+    pix, _ = project_opencv(points.reshape(-1, 3), r_cv, t_cv, IMAGE_K)
+    on_image = (pix[:, 0] >= math.ceil(cut)).reshape(IMAGE_SIZE)
+    assert torch.equal(seen[0], seen_all[0] & on_image)
+    assert bool((seen_all[0] & ~on_image).any()) and bool(seen[0].any())
 
 
 # ------------------------------------------------------------------------------------------

@@ -141,6 +141,7 @@ def test_hide_poses():
         uids=["a", "b"],
         occlusion_levels=torch.zeros(2, dtype=torch.long),
         reference_distance=torch.full((2,), 5.0, dtype=torch.float64),
+        image_box=torch.tensor([[0.0, 0.0, 7.0, 7.0]] * 2, dtype=torch.float64),
     )
     hidden, gt = hide_poses(data)
     assert torch.isnan(hidden.poses).all() and (hidden.weights == 0).all()
@@ -716,8 +717,9 @@ def test_with_synthesized_images_appends_each_crop_at_each_shift(tiny_data):
         shifts = torch.zeros(n, 3, dtype=torch.float64)
         shifts[:, 0] = math.radians(shift)
         images, _, _ = synthesize_images(
-            crops.images[:], crops.k, crops.poses, shifts, tiny_data.meshes["car"], rasterizer
-        )
+            crops.images[:], crops.k, crops.poses, crops.image_box, shifts,
+            tiny_data.meshes["car"], rasterizer,
+        )  # fmt: skip
         assert torch.equal(out.images[part], images)
 
 

@@ -61,6 +61,7 @@ def _cropset(n: int, size=(8, 8), focal=3000.0) -> CropSet:
         uids=[f"img{i}:0" for i in range(n)],
         occlusion_levels=torch.zeros(n, dtype=torch.long),
         reference_distance=torch.full((n,), 5.0, dtype=torch.float64),
+        image_box=torch.tensor([[0.0, 0.0, w - 1, h - 1]] * n, dtype=torch.float64),
         normalized_focal=focal,
     )
 

@@ -18,6 +18,7 @@ from nvsm.train.cropset import (
     affine_jitter,
     build_cropset,
     flip_batch,
+    outside_image,
 )
 from nvsm.train.model import NeMoModel, build_model
 from nvsm.train.trainer import NeMoTrainer
@@ -55,7 +56,8 @@ def test_flip_mirrors_pose_and_camera_exactly():
     k = torch.tensor([[[300.0, 0, 29.5], [0, 300.0, 19.5], [0, 0, 1]]]).double()
     poses = torch.tensor([[0.7, 0.3, 0.1, 5.0]], dtype=torch.float64)
     img, _ = _points_image(poses, k, pts, h, w)
-    f_img, f_k, f_pose = flip_batch(img, k, poses, torch.tensor([True]))
+    box = torch.tensor([[0.0, 0.0, w - 1, h - 1]], dtype=torch.float64)
+    f_img, f_k, f_pose, _ = flip_batch(img, k, poses, box, torch.tensor([True]))
     again, _ = _points_image(f_pose, f_k, pts, h, w)
     assert torch.equal(f_img, again)
     assert f_pose[0, 0] == pytest.approx(2 * math.pi - 0.7) and f_pose[0, 2] == pytest.approx(-0.1)
@@ -71,7 +73,10 @@ def test_affine_jitter_keeps_projection_exact():
     poses = torch.tensor([[0.7, 0.3, 0.1, 5.0]], dtype=torch.float64)
     ys, xs = torch.meshgrid(torch.arange(h).double(), torch.arange(w).double(), indexing="ij")
     ramps = torch.stack([xs, ys])[None]
-    out, k2, padded = affine_jitter(ramps, k, torch.tensor([0.9]), torch.tensor([[3.0, -2.0]]))
+    box = torch.tensor([[0.0, 0.0, w - 1, h - 1]], dtype=torch.float64)
+    out, k2, padded = affine_jitter(
+        ramps, k, box, torch.tensor([0.9]), torch.tensor([[3.0, -2.0]])
+    )
     # The padding is exactly where the warp reads outside the crop: zeros there, hidden from
     # training (vertices on it were sampled from the zeros as visible).
     src_x = (xs - 29.5 - 3.0) / 0.9 + 29.5
@@ -86,18 +91,95 @@ def test_affine_jitter_keeps_projection_exact():
     assert torch.allclose(read[0, :, 0].T, px[0], atol=1e-6)
 
 
+def _crop_past_the_left_border(tmp_path, value=200):
+    """A one-crop set whose object origin projects 10 px from the left border of a flat image
+    (every pixel ``value``), so the left part of its crop is the warp's zero padding."""
+    from PIL import Image
+
+    from nvsm.data.record import ObjectRecord
+
+    path = tmp_path / "img.png"
+    Image.fromarray(np.full((300, 400, 3), value, dtype=np.uint8)).save(path)
+    rec = ObjectRecord(
+        image_path=path, category="car", bbox=(0, 100, 120, 200), azimuth=math.radians(90),
+        elevation=0.2, theta=0.0, distance=6.0, px=10.0, py=150.0, focal=1.0, viewport=3000.0,
+        cad_index=0, truncated=True, occluded=False, difficult=False, occlusion_level=0,
+        source="synthetic", image_id="img", object_index=0,
+    )  # fmt: skip
+    return build_cropset([rec], crop_scale=0.2, crop_size=tuple(SIZE), show_progress=False)
+
+
+def test_the_image_box_marks_a_crops_own_padding(tmp_path):
+    data = _crop_past_the_left_border(tmp_path)
+    crop = data.images[0]
+    outside = outside_image(data.image_box, tuple(SIZE))[0]
+    # Padding is zero and marked; every unmarked pixel is image (the flat 200).
+    assert 10 < int(outside.all(0).sum()) < SIZE[1] - 10  # a band of whole columns
+    assert bool((crop[:, ~outside] == 200).all())
+    assert bool(outside[(crop == 0).all(0)].all())
+    # The mirror's box marks the mirrored padding.
+    assert torch.equal(outside_image(data.mirrored().image_box, tuple(SIZE))[0], outside.flip(-1))
+    # Without jitter the augmenter hides exactly the padding; with jitter, the padding moved
+    # with the image plus whatever the jitter read from off the crop.
+    images = crop[None].float() / 255
+    still = AugmentConfig(flip=False, color_jitter=0.0, scale_jitter=0.0, translate_jitter=0.0)
+    *_, hidden = BatchAugmenter(still)(images, data.k, data.poses, data.image_box)
+    assert torch.equal(hidden[0], outside)
+    moved, _, padded = affine_jitter(
+        images, data.k, data.image_box, torch.tensor([0.9]), torch.tensor([[-6.0, 3.0]])
+    )
+    assert torch.allclose(moved[0][:, ~padded[0]], torch.tensor(200 / 255), atol=1e-6)
+    assert bool(padded[0][(moved[0] == 0).all(0)].all()) and bool((~padded[0]).any())
+
+
+def test_vertices_on_a_crops_own_padding_are_not_trained_as_seen(tmp_path):
+    """The trainer treats the crop's padding as it does the jitter's: a vertex projected onto
+    the zeros beyond the image is not a visible vertex (its feature would train the bank)."""
+    from nvsm.models.common import STRIDE
+    from nvsm.pose.camera import feature_intrinsics
+    from nvsm.train.trainer import project_mesh_vertices
+
+    data = _crop_past_the_left_border(tmp_path)
+    cfg = _cfg(**{"train.batch_size": 1, "train.augment.flip": "false",
+                  "train.augment.color_jitter": 0, "train.augment.scale_jitter": 0,
+                  "train.augment.translate_jitter": 0})  # fmt: skip
+    from nvsm.mesh import cuboid_mesh
+
+    model = build_model(cfg, {"car": cuboid_mesh([-0.2, -0.4, -0.15], [0.2, 0.4, 0.15], 200)})
+    trainer = NeMoTrainer(model, cfg.train, seed=0)
+    _, updates = trainer.batch_loss(data, torch.tensor([0]))
+    visible = updates["car"]["visible"][0]
+    mesh = model.meshes["car"]
+    k_feat = torch.as_tensor(feature_intrinsics(data.k.numpy(), STRIDE))
+    cell_x = torch.floor(project_mesh_vertices(mesh.vertices, data.poses, k_feat)[0, :, 0] + 0.5)
+    # Cells whose pixels include padding (the band of zero columns on the left).
+    first_image_cell = math.ceil(float(data.image_box[0, 0]) / STRIDE)
+    assert bool(visible.any())
+    assert not bool((visible & (cell_x < first_image_cell)).any())
+    # ... though vertices there face the camera: the padding rule, not the geometry, left
+    # them out.
+    from nvsm.mesh import facing_visibility
+    from nvsm.pose.convention import camera_centre
+
+    p = data.poses
+    facing = facing_visibility(mesh, camera_centre(p[:, 0], p[:, 1], p[:, 3]))[0]
+    on_padding = (cell_x >= 0) & (cell_x < first_image_cell - 1)
+    assert bool((facing & on_padding).any())
+
+
 def test_augmenter_is_seeded():
     imgs = torch.rand(3, 3, 32, 48)
     k = torch.eye(3).double().repeat(3, 1, 1)
     k[:, 0, 0] = k[:, 1, 1] = 100.0
     poses = torch.rand(3, 4).double()
-    a = BatchAugmenter(AugmentConfig(occluders=1.0), seed=3)(imgs, k, poses)
-    b = BatchAugmenter(AugmentConfig(occluders=1.0), seed=3)(imgs, k, poses)
+    box = torch.tensor([[0.0, 0.0, 47.0, 31.0]] * 3, dtype=torch.float64)
+    a = BatchAugmenter(AugmentConfig(occluders=1.0), seed=3)(imgs, k, poses, box)
+    b = BatchAugmenter(AugmentConfig(occluders=1.0), seed=3)(imgs, k, poses, box)
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
     assert a[3].any()  # occluders were pasted and reported
     # ... and the seed matters (each DDP rank and round gets its own).
-    c = BatchAugmenter(AugmentConfig(occluders=1.0), seed=4)(imgs, k, poses)
+    c = BatchAugmenter(AugmentConfig(occluders=1.0), seed=4)(imgs, k, poses, box)
     assert not torch.equal(a[0], c[0])
 
 
@@ -111,6 +193,7 @@ def test_score_counts_failures_and_levels():
         uids=list("abcd"),
         occlusion_levels=torch.tensor([0, 0, 1, 1]),
         reference_distance=torch.full((4,), 5.0).double(),
+        image_box=torch.tensor([[0.0, 0.0, 7.0, 7.0]] * 4, dtype=torch.float64),
     )
     poses = data.poses.clone()
     poses[1, 0] = math.radians(20)

@@ -139,6 +139,17 @@ def warp_to_crop(
     return out[0]
 
 
+def image_box_in_crop(camera: CropCamera, image_hw: tuple[int, int]) -> np.ndarray:
+    """Where the original image lies in the crop: (4,) float64 (x_lo, y_lo, x_hi, y_hi), its
+    first and last pixel centres in crop pixels. ``warp_to_crop`` reads a crop pixel from the
+    image alone iff it lies in this box; outside it the crop is (partly) the zero padding, which
+    training must not take for the object (``nvsm.train.cropset.outside_image``)."""
+    h, w = image_hw
+    lo = np.asarray(camera.offset, dtype=np.float64)
+    hi = lo + camera.scale * np.array([w - 1, h - 1], dtype=np.float64)
+    return np.concatenate([lo, hi])
+
+
 def crop_object(
     image: np.ndarray | torch.Tensor,
     record: ObjectRecord,

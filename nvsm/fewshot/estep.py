@@ -54,7 +54,7 @@ from nvsm.models.common import STRIDE
 from nvsm.pose.camera import feature_intrinsics
 from nvsm.pose.convention import NORMALIZED_DISTANCE
 from nvsm.render import Rasterizer
-from nvsm.train.cropset import CropSet, mapped_empty
+from nvsm.train.cropset import CropSet, hidden_cells, mapped_empty, outside_image
 from nvsm.train.model import NeMoModel
 
 __all__ = [
@@ -182,8 +182,11 @@ def _match_category(
     anchor uid of every view."""
     k_anchor = torch.as_tensor(feature_intrinsics(anchors.k.numpy(), STRIDE))
     device = anchor_feats.device
+    # Vertices on the crop's padding (the crop reaching past its image) see zeros, not object.
+    crop_hw = (anchors.images.shape[-2], anchors.images.shape[-1])
+    padding = hidden_cells(outside_image(anchors.image_box, crop_hw), STRIDE)
     feats, visible = sample_anchor_vertex_features(
-        anchor_feats, anchors.poses.to(device), k_anchor, mesh
+        anchor_feats, anchors.poses.to(device), k_anchor, mesh, occluded=padding
     )
     view_anchor_poses = anchors.poses.clone().to(device)
     view_anchor_poses[:, 3] = NORMALIZED_DISTANCE  # the canonical camera of the views

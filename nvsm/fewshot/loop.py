@@ -475,8 +475,8 @@ def with_synthesized_images(
                 shifts = torch.zeros(len(part), 3, dtype=torch.float64)
                 shifts[:, 0] = math.radians(shift_deg)
                 images[part], poses[part], _ = synthesize_images(
-                    crops.images[part], crops.k[part], crops.poses[part], shifts, meshes[cat],
-                    rasterizer,
+                    crops.images[part], crops.k[part], crops.poses[part], crops.image_box[part],
+                    shifts, meshes[cat], rasterizer,
                 )  # fmt: skip
         parts.append(dataclasses.replace(crops, images=CropImages.of(images), poses=poses))
     return CropSet.concat(parts)

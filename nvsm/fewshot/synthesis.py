@@ -43,6 +43,7 @@ from nvsm.pose.convention import (
     wrap_azimuth,
 )
 from nvsm.render import Rasterizer, default_rasterizer, render_pose
+from nvsm.train.cropset import reads_outside
 from nvsm.train.loss import SampleMode, sample_vertex_features
 from nvsm.train.trainer import project_mesh_vertices
 
@@ -385,6 +386,7 @@ def synthesize_images(
     images: torch.Tensor,
     k: torch.Tensor,
     poses: torch.Tensor,
+    image_box: torch.Tensor,
     shifts: torch.Tensor,
     mesh: Mesh,
     rasterizer: Rasterizer | None = None,
@@ -395,16 +397,18 @@ def synthesize_images(
     A pixel of the new view shows a cuboid point X (rasterised at the shifted pose); it takes the
     crop's colour at X's projection under the crop's own pose (bilinear), provided the crop saw
     X: the cuboid is convex, so it did iff X's face looks at the crop's camera
-    (``facing_visibility``). Every other pixel — background, and faces the crop did not see —
-    takes the crop blurred with a Gaussian of ``fill_sigma`` px: clutter-coloured, without the
-    source object's edges, so that it reads as background to the contrastive loss. The object
-    is only as right as the cuboid: parts off its faces (a car's cabin above the bonnet) slide
-    more the larger the shift.
+    (``facing_visibility``), and X projects onto the image, not onto the crop's zero padding
+    (``image_box``). Every other pixel — background, faces the crop did not see, points on the
+    padding — takes the crop blurred with a Gaussian of ``fill_sigma`` px: clutter-coloured,
+    without the source object's edges, so that it reads as background to the contrastive loss.
+    The object is only as right as the cuboid: parts off its faces (a car's cabin above the
+    bonnet) slide more the larger the shift.
 
     Args:
         images: (N, 3, H, W) uint8 crops.
         k: (N, 3, 3) their intrinsics (OpenCV, crop pixels).
         poses: (N, 4) (a, e, θ, d) radians, the pose each crop shows (label or pseudo-label).
+        image_box: (N, 4) where each crop's original image lies (``CropSet.image_box``).
         shifts: (N, 3) (Δa, Δe, Δθ) radians, one per crop.
         mesh: the category's cuboid.
         rasterizer: backend (``default_rasterizer`` when None).
@@ -415,10 +419,16 @@ def synthesize_images(
         the crop.
     """
     n, _, h, w = images.shape
-    if k.shape != (n, 3, 3) or poses.shape != (n, 4) or shifts.shape != (n, 3):
+    if (
+        k.shape != (n, 3, 3)
+        or poses.shape != (n, 4)
+        or image_box.shape != (n, 4)
+        or shifts.shape != (n, 3)
+    ):
         raise ValueError(
-            f"synthesize_images: expected k (N, 3, 3), poses (N, 4), shifts (N, 3) for N = {n}, "
-            f"got {tuple(k.shape)}, {tuple(poses.shape)}, {tuple(shifts.shape)}"
+            "synthesize_images: expected k (N, 3, 3), poses (N, 4), image_box (N, 4), shifts "
+            f"(N, 3) for N = {n}, got {tuple(k.shape)}, {tuple(poses.shape)}, "
+            f"{tuple(image_box.shape)}, {tuple(shifts.shape)}"
         )
     src = poses.to(torch.float64)
     kk = k.to(torch.float64)
@@ -439,9 +449,8 @@ def synthesize_images(
     seen = out.mask & (out.features[:, 3] > 0.5)
     r_cv, t_cv = opencv_extrinsics(src[:, 0], src[:, 1], src[:, 2], src[:, 3])
     pix, depth = project_opencv(points, r_cv, t_cv, kk)
-    size_xy = torch.tensor([w - 1, h - 1], dtype=pix.dtype, device=pix.device)
-    inside = ((pix >= 0) & (pix <= size_xy)).all(-1) & (depth > 0)
-    seen = seen & inside.reshape(n, h, w)
+    on_image = ~reads_outside(pix.reshape(n, h, w, 2).cpu(), image_box.cpu(), (h, w))
+    seen = seen & on_image.to(seen.device) & (depth > 0).reshape(n, h, w)
     # Pixel centres sit at integer coordinates: −1 and +1 are the first and last centres.
     grid = kornia.geometry.conversions.normalize_pixel_coordinates(pix, h, w)
     source = images.float()

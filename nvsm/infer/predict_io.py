@@ -300,11 +300,11 @@ def image_cropset(
         ``<stem>:0``) and {index: message} for images that could not be read (their crops are
         black).
     """
-    from nvsm.data.crops import warp_to_crop
+    from nvsm.data.crops import image_box_in_crop, warp_to_crop
     from nvsm.data.images import load_image
 
     images = crop_storage(len(paths), size, on_disk=True)  # as build_cropset's
-    ks, ref = [], []
+    ks, ref, boxes = [], [], []
     failed: dict[int, str] = {}
     h, w = size
     for i, path in enumerate(paths):
@@ -323,6 +323,7 @@ def image_cropset(
         images[i] = (crop * 255).round().to(torch.uint8)
         ks.append(torch.as_tensor(cam.k))
         ref.append(cam.reference_distance())
+        boxes.append(torch.as_tensor(image_box_in_crop(cam, (ih, iw))))
     n = len(paths)
     data = CropSet(
         images=CropImages.of(images),
@@ -333,6 +334,7 @@ def image_cropset(
         uids=[f"{Path(p).stem}:0" for p in paths],
         occlusion_levels=torch.zeros(n, dtype=torch.long),
         reference_distance=torch.tensor(ref, dtype=torch.float64),
+        image_box=torch.stack(boxes) if n else torch.zeros(0, 4, dtype=torch.float64),
         normalized_focal=normalized_focal,
     )
     return data, failed

@@ -10,8 +10,11 @@ camera/pose together, so the pose annotation stays exact:
 * horizontal flip about the crop's centre column: x → (W − 1) − x, so the principal point
   becomes (W − 1 − cx) and the pose is mirrored, (a, e, θ) → (−a, e, −θ) (``mirror_pose``);
 * scale/translation jitter: crop_xy → s·crop_xy + t about the crop centre: K ← (s·f, s·c + t);
-* colour jitter (kornia) and synthetic occluders, which leave the camera alone; occluded
-  feature cells are returned so the loss can treat the vertices under them as invisible.
+* colour jitter (kornia) and synthetic occluders, which leave the camera alone.
+
+The pixels that show no image are returned as hidden, so that the loss treats the vertices
+projected there as invisible: pasted occluders, and the zero padding, both the crop's own
+(where the crop reaches past the original image: ``CropSet.image_box``) and the jitter's.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from kornia.geometry.conversions import normalize_pixel_coordinates
 from rich.progress import Progress
 
 from nvsm.config import AugmentConfig
-from nvsm.data.crops import crop_object, default_crop_size
+from nvsm.data.crops import crop_object, default_crop_size, image_box_in_crop
 from nvsm.data.images import load_image
 from nvsm.data.record import ObjectRecord
 from nvsm.pose.convention import PASCAL3D_VIEWPORT, mirror_pose
@@ -141,6 +144,8 @@ class CropSet:
         uids: ``ObjectRecord.uid`` of each crop.
         occlusion_levels: (N,) int64.
         reference_distance: (N,) float64 ``CropCamera.reference_distance`` (inference start).
+        image_box: (N, 4) float64 (x_lo, y_lo, x_hi, y_hi), where each crop's original image
+            lies in it (``image_box_in_crop``); outside it the crop is zero padding.
         normalized_focal: the crops' ``CropCamera.normalized_focal``.
     """
 
@@ -152,6 +157,7 @@ class CropSet:
     uids: list[str]
     occlusion_levels: torch.Tensor
     reference_distance: torch.Tensor
+    image_box: torch.Tensor
     normalized_focal: float = PASCAL3D_VIEWPORT
 
     def __len__(self) -> int:
@@ -170,6 +176,7 @@ class CropSet:
             uids=[self.uids[i] for i in il],
             occlusion_levels=self.occlusion_levels[idx],
             reference_distance=self.reference_distance[idx],
+            image_box=self.image_box[idx],
         )
 
     def with_poses(self, poses: torch.Tensor, weights: torch.Tensor) -> CropSet:
@@ -181,8 +188,9 @@ class CropSet:
         (``mirror_cameras``); uids are kept, so a mirror is still excluded from matching its own
         source image."""
         flip = torch.ones(len(self), dtype=torch.bool)
-        k, poses = mirror_cameras(self.k, self.poses, flip, self.images.shape[-1])
-        return replace(self, images=self.images.mirrored(), k=k, poses=poses)
+        k, poses, box = mirror_cameras(self.k, self.poses, self.image_box, flip,
+                                       self.images.shape[-1])
+        return replace(self, images=self.images.mirrored(), k=k, poses=poses, image_box=box)
 
     @staticmethod
     def concat(sets: Sequence[CropSet]) -> CropSet:
@@ -206,6 +214,7 @@ class CropSet:
             occlusion_levels=torch.cat([s.occlusion_levels for s in sets]),
             normalized_focal=sets[0].normalized_focal,
             reference_distance=torch.cat([s.reference_distance for s in sets]),
+            image_box=torch.cat([s.image_box for s in sets]),
         )
 
 
@@ -247,7 +256,7 @@ def build_cropset(
         raise ValueError(f"build_cropset: records need one crop size, got {sorted(sizes)}")
     size = sizes.pop()
     images = crop_storage(len(records), size, on_disk)
-    ks, ref = [], []
+    ks, ref, boxes = [], [], []
     cache: dict[str, np.ndarray] = {}
     # A bar that stops on leaving the block, an unreadable image included (``track``'s went on
     # redrawing over the error message).
@@ -261,6 +270,7 @@ def build_cropset(
             images[i] = (crop * 255).round().to(torch.uint8)
             ks.append(torch.as_tensor(cam.k))
             ref.append(cam.reference_distance())
+            boxes.append(image_box_in_crop(cam, cache[key].shape[:2]))
     return CropSet(
         images=CropImages.of(images),
         k=torch.stack(ks).double(),
@@ -271,6 +281,7 @@ def build_cropset(
         occlusion_levels=torch.tensor([r.occlusion_level for r in records], dtype=torch.long),
         normalized_focal=normalized_focal,
         reference_distance=torch.tensor(ref, dtype=torch.float64),
+        image_box=torch.as_tensor(np.stack(boxes)),
     )
 
 
@@ -327,42 +338,99 @@ def reserve_file(file: IO[bytes], nbytes: int) -> None:
 
 
 def flip_batch(
-    images: torch.Tensor, k: torch.Tensor, poses: torch.Tensor, flip: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flip the selected images horizontally with exact camera and mirrored pose.
+    images: torch.Tensor,
+    k: torch.Tensor,
+    poses: torch.Tensor,
+    image_box: torch.Tensor,
+    flip: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flip the selected images horizontally with exact camera, mirrored pose and image box.
 
     Args:
-        images: (B, C, H, W); k: (B, 3, 3); poses: (B, 4); flip: (B,) bool.
+        images: (B, C, H, W); k: (B, 3, 3); poses: (B, 4); image_box: (B, 4) (``CropSet``);
+        flip: (B,) bool.
     """
     images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-    k, poses = mirror_cameras(k, poses, flip, images.shape[-1])
-    return images, k, poses
+    k, poses, image_box = mirror_cameras(k, poses, image_box, flip, images.shape[-1])
+    return images, k, poses, image_box
 
 
 def mirror_cameras(
-    k: torch.Tensor, poses: torch.Tensor, flip: torch.Tensor, width: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The intrinsics and poses of the selected crops flipped horizontally (``flip_batch``
-    without the images): cx → (W − 1) − cx, (a, e, θ) → (−a, e, −θ).
+    k: torch.Tensor, poses: torch.Tensor, image_box: torch.Tensor, flip: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The intrinsics, poses and image boxes of the selected crops flipped horizontally
+    (``flip_batch`` without the images): x → (W − 1) − x, so cx → (W − 1) − cx and the box's
+    x_lo, x_hi → (W − 1) − x_hi, (W − 1) − x_lo; (a, e, θ) → (−a, e, −θ).
 
     Args:
-        k: (B, 3, 3); poses: (B, 4); flip: (B,) bool; width: the crops' W.
+        k: (B, 3, 3); poses: (B, 4); image_box: (B, 4); flip: (B,) bool; width: the crops' W.
     """
     k = k.clone()
     k[:, 0, 2] = torch.where(flip, (width - 1) - k[:, 0, 2], k[:, 0, 2])
     a, e, t = mirror_pose(poses[:, 0], poses[:, 1], poses[:, 2])
     mirrored = torch.stack([a, e, t, poses[:, 3]], dim=1)
-    return k, torch.where(flip[:, None], mirrored, poses)
+    x_lo, y_lo, x_hi, y_hi = image_box.unbind(1)
+    box = torch.stack([(width - 1) - x_hi, y_lo, (width - 1) - x_lo, y_hi], dim=1)
+    return (
+        k,
+        torch.where(flip[:, None], mirrored, poses),
+        torch.where(flip[:, None], box, image_box),
+    )
+
+
+#: Slack when rounding an image box to pixel centres: the box is computed, so a side that the
+#: image fills exactly may land a hair inside the outermost centre.
+_BOX_SLACK = 1e-6
+
+
+def reads_outside(
+    src: torch.Tensor, image_box: torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
+    """(B, H, W) bool: the sample points ``src`` (B, H, W, 2) (x, y crop pixels) whose bilinear
+    read touches a crop pixel that is not image: off the crop, or outside ``image_box`` (B, 4)
+    rounded inwards to pixel centres."""
+    h, w = size
+    box = image_box.to(src.dtype)
+    lo = torch.ceil(box[:, :2] - _BOX_SLACK).clamp(min=0)
+    hi = torch.minimum(
+        torch.floor(box[:, 2:] + _BOX_SLACK), torch.tensor([w - 1, h - 1], dtype=src.dtype)
+    )
+    return ((src < lo[:, None, None]) | (src > hi[:, None, None])).any(-1)
+
+
+def _pixel_grid(h: int, w: int) -> torch.Tensor:
+    """(1, H, W, 2) float64 (x, y) pixel centres."""
+    ys, xs = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+    )
+    return torch.stack([xs, ys], -1)[None]
+
+
+def outside_image(image_box: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) bool: the pixels of crops of ``size`` (H, W) that are (at least in part) zero
+    padding, outside their ``image_box`` (B, 4) (``CropSet.image_box``)."""
+    return reads_outside(_pixel_grid(*size), image_box.cpu(), size)
+
+
+def hidden_cells(hidden: torch.Tensor, stride: int) -> torch.Tensor:
+    """(B, H/s, W/s) bool: the stride-``stride`` feature cells with any hidden pixel of
+    ``hidden`` (B, H, W) bool; a vertex projected into such a cell is not trained as seen."""
+    return F.max_pool2d(hidden[:, None].float(), stride)[:, 0] > 0.5
 
 
 def affine_jitter(
-    images: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
+    images: torch.Tensor,
+    k: torch.Tensor,
+    image_box: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Zoom by ``scale`` (B,) about the crop centre and shift by ``shift`` (B, 2) pixels:
     new_xy = s·(xy − c0) + c0 + t, with the intrinsics changed the same way (exact).
 
     Returns the images, the intrinsics and the (B, H, W) bool mask of the pixels read (at
-    least in part) from outside the crop, which are padding (zeros), not image."""
+    least in part) from outside the crop or from outside its ``image_box`` (B, 4), which are
+    padding (zeros), not image."""
     _b, _, h, w = images.shape
     c0 = torch.tensor([(w - 1) / 2, (h - 1) / 2], dtype=k.dtype, device=k.device)
     s = scale.to(k.dtype)
@@ -372,17 +440,13 @@ def affine_jitter(
     k[:, 1, 1] = k[:, 1, 1] * s
     k[:, :2, 2] = s[:, None] * (k[:, :2, 2] - c0) + c0 + t
     # Sampling grid: output pixel p reads input pixel (p − c0 − t)/s + c0.
-    ys, xs = torch.meshgrid(
-        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
-    )
-    pix = torch.stack([xs, ys], -1)[None]  # (1, H, W, 2)
+    pix = _pixel_grid(h, w)
     src = (pix - c0.cpu() - t.cpu()[:, None, None]) / s.cpu()[:, None, None, None] + c0.cpu()
     grid = normalize_pixel_coordinates(src, h, w)
     out = F.grid_sample(
         images, grid.to(images), mode="bilinear", padding_mode="zeros", align_corners=True
     )
-    size = torch.tensor([w - 1, h - 1], dtype=src.dtype)
-    padded = ((src < 0) | (src > size)).any(-1)
+    padded = reads_outside(src, image_box.cpu(), (h, w))
     return out, k, padded.to(images.device)
 
 
@@ -396,22 +460,25 @@ class BatchAugmenter:
         self.color = KA.ColorJitter(c, c, c, min(0.1, c / 3), p=1.0) if c > 0 else None
 
     def __call__(
-        self, images: torch.Tensor, k: torch.Tensor, poses: torch.Tensor
+        self, images: torch.Tensor, k: torch.Tensor, poses: torch.Tensor, image_box: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """images (B, 3, H, W) float; returns (images, k, poses, hidden (B, H, W) bool: pasted
-        occluders and the jitter's padding)."""
+        """images (B, 3, H, W) float, image_box (B, 4) (``CropSet.image_box``); returns (images,
+        k, poses, hidden (B, H, W) bool: pasted occluders and padding)."""
         cfg, g = self.config, self.generator
         b, _, h, w = images.shape
         if cfg.flip:
-            images, k, poses = flip_batch(images, k, poses, torch.rand(b, generator=g) < 0.5)
-        # The jitter's padding hides the object as an occluder does: vertices projected onto
-        # it were sampled from the zeros there and trained into the bank as visible.
-        hidden = torch.zeros(b, h, w, dtype=torch.bool)
+            images, k, poses, image_box = flip_batch(
+                images, k, poses, image_box, torch.rand(b, generator=g) < 0.5
+            )
+        # Padding hides the object as an occluder does: vertices projected onto it would be
+        # sampled from its zeros and trained into the bank as visible.
         if cfg.scale_jitter > 0 or cfg.translate_jitter > 0:
             scale = 1 + (torch.rand(b, generator=g) * 2 - 1) * cfg.scale_jitter
             shift = (torch.rand(b, 2, generator=g) * 2 - 1) * cfg.translate_jitter
             shift = shift * torch.tensor([w, h], dtype=shift.dtype)
-            images, k, hidden = affine_jitter(images, k, scale, shift)
+            images, k, hidden = affine_jitter(images, k, image_box, scale, shift)
+        else:
+            hidden = outside_image(image_box, (h, w)).to(images.device)
         if self.color is not None:
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
             images = self.color(images).clamp(0, 1)

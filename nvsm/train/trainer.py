@@ -57,7 +57,7 @@ from nvsm.models.common import STRIDE
 from nvsm.pose.camera import feature_intrinsics
 from nvsm.pose.convention import camera_centre, opencv_extrinsics, project_opencv
 from nvsm.render import Rasterizer, default_rasterizer, project_vertices
-from nvsm.train.cropset import BatchAugmenter, CropSet
+from nvsm.train.cropset import BatchAugmenter, CropSet, hidden_cells
 from nvsm.train.distributed import get_rank, get_world_size, is_initialized
 from nvsm.train.loss import (
     background_regulariser,
@@ -274,11 +274,11 @@ class NeMoTrainer:
         ``valid``, ``weights``). The loss is the crop-count-weighted mean of the per-category
         losses."""
         images = data.images[index].float() / 255.0
-        images, k, poses, occluded = self.augment(
-            images, data.k[index].clone(), data.poses[index].clone()
+        images, k, poses, hidden = self.augment(
+            images, data.k[index].clone(), data.poses[index].clone(), data.image_box[index]
         )
         k_feat = torch.as_tensor(feature_intrinsics(k.numpy(), STRIDE))
-        occ_cells = F.max_pool2d(occluded[:, None].float(), STRIDE)[:, 0] > 0.5
+        occ_cells = hidden_cells(hidden, STRIDE)
         images = normalize_images(images.to(self.device))
         with torch.autocast(self.device.type, enabled=self.use_amp):
             fmap = self.net(images)
