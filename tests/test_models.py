@@ -283,6 +283,22 @@ def test_checkpoint_errors_name_the_file(tmp_path):
     with pytest.raises(CheckpointError, match=r"unsafe\.pt") as err:  # weights_only refuses modules
         load_checkpoint(unsafe)
     assert "weights_only" not in str(err.value)  # no advice to load it unsafely
+    # A damaged byte inside a tensor's data: torch.load does not check the archive's CRC-32s,
+    # so this loaded as NaN weights without a word.
+    weights = tmp_path / "weights.pt"
+    save_checkpoint(weights, {"w": torch.zeros(4096)}, {"a": 1})
+    data = bytearray(weights.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 64] = b"\xff" * 64
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"damaged\.pt: corrupt checkpoint: .* CRC-32"):
+        load_checkpoint(damaged)
+    listed = tmp_path / "listed.pt"
+    torch.save({"format": "nvsm-checkpoint", "version": 1, "tensors": {}, "metadata": "[1]"},
+               listed)
+    with pytest.raises(CheckpointError, match=r"listed\.pt: .*metadata must be a JSON object"):
+        load_checkpoint(listed)  # the trainer's resume called .get on it (AttributeError)
     with pytest.raises(TypeError, match="JSON"):
         save_checkpoint(tmp_path / "x.pt", {"w": torch.zeros(1)}, {"bad": object()})
     with pytest.raises(TypeError, match="not a tensor"):

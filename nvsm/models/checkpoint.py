@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,14 +131,16 @@ def load_checkpoint(
         map_location: device the tensors are loaded onto.
 
     Raises:
-        CheckpointError: missing file, unreadable/corrupt file, wrong format or version, or a
-            missing required entry. The message names the file.
+        CheckpointError: missing file, unreadable/corrupt file (a damaged byte included),
+            wrong format or version, metadata that is not a JSON object, or a missing required
+            entry. The message names the file.
     """
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder; pass the checkpoint file in it (model.pt)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    _check_crc(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
@@ -162,12 +165,37 @@ def load_checkpoint(
         metadata = json.loads(payload["metadata"])
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: checkpoint metadata is not valid JSON ({exc})") from exc
+    if not isinstance(metadata, dict):
+        raise CheckpointError(
+            f"{path}: checkpoint metadata must be a JSON object, got {type(metadata).__name__}"
+        )
     missing = [k for k in required if k not in payload["tensors"]]
     if missing:
         raise CheckpointError(
             f"{path}: checkpoint lacks entries {missing}; it has {sorted(payload['tensors'])}"
         )
     return Checkpoint(tensors=payload["tensors"], metadata=metadata, path=path)
+
+
+def _check_crc(path: Path) -> None:
+    """Raise CheckpointError when an entry of the zip archive ``torch.save`` writes fails its
+    CRC-32: ``torch.load`` does not check them, so a damaged byte inside a tensor's data loaded
+    as NaN or garbage weights without a word. A file that is no zip archive at all is left to
+    ``torch.load``'s own error."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        return
+    with archive:
+        try:
+            bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            bad = f"? ({exc})"
+    if bad is not None:
+        raise CheckpointError(
+            f"{path}: corrupt checkpoint: its entry {bad} fails the CRC-32 check (the file was "
+            "damaged after it was written); use another copy or train again"
+        )
 
 
 def state_mismatch(module: nn.Module, state: Mapping[str, Any],
