@@ -33,7 +33,7 @@ class Mesh:
 
     Attributes:
         vertices: (V, 3) float32 object coordinates.
-        faces: (F, 3) int64 vertex indices, counter-clockwise seen from outside.
+        faces: (F, 3) int64 (or int32) vertex indices, counter-clockwise seen from outside.
     """
 
     vertices: torch.Tensor
@@ -49,9 +49,13 @@ class Mesh:
             raise MeshFormatError(f"Mesh.vertices must be floating point, got {v.dtype}")
         if not torch.isfinite(v).all():
             raise MeshFormatError("Mesh.vertices must be finite, got NaN or inf")
-        # Rendering indexes with the faces: a float or bool tensor fails there, far from here.
-        if f.dtype.is_floating_point or f.dtype.is_complex or f.dtype == torch.bool:
-            raise MeshFormatError(f"Mesh.faces must be integer vertex indices, got {f.dtype}")
+        # Rendering indexes with the faces and torch only indexes with int32/int64: any other
+        # dtype fails there, far from here (and uint8 would even be taken for a bool mask).
+        if f.dtype not in (torch.int32, torch.int64):
+            raise MeshFormatError(
+                f"Mesh.faces must be int32 or int64 vertex indices, got {f.dtype} "
+                "(convert with faces.long())"
+            )
         if f.numel() and (int(f.min()) < 0 or int(f.max()) >= v.shape[0]):
             raise MeshFormatError(f"Mesh.faces index outside [0, {v.shape[0]})")
 

@@ -122,3 +122,15 @@ def test_off_quads_and_bad_files(tmp_path):
         read_off(oob)
     with pytest.raises(MeshFormatError, match="box_max > box_min"):
         cuboid_mesh([0, 0, 0], [1, -1, 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.uint8, torch.int8, torch.float32, torch.bool])
+def test_mesh_faces_must_be_int32_or_int64(dtype):
+    # int16/uint8 faces were accepted and then failed deep inside rendering (uint8 indexing
+    # is even read as a bool mask).
+    v = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+    f = torch.tensor([[0, 1, 2], [0, 2, 3]])
+    with pytest.raises(MeshFormatError, match=rf"Mesh.faces must be int32 or int64 .*{dtype}"):
+        Mesh(v, f.to(dtype))
+    for ok in (torch.int32, torch.int64):
+        assert torch.equal(vertex_normals(Mesh(v, f.to(ok))), vertex_normals(Mesh(v, f)))

@@ -226,3 +226,22 @@ def test_torch_inputs_of_two_float_dtypes_follow_the_first() -> None:
     uv = P.project_pascal3d(torch.randn(4, 3, dtype=torch.float64), a32, 0.2, 0.1, 5.0, 10.0,
                             10.0)
     assert uv.dtype == torch.float64 and torch.isfinite(uv).all()
+
+
+def test_project_opencv_at_zero_depth_keeps_values_and_gives_finite_gradients() -> None:
+    # uv / w at w = 0 is inf/NaN (kept, the renderers cull it), but its backward formed
+    # 0 · inf = NaN even with a zero upstream gradient, and the NaN reached the pose.
+    pts = torch.tensor([[0.0, 0.0, 0.0], [0.1, 0.2, 0.3], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    k = torch.as_tensor(P.intrinsics(100.0, 20.0, 10.0))
+    d = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)  # camera at the origin
+    r_cv, t_cv = P.opencv_extrinsics(torch.tensor(0.3, dtype=torch.float64), 0.0, 0.0, d)
+    pix, depth = P.project_opencv(pts, r_cv, t_cv, k)
+    x_cv = pts @ r_cv.detach().T + t_cv.detach()
+    uvw = x_cv @ k.T
+    plain = uvw[:, :2] / uvw[:, 2:]
+    assert depth[0] == 0 and not torch.isfinite(plain[0]).any()
+    assert torch.equal(pix.isnan(), plain.isnan())
+    assert torch.equal(pix.nan_to_num(), plain.nan_to_num())  # bit-identical, inf included
+    # Only the finite points feed the loss (as a renderer's culling does).
+    (pix[1:] ** 2).sum().backward()
+    assert d.grad is not None and torch.isfinite(d.grad) and d.grad != 0

@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -434,6 +435,24 @@ def test_backends_agree_on_big_triangle_non_square() -> None:
         assert torch.equal(p_t, p_p), size
 
 
+@needs_p3d
+def test_backends_agree_on_edges_through_pixel_centres() -> None:
+    # With blur_radius=0 pytorch3d dropped pixel centres lying exactly on an edge (shared or
+    # not): a square split along its diagonal lost the diagonal, a face-on cube 57 of 121 px.
+    verts = torch.tensor([[[1.0, 1.0, 2.0], [6.0, 1.0, 2.0], [6.0, 6.0, 2.0], [1.0, 6.0, 2.0]]])
+    faces = torch.tensor([[0, 1, 2], [0, 2, 3]])
+    expected = torch.zeros(8, 9, dtype=torch.bool)
+    expected[1:7, 1:7] = True
+    for rast in (TorchRasterizer(), Pytorch3dRasterizer()):
+        assert torch.equal(rast.rasterize(verts, faces, (8, 9))[0] >= 0, expected), rast.name
+    cube = cuboid_mesh((-0.5, -0.5, -0.5), (0.5, 0.5, 0.5), 1000)
+    k = torch.tensor([[20.0, 0.0, 15.0], [0.0, 20.0, 15.0], [0.0, 0.0, 1.0]])
+    masks = [render_pose(cube, torch.zeros(cube.num_vertices, 1), 0.0, 0.0, 0.0, 2.5, k,
+                         (31, 31), rast).mask[0]
+             for rast in (TorchRasterizer(), Pytorch3dRasterizer())]
+    assert int(masks[0].sum()) == 121 and torch.equal(masks[0], masks[1])
+
+
 @pytest.mark.slow
 def test_runs_without_pytorch3d(tiny_synthetic, tmp_path):
     """nvsm must install and run where pytorch3d is absent: block its import in a fresh
@@ -465,3 +484,96 @@ def test_an_empty_batch_renders_to_empty_maps(rast: Rasterizer) -> None:
     out = render_pose(mesh, torch.randn(mesh.num_vertices, 3), none, none, none, none + 5,
                       FEAT_K, FEAT_SIZE, rast)
     assert out.features.shape == (0, 3, *FEAT_SIZE) and out.mask.shape == (0, *FEAT_SIZE)
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks and robustness
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rast", _backends())
+@pytest.mark.parametrize("size", [(0, 5), (5, 0), (-32, 84), (4.7, 6.2), (True, 4), (3,), 7])
+def test_bad_image_sizes_are_refused(rast: Rasterizer, size: Any) -> None:
+    # These gave empty maps or were truncated (4.7 → 4) without a word.
+    mesh = _unit_cube()
+    vs = _screen(mesh, *_random_poses(1, seed=11))
+    with pytest.raises(ValueError, match=r"image_size must be two positive ints \(H, W\)"):
+        rast.rasterize(vs, mesh.faces, size)
+    with pytest.raises(ValueError, match=r"image_size must be two positive ints \(H, W\)"):
+        render_pose(mesh, torch.ones(8, 1), 0.3, 0.1, 0.0, 5.0, FEAT_K, size, rast)
+    # numpy integers are integers.
+    numpy_size: Any = (np.int64(4), 5)
+    assert rast.rasterize(vs, mesh.faces, numpy_size).shape == (1, 4, 5)
+
+
+@pytest.mark.parametrize("bad", [2.5, 0, -3, True])
+def test_max_candidates_must_be_a_positive_int(bad: Any) -> None:
+    with pytest.raises(ValueError, match="max_candidates must be None or an int >= 1"):
+        TorchRasterizer(max_candidates=bad)
+
+
+def test_interpolation_refuses_mismatched_batches() -> None:
+    # verts_screen for 2 cameras with pix_to_face for 1 silently used camera 0's geometry.
+    mesh = _car()
+    vs = _screen(mesh, *_random_poses(2, seed=12))
+    p2f = TorchRasterizer().rasterize(vs, mesh.faces, FEAT_SIZE)
+    feats = torch.randn(mesh.num_vertices, 3)
+    with pytest.raises(ValueError, match=r"\(2, \d+, 3\), got \(1, 32, 84\)"):
+        interpolate_vertex_features(vs, mesh.faces, p2f[1:], feats)
+    with pytest.raises(ValueError, match=r"\(1, \d+, 3\), got \(2, 32, 84\)"):
+        interpolate_vertex_features(vs[:1], mesh.faces, p2f, feats)
+
+
+@pytest.mark.parametrize("rast", _backends())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_screen_vertices_rasterize_like_float32(
+    rast: Rasterizer, dtype: torch.dtype
+) -> None:
+    # The signed area of a face a few hundred pixels wide overflowed float16 (and the face
+    # vanished). Coordinates below are exact in both half formats.
+    faces = torch.tensor([[0, 1, 2]])
+    for verts, size in (
+        ([[-300.0, -300.0, 2.0], [400.0, -300.0, 2.0], [-300.0, 400.0, 2.0]], (20, 20)),
+        ([[0.0, 0.0, 2.0], [300.0, 0.0, 2.0], [0.0, 300.0, 2.0]], (320, 310)),
+    ):
+        vs = torch.tensor([verts])
+        ref = rast.rasterize(vs, faces, size)
+        assert (ref >= 0).sum() >= 400
+        assert torch.equal(rast.rasterize(vs.to(dtype), faces, size), ref)
+        # Barycentric interpolation: constant features stay constant (up to the rounding of
+        # the weights to ``dtype``); they were NaN.
+        out = interpolate_vertex_features(vs.to(dtype), faces, ref, torch.ones(3, 1, dtype=dtype))
+        fg = out[0, 0][ref[0] >= 0]
+        assert out.dtype == dtype
+        torch.testing.assert_close(fg, torch.ones_like(fg), rtol=0, atol=2e-2)
+
+
+def test_half_precision_render_pose_matches_float32() -> None:
+    # A float16 mesh and pose (e.g. under .half()) rendered an empty mask.
+    v = torch.tensor([[-0.5, 0.0, -0.5], [0.5, 0.0, -0.5], [0.5, 0.0, 0.5], [-0.5, 0.0, 0.5]])
+    faces = torch.tensor([[0, 1, 2], [0, 2, 3]])
+    k = torch.tensor([[1200.0, 0.0, 319.5], [0.0, 1200.0, 239.5], [0.0, 0.0, 1.0]])
+    masks = []
+    for dtype in (torch.float32, torch.float16):
+        z = torch.zeros((), dtype=dtype)
+        out = render_pose(Mesh(v.to(dtype), faces), torch.ones(4, 1, dtype=dtype), z, z, z,
+                          z + 4.0, k.to(dtype), (480, 640), TorchRasterizer())
+        masks.append(out.mask)
+        fg = out.features[0, 0][out.mask[0]]
+        torch.testing.assert_close(fg, torch.ones_like(fg), rtol=0, atol=2e-2)
+    assert int(masks[0].sum()) == 300 * 300 and torch.equal(masks[0], masks[1])
+
+
+def test_pose_gradient_is_finite_with_a_vertex_at_depth_zero() -> None:
+    # At distance 0 the camera sits inside the car and two vertices are at depth exactly 0:
+    # they are culled, yet the backward of their projection turned the whole pose grad NaN.
+    mesh = _car()
+    feats = torch.randn(mesh.num_vertices, 4, generator=torch.Generator().manual_seed(13))
+    pose = torch.tensor([0.0, 0.0, 0.0, 0.0], requires_grad=True)
+    out = render_pose(mesh, feats, pose[0], pose[1], pose[2], pose[3], FEAT_K, FEAT_SIZE,
+                      TorchRasterizer())
+    r, t = opencv_extrinsics(*pose.detach())
+    assert (project_vertices(mesh.vertices, r, t, FEAT_K)[..., 2] == 0).any()
+    assert out.mask.sum() > 100
+    out.features.sum().backward()
+    assert pose.grad is not None and torch.isfinite(pose.grad).all() and (pose.grad != 0).any()

@@ -158,11 +158,19 @@ def project_opencv(points: Array, r_cv: Array, t_cv: Array, k: Array) -> tuple[A
         r_cv: (..., 3, 3); t_cv: (..., 3); k: (..., 3, 3) — batch dims broadcast with points'.
     Returns:
         pixels (..., N, 2) as (x, y), and depth (..., N) along the optical axis (z of X_cv).
+        A point at (near) zero depth, |w| <= eps of its dtype, projects to the plain quotient
+        (inf or NaN at exactly 0) and gets zero gradient.
     """
     (p, r, t, kk), is_torch = _to_torch(points, r_cv, t_cv, k)
     x_cv = p @ r.transpose(-1, -2) + t[..., None, :]
     uvw = x_cv @ kk.transpose(-1, -2)
-    return _back(uvw[..., :2] / uvw[..., 2:3], is_torch), _back(x_cv[..., 2], is_torch)
+    uv, w = uvw[..., :2], uvw[..., 2:3]
+    # Renderers cull such points, so their upstream gradient is 0, but the backward of uv / w
+    # would still form 0 · inf = NaN there and spread it to the pose: divide by 1 instead, and
+    # put the (detached) plain quotient back so that the forward values are unchanged.
+    at_zero = w.abs() <= torch.finfo(w.dtype).eps
+    pix = torch.where(at_zero, (uv / w).detach(), uv / torch.where(at_zero, 1.0, w))
+    return _back(pix, is_torch), _back(x_cv[..., 2], is_torch)
 
 
 def project_pascal3d(

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from nvsm.pose.convention import opencv_extrinsics, project_opencv
-from nvsm.render.rasterizer import Rasterizer, default_rasterizer
+from nvsm.render.rasterizer import Rasterizer, check_image_size, default_rasterizer
 
 
 class MeshLike(Protocol):
@@ -115,7 +115,16 @@ def interpolate_vertex_features(
     Returns:
         (B, D, H, W) features (channels-last memory layout), 0 on the background; dtype promoted
         over ``verts_screen`` and ``features``.
+    Raises:
+        ValueError: when the shapes of the arguments do not match.
     """
+    if verts_screen.ndim != 3 or verts_screen.shape[-1] != 3:
+        raise ValueError(f"verts_screen must be (B, V, 3), got {tuple(verts_screen.shape)}")
+    if pix_to_face.ndim != 3 or pix_to_face.shape[0] != verts_screen.shape[0]:
+        raise ValueError(
+            f"pix_to_face must be (B, H, W) with the B of verts_screen "
+            f"{tuple(verts_screen.shape)}, got {tuple(pix_to_face.shape)}"
+        )
     b, h, w = pix_to_face.shape
     n_verts = verts_screen.shape[1]
     if features.ndim not in (2, 3) or features.shape[-2] != n_verts:
@@ -126,6 +135,9 @@ def interpolate_vertex_features(
         raise ValueError(f"features batch {features.shape[0]} != pix_to_face batch {b}")
     device = verts_screen.device
     dtype = torch.promote_types(verts_screen.dtype, features.dtype)
+    # Barycentrics in at least float32: the products of pixel coordinates below overflow
+    # float16 for faces a few hundred pixels wide (the weights themselves fit in ``dtype``).
+    geom_dtype = torch.promote_types(dtype, torch.float32)
     d = features.shape[-1]
     faces = faces.to(device)
 
@@ -138,15 +150,15 @@ def interpolate_vertex_features(
     px = rem - py * w
 
     vid = faces[face]  # (N, 3)
-    tri = verts_screen.to(dtype)[bi[:, None], vid]  # (N, 3, 3)
+    tri = verts_screen.to(geom_dtype)[bi[:, None], vid]  # (N, 3, 3)
     x, y, z = tri.unbind(-1)  # (N, 3) each
-    dx = x - px.to(dtype)[:, None]
-    dy = y - py.to(dtype)[:, None]
+    dx = x - px.to(geom_dtype)[:, None]
+    dy = y - py.to(geom_dtype)[:, None]
     dxn, dyn = dx.roll(-1, dims=1), dy.roll(-1, dims=1)  # vertex k+1
     dxp, dyp = dx.roll(1, dims=1), dy.roll(1, dims=1)  # vertex k+2
     sub = dxn * dyp - dxp * dyn  # (N, 3) twice the signed sub-area opposite vertex k
     q = sub / z  # ∝ l_k / z_k (the common 1/area factor cancels)
-    weights = q / q.sum(1, keepdim=True)
+    weights = (q / q.sum(1, keepdim=True)).to(dtype)
 
     feats = features.to(dtype)
     if feats.ndim == 3:
@@ -262,12 +274,14 @@ def render_features(
         rasterizer: backend; ``default_rasterizer`` of the vertices' device when None.
     Returns:
         ``RenderOutput`` with features (B, D, H, W), differentiable in the cameras and features.
+    Raises:
+        ValueError: unless ``image_size`` is two positive ints.
     """
     verts = mesh.vertices.to(features.device)
     faces = mesh.faces.to(features.device)
     if rasterizer is None:
         rasterizer = default_rasterizer(verts.device)
-    size = (int(image_size[0]), int(image_size[1]))
+    size = check_image_size(image_size)
     verts_screen = project_vertices(verts, r_cv, t_cv, k)
     pix_to_face = rasterizer.rasterize(verts_screen.detach(), faces, size)
     rendered = interpolate_vertex_features(verts_screen, faces, pix_to_face, features)

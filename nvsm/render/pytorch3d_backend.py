@@ -14,19 +14,26 @@ from __future__ import annotations
 
 import torch
 
-from nvsm.render.rasterizer import NEAR_PLANE
+from nvsm.render.rasterizer import NEAR_PLANE, check_image_size
 
 #: pytorch3d's default max_faces_per_bin is max(10000, F / 5): with at most this many faces per
 #: mesh, coarse-to-fine bins can never overflow, so binning is exact.
 _NO_OVERFLOW_FACES = 10000
+#: Squared NDC distance within which a pixel centre outside a face still counts as covered.
+#: With blur_radius=0 pytorch3d treats a centre exactly on an edge as outside BOTH faces that
+#: share the edge (holes along a mesh's diagonals); this admits such centres, as
+#: ``TorchRasterizer``'s barycentric tolerance does, without widening faces visibly
+#: (1e-6 NDC ≈ 1e-6·min(H, W)/2 pixels).
+_EDGE_BLUR = 1e-12
 
 
 class Pytorch3dRasterizer:
     """Rasterise with ``pytorch3d.renderer.mesh.rasterize_meshes.rasterize_meshes``.
 
-    faces_per_pixel=1, blur_radius=0, perspective_correct=True, no culling. Faces with a vertex at
-    depth <= ``near`` (or a non-finite vertex) are redirected to a dummy vertex behind the camera
-    and outside the image, i.e. they become degenerate and are culled.
+    faces_per_pixel=1, blur_radius=``_EDGE_BLUR`` (pixel centres on an edge are covered),
+    perspective_correct=True, no culling. Faces with a vertex at depth <= ``near`` (or a
+    non-finite vertex) are redirected to a dummy vertex behind the camera and outside the image,
+    i.e. they become degenerate and are culled.
 
     Args:
         near: faces with any vertex at depth <= ``near`` are ignored.
@@ -71,7 +78,7 @@ class Pytorch3dRasterizer:
         from pytorch3d.renderer.mesh.rasterize_meshes import rasterize_meshes
         from pytorch3d.structures import Meshes
 
-        h, w = int(image_size[0]), int(image_size[1])
+        h, w = check_image_size(image_size)
         if verts_screen.ndim != 3 or verts_screen.shape[-1] != 3:
             raise ValueError(f"verts_screen must be (B, V, 3), got {tuple(verts_screen.shape)}")
         if faces.ndim != 2 or faces.shape[-1] != 3:
@@ -102,7 +109,7 @@ class Pytorch3dRasterizer:
         pix_to_face, _, bary, _ = rasterize_meshes(
             meshes,
             image_size=(h, w),
-            blur_radius=0.0,
+            blur_radius=_EDGE_BLUR,
             faces_per_pixel=1,
             bin_size=self._bin_size(device, n_faces),
             perspective_correct=True,

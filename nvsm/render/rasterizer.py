@@ -21,7 +21,8 @@ Screen-space convention (shared by every backend):
 from __future__ import annotations
 
 import importlib.util
-from typing import Literal, Protocol, get_args, runtime_checkable
+import numbers
+from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
 import torch
 
@@ -51,12 +52,35 @@ class Rasterizer(Protocol):
             verts_screen: (B, V, 3) float (x_pixel, y_pixel, depth) per vertex; see the module
                 docstring for the convention. Not differentiated through.
             faces: (F, 3) int64 vertex indices.
-            image_size: (H, W).
+            image_size: (H, W), two positive ints (``check_image_size``).
         Returns:
             pix_to_face: (B, H, W) int64, the index in [0, F) of the face owning each pixel,
             -1 for background.
         """
         ...
+
+
+def check_image_size(image_size: Any) -> tuple[int, int]:
+    """Validate an (H, W) image size and return it as two Python ints.
+
+    Every rendering entry point calls this, so that a float, zero or negative size is refused
+    here instead of being truncated (4.7 → 4) or giving empty maps.
+
+    Raises:
+        ValueError: unless ``image_size`` is a pair of positive integers (Python or numpy;
+            bools are refused).
+    """
+    try:
+        pair = tuple(image_size)
+    except TypeError:
+        pair = ()
+    if (
+        len(pair) != 2
+        or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in pair)
+        or min(pair) < 1
+    ):
+        raise ValueError(f"image_size must be two positive ints (H, W), got {image_size!r}")
+    return int(pair[0]), int(pair[1])
 
 
 def pytorch3d_available() -> bool:

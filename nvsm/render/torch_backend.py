@@ -18,9 +18,11 @@ Algorithm (vectorised over faces and pixels; Python loops only over size buckets
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
-from nvsm.render.rasterizer import NEAR_PLANE
+from nvsm.render.rasterizer import NEAR_PLANE, check_image_size
 
 # Pixel centres within this barycentric tolerance of an edge count as inside, so that pixels on
 # an edge shared by two triangles are never dropped by rounding (the z-buffer picks one).
@@ -43,9 +45,13 @@ class TorchRasterizer:
     name: str = "torch"
 
     def __init__(self, max_candidates: int | None = None, near: float = NEAR_PLANE) -> None:
-        if max_candidates is not None and max_candidates < 1:
-            raise ValueError(f"max_candidates must be positive, got {max_candidates}")
-        self.max_candidates = max_candidates
+        if max_candidates is not None and (
+            not isinstance(max_candidates, numbers.Integral)
+            or isinstance(max_candidates, bool)
+            or max_candidates < 1
+        ):
+            raise ValueError(f"max_candidates must be None or an int >= 1, got {max_candidates!r}")
+        self.max_candidates = None if max_candidates is None else int(max_candidates)
         self.near = float(near)
 
     def __repr__(self) -> str:
@@ -61,20 +67,22 @@ class TorchRasterizer:
         self, verts_screen: torch.Tensor, faces: torch.Tensor, image_size: tuple[int, int]
     ) -> torch.Tensor:
         """See ``Rasterizer.rasterize``: (B, V, 3) screen vertices → (B, H, W) int64 face ids."""
-        h, w = int(image_size[0]), int(image_size[1])
+        h, w = check_image_size(image_size)
         if verts_screen.ndim != 3 or verts_screen.shape[-1] != 3:
             raise ValueError(f"verts_screen must be (B, V, 3), got {tuple(verts_screen.shape)}")
         if faces.ndim != 2 or faces.shape[-1] != 3:
             raise ValueError(f"faces must be (F, 3), got {tuple(faces.shape)}")
         device = verts_screen.device
         b, n_faces = verts_screen.shape[0], faces.shape[0]
-        empty = torch.full((b, max(h, 0), max(w, 0)), -1, dtype=torch.int64, device=device)
-        if b == 0 or n_faces == 0 or h <= 0 or w <= 0:
+        empty = torch.full((b, h, w), -1, dtype=torch.int64, device=device)
+        if b == 0 or n_faces == 0:
             return empty
 
+        # At least float32: in float16 the signed area (a product of pixel coordinates)
+        # overflows for faces a few hundred pixels wide, which then silently vanish, and
+        # bfloat16's 8-bit mantissa misplaces edges by whole pixels.
         vs = verts_screen.detach()
-        if not vs.is_floating_point():
-            vs = vs.float()
+        vs = vs.to(torch.promote_types(vs.dtype, torch.float32))
         flat_faces = faces.to(device).reshape(-1)
         finite_v = torch.isfinite(vs).all(-1)  # (B, V)
         vs = torch.where(finite_v[..., None], vs, 1.0)  # keep garbage out of the boxes
