@@ -18,6 +18,7 @@ from nvsm.data import (
     KittiConfig,
     ObjectRecord,
     load_cad_models,
+    load_dataset,
     load_kitti,
     load_masks,
     load_objectnet3d,
@@ -318,6 +319,18 @@ def test_occluded_reader(tmp_path: Path, p3d_root: Path) -> None:
     assert occ.sum() == 100
     # the coarse-only and viewpoint-less cars of n0001 are still reported
     assert len(res.skipped) == 2
+
+
+def test_occluded_levels_given_twice_are_read_once(tmp_path: Path, p3d_root: Path) -> None:
+    # `nvsm evaluate -l 1 -l 1` read level 1 twice: its n and failures doubled in metrics.json.
+    root = _occluded(tmp_path, p3d_root)
+    once = load_dataset("occluded_pascal3d", root, categories=["car"], pascal3d_root=p3d_root,
+                        levels=(1,)).records
+    repeated: list[dict[str, Any]] = [{"levels": (1, 1)}, {"levels": (1, 1), "bg_levels": (1, 1)}]
+    for kwargs in repeated:
+        twice = load_dataset("occluded_pascal3d", root, categories=["car"],
+                             pascal3d_root=p3d_root, **kwargs).records
+        assert [r.uid for r in twice] == [r.uid for r in once] == ["n0001:0", "n0003:0"], kwargs
 
 
 def test_occluded_bad_npz(tmp_path: Path, p3d_root: Path) -> None:

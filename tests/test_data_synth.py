@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +24,7 @@ from typer.testing import CliRunner
 from nvsm.data.shapes import CATEGORY_BUILDERS, ROLES, category_subtypes
 from nvsm.data.synth import (
     OCCLUSION_LEVELS,
+    OWNER_LOCK,
     SYNSETS,
     generate_synthetic_dataset,
     render_processes,
@@ -222,6 +225,78 @@ def test_a_failed_overwrite_keeps_the_earlier_dataset(tmp_path: Path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bg", "file", "syn"]
 
 
+def _staging(folder: Path, lock: bool) -> Path:
+    """A staging folder as a generation leaves it, with its (unheld) owner lock or without."""
+    (folder / "out" / "Images").mkdir(parents=True)
+    if lock:
+        (folder / OWNER_LOCK).touch()
+    return folder
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock: such folders are only named")
+def test_staging_folders_of_killed_generations_are_removed(tmp_path: Path) -> None:
+    # A generation killed by kill -9 left its hidden staging folder inside --out (an existing
+    # folder), and every later run refused --out as "not empty" while `ls` showed nothing;
+    # beside a missing --out it left a partial dataset behind.
+    out = tmp_path / "syn"
+    inside = _staging(out / ".partial-k1ll3d00", lock=True)
+    beside = _staging(tmp_path / ".syn.partial-k1ll3d01", lock=True)
+    other = _staging(tmp_path / ".syn2.partial-k1ll3d02", lock=True)  # another --out's
+    generate_synthetic_dataset(out, {"car": (1, 0)}, categories=["car"], occlusion=False)
+    assert not inside.exists() and not beside.exists() and other.exists()
+    assert (out / "synthetic_manifest.json").is_file()
+    assert not list(out.glob(".*"))
+
+
+def test_other_staging_folders_are_named_with_what_to_do(tmp_path: Path) -> None:
+    # A staging folder no killed generation is known to have left (one running now, or one
+    # from another command or an older nvsm) stays, but the error says what it is.
+    out = tmp_path / "syn"
+    old = _staging(out / ".partial-0ld00000", lock=False)
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match=(
+                rf"^{re.escape(str(out))} is not empty: it holds {re.escape(str(old))}, the "
+                r"hidden staging folder of an nvsm command that was interrupted or is running "
+                r"now: delete it \(unless")):
+            generate_synthetic_dataset(out, {"car": (1, 0)}, categories=["car"],
+                                       overwrite=overwrite)
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError,
+                       match=rf"pass --overwrite .*\(it also holds {re.escape(str(old))}, "):
+        generate_synthetic_dataset(out, {"car": (1, 0)}, categories=["car"])
+    assert old.is_dir()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock")
+def test_a_running_generation_holds_its_staging_folder(tmp_path: Path, monkeypatch) -> None:
+    import fcntl
+
+    import nvsm.data.synth as synth
+
+    out = tmp_path / "syn"
+    live = _staging(out / ".partial-l1ve0000", lock=True)
+    with open(live / OWNER_LOCK) as held:  # as the generation writing there holds it
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(FileExistsError, match=rf"it holds {re.escape(str(live))}, .* "
+                                                  rf"into {re.escape(str(out))} running now"):
+            generate_synthetic_dataset(out, {"car": (1, 0)}, categories=["car"])
+    assert live.is_dir()
+    # A generation holds the lock of its own staging folder while it renders.
+    render, locked = synth._render_dataset, []
+
+    def spy(build: Path, *args: Any, **kwargs: Any) -> int:
+        with open(build.parent / OWNER_LOCK) as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                locked.append(True)
+        return render(build, *args, **kwargs)
+
+    monkeypatch.setattr(synth, "_render_dataset", spy)
+    generate_synthetic_dataset(tmp_path / "fresh", {"car": (1, 0)}, categories=["car"])
+    assert locked == [True]
+
+
 def test_background_folder(tmp_path: Path) -> None:
     folder = tmp_path / "bg"
     folder.mkdir()
@@ -393,6 +468,31 @@ def test_cli_command(tmp_path: Path) -> None:
                                        "--counts", counts])
         assert res.exit_code == 2 and res.output == message, res.output
         assert not other.exists() and not list(tmp_path.glob(".other.partial-*"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="no kill -9")
+def test_a_generation_after_a_kill_9_runs(tmp_path: Path) -> None:
+    # kill -9 left the hidden staging folder inside --out, which every later run refused.
+    import signal
+
+    out = tmp_path / "syn"
+    out.mkdir()  # a mount point, say: the staging folder is then inside it
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nvsm.cli", "data", "synth", "--out", str(out), "--workers", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list(out.glob(f".partial-*/{OWNER_LOCK}")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the staging folder never appeared"
+        time.sleep(0.05)
+    assert proc.poll() is None, "it finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the command and its workers, as the OOM killer might
+    proc.wait(timeout=60)
+    assert list(out.glob(".partial-*"))
+    generate_synthetic_dataset(out, {"car": (1, 0)}, categories=["car"], occlusion=False)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "Annotations", "CAD", "Image_sets", "Images", "Masks", "synthetic_manifest.json"]
 
 
 @pytest.mark.slow

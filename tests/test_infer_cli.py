@@ -147,6 +147,138 @@ def test_reading_predictions_back_checks_each_row(tmp_path: Path) -> None:
     assert math.isnan(read_predictions_jsonl(jsonl)[0]["azimuth_deg"])
 
 
+_GOOD_ROW = {"image": "a.jpg", "uid": "a:0", "category": "car", "azimuth_deg": 30.0,
+             "elevation_deg": 10.0, "theta_deg": 0.0, "distance": 5.0, "score": 0.5,
+             "seconds": 0.1, "error": ""}
+
+
+def _same_rows(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert list(g) == list(ROW_FIELDS)
+        for key in ROW_FIELDS:
+            if isinstance(w[key], float) and math.isnan(w[key]):
+                assert math.isnan(g[key]), key
+            else:
+                assert g[key] == w[key] and type(g[key]) is type(w[key]), (key, g[key], w[key])
+
+
+def test_predictions_round_trip_any_uid_and_path(tmp_path: Path) -> None:
+    # A uid or path holding a bare "\r" was written unquoted (csv quotes only what its line
+    # ending holds), and the reader then saw a row cut in two: the file could not be read back.
+    import csv
+
+    texts = ["cr\rx", "lf\nx", "crlf\r\nx", "a,b", 'q"uo"te', "ünï€😀", " lead ", "ls\u2028x",
+             "fs\x1cx", "nel\x85x", ""]
+    rows = [{**_GOOD_ROW, "image": f"img/{t}.jpg", "uid": t, "category": t} for t in texts]
+    rows.append({**_GOOD_ROW, "uid": "fail\r", "azimuth_deg": math.nan, "elevation_deg": math.nan,
+                 "theta_deg": math.nan, "distance": math.nan, "score": math.nan,
+                 "error": 'RuntimeError: x, "y"\r\n z'})
+    for path, write, read in (
+        (tmp_path / "p.csv", write_predictions_csv, read_predictions_csv),
+        (tmp_path / "p.jsonl", write_predictions_jsonl, read_predictions_jsonl),
+    ):
+        write(path, rows)
+        _same_rows(read(path), rows)
+    # Standard CSV tools read the same strings (and the numbers, unquoted, as numbers).
+    with open(tmp_path / "p.csv", newline="", encoding="utf-8") as fh:
+        plain = list(csv.DictReader(fh))
+    assert [r["uid"] for r in plain] == [r["uid"] for r in rows]
+    assert [r["image"] for r in plain] == [r["image"] for r in rows]
+    assert plain[0]["azimuth_deg"] == "30.0" and plain[-1]["error"] == rows[-1]["error"]
+    assert (tmp_path / "p.csv").read_text().splitlines()[0] == ",".join(ROW_FIELDS)
+
+
+def test_prediction_writers_take_numpy_numbers(tmp_path: Path) -> None:
+    # np.float64 (a float) was written as "np.float64(10.0)" in the CSV, which its reader
+    # refused; np.float32 stopped the JSON-lines writer with a TypeError.
+    row = {**_GOOD_ROW, "azimuth_deg": np.float64(10.0), "elevation_deg": np.float32(0.5),
+           "theta_deg": np.int64(-3), "distance": np.float16(2.0), "score": np.float32(np.nan),
+           "seconds": 1}
+    want = {**row, "azimuth_deg": 10.0, "elevation_deg": 0.5, "theta_deg": -3.0,
+            "distance": 2.0, "score": math.nan, "seconds": 1.0}
+    csv_path = write_predictions_csv(tmp_path / "p.csv", [row])
+    line = csv_path.read_text().splitlines()[1]
+    assert line == '"a.jpg","a:0","car",10.0,0.5,-3.0,2.0,nan,1.0,""'
+    _same_rows(read_predictions_csv(csv_path), [want])
+    jsonl = write_predictions_jsonl(tmp_path / "p.jsonl", [row])
+    assert json.loads(jsonl.read_text())["score"] is None
+    _same_rows(read_predictions_jsonl(jsonl), [want])
+
+
+_CSV_ROW = '"a.jpg","a:0","car",30.0,10.0,0.0,5.0,0.5,0.1,""'
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ('"a.jpg","a:0","car",30.0,10.0,0.0,5.0,0.5,0.1', "line 2 error"),  # a field short
+        (_CSV_ROW + ",x", "line 2 (after error)"),  # one too many
+        (_CSV_ROW.replace("30.0", '" 3_0 "'), "line 2 azimuth_deg"),  # float() took it as 30
+        (_CSV_ROW.replace("30.0", "3_0"), "line 2 azimuth_deg"),
+        (_CSV_ROW.replace("30.0", "٣٠"), "line 2 azimuth_deg"),  # Arabic-Indic digits
+        (_CSV_ROW.replace('"a:0"', '"a"b'), "line 2"),  # a stray quote, read as part of it
+        (f'{_CSV_ROW}\n"b.jpg","b\n:0","car",1.0', "line 3 elevation_deg"),  # a row's first line
+    ],
+)
+def test_csv_reader_refuses_rows_the_writer_never_writes(tmp_path: Path, body: str,
+                                                          field: str) -> None:
+    from nvsm.data.errors import DataFormatError
+
+    path = tmp_path / "p.csv"
+    path.write_text(",".join(ROW_FIELDS) + "\n" + body + "\n", encoding="utf-8")
+    with pytest.raises(DataFormatError) as info:
+        read_predictions_csv(path)
+    assert info.value.path == path and info.value.field == field, str(info.value)
+
+
+def test_csv_reader_refuses_other_columns(tmp_path: Path) -> None:
+    # Extra columns were read and dropped without a word.
+    from nvsm.data.errors import DataFormatError
+
+    path = tmp_path / "p.csv"
+    path.write_text(",".join(ROW_FIELDS) + ",note\n" + _CSV_ROW + ",x\n", encoding="utf-8")
+    with pytest.raises(DataFormatError, match=r"p\.csv: field 'line 1 \(header\)'"):
+        read_predictions_csv(path)
+
+
+@pytest.mark.parametrize(
+    ("row", "field"),
+    [
+        ({**_GOOD_ROW, "azimuth_deg": "10"}, "line 1 azimuth_deg"),  # a number as a string
+        ({**_GOOD_ROW, "azimuth_deg": " 1_0 "}, "line 1 azimuth_deg"),
+        ({**_GOOD_ROW, "error": False}, "line 1 error"),  # read as no error
+        ({**_GOOD_ROW, "error": None}, "line 1 error"),
+        ({**_GOOD_ROW, "note": "x"}, "line 1 note"),  # an unknown field, dropped
+    ],
+)
+def test_jsonl_reader_refuses_rows_the_writer_never_writes(tmp_path: Path, row: dict,
+                                                            field: str) -> None:
+    from nvsm.data.errors import DataFormatError
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataFormatError) as info:
+        read_predictions_jsonl(path)
+    assert info.value.path == path and info.value.field == field, str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        json.dumps(_GOOD_ROW).replace('"uid": "a:0"', '"uid": "a:0", "uid": "b:0"'),  # last won
+        json.dumps(_GOOD_ROW).replace("0.5", "NaN"),  # not JSON; the writer writes null
+    ],
+)
+def test_jsonl_reader_refuses_what_is_not_strict_json(tmp_path: Path, text: str) -> None:
+    from nvsm.data.errors import DataFormatError
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(text + "\n")
+    with pytest.raises(DataFormatError, match=r"p\.jsonl: field 'line 1': expected a JSON "):
+        read_predictions_jsonl(path)
+
+
 def test_draw_overlay_colours_projected_corners():
     mesh = cuboid_mesh([-0.3, -0.6, -0.2], [0.3, 0.6, 0.2], 200)
     size = (96, 128)

@@ -53,8 +53,9 @@ def load_dataset(
         split: list name (``"train"``/``"val"``; ignored for KITTI and Occluded PASCAL3D+).
         categories: classes to keep (default: the dataset's).
         errors: ``"raise"`` or ``"collect"``.
-        kwargs: reader-specific (``pascal3d_root`` and ``levels`` for occluded_pascal3d,
-            ``config`` for kitti, ``objects`` for the MATLAB family).
+        kwargs: reader-specific (``pascal3d_root`` and ``levels`` for occluded_pascal3d, each
+            level read once however often it is given; ``config`` for kitti, ``objects`` for
+            the MATLAB family).
     """
     root = Path(root)
     if name == "pascal3d":
@@ -72,8 +73,25 @@ def load_dataset(
         if p3d is None:
             raise ValueError("occluded_pascal3d needs pascal3d_root (the PASCAL3D+ release) for "
                              "the poses")
-        return load_occluded_pascal3d(root, p3d, categories, errors=errors, **kwargs)
+        return load_occluded_pascal3d(root, p3d, categories, errors=errors,
+                                      **_unique_levels(kwargs))
     raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
+
+
+def _unique_levels(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Occluded PASCAL3D+ reader arguments with each level (each (``levels``, ``bg_levels``)
+    pair) once, in the order first given: a level given twice (``nvsm evaluate -l 1 -l 1``) was
+    read twice, doubling its records and so the ``n`` and failures of its scores."""
+    levels, bgs = kwargs.get("levels"), kwargs.get("bg_levels")
+    if levels is None:
+        return kwargs
+    if bgs is None:
+        return {**kwargs, "levels": tuple(dict.fromkeys(levels))}
+    if len(bgs) != len(levels):  # the reader says what is wrong
+        return kwargs
+    pairs = tuple(dict.fromkeys(zip(levels, bgs, strict=True)))
+    return {**kwargs, "levels": tuple(fg for fg, _ in pairs),
+            "bg_levels": tuple(bg for _, bg in pairs)}
 
 
 def split_list_file(name: str, root: Path, category: str, split: str) -> Path:

@@ -52,11 +52,13 @@ the manifest is written last, so a dataset with a manifest is complete.
 
 from __future__ import annotations
 
+import glob
 import io
 import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -97,6 +99,9 @@ from nvsm.io import (
 )
 from nvsm.mesh import write_off
 from nvsm.pose.convention import PASCAL3D_VIEWPORT
+
+if sys.platform != "win32":
+    import fcntl
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -436,17 +441,104 @@ _OWNED = ("Images", "Annotations", "Masks", "CAD", "Image_sets", OCCLUDED_SUBFOL
 MANIFEST_NAME = "synthetic_manifest.json"
 
 
+#: The file in a generation's staging folder (``staging_folder``: ``.partial-*`` inside
+#: ``out``, ``.<out name>.partial-*`` beside it) that the generation holds an exclusive
+#: ``flock`` on while it runs. The lock goes with the process, ``kill -9`` included, so a
+#: staging folder whose lock no one holds is a killed run's leftover.
+OWNER_LOCK = "owner.lock"
+
+StagingState = Literal["dead", "live", "unknown"]
+
+
+@contextmanager
+def _owning(staging: Path) -> Iterator[None]:
+    """Hold the ``OWNER_LOCK`` of ``staging`` within. The file takes its name only once locked,
+    so that no other run ever sees it unlocked while this one lives. Without flock (Windows,
+    or a file system that refuses it) the folder is left unmarked: ``unknown`` to others."""
+    if sys.platform == "win32":
+        yield
+        return
+    claim = staging / f"{OWNER_LOCK}.new"
+    with open(claim, "w") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            claim.rename(staging / OWNER_LOCK)
+        except OSError:  # no locks here: a later run names this folder rather than removes it
+            pass
+        yield
+
+
+def _staging_state(folder: Path) -> StagingState:
+    """``dead``: ``folder`` is the staging folder of a generation that was killed (its lock is
+    free); ``live``: of one running now; ``unknown``: no lock to tell by (another nvsm command
+    or version, a run killed before it took its lock, or no flock here)."""
+    if sys.platform == "win32":
+        return "unknown"
+    try:
+        fd = os.open(folder / OWNER_LOCK, os.O_RDWR)
+    except OSError:
+        return "unknown"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return "live"
+    except OSError:
+        return "unknown"
+    finally:
+        os.close(fd)
+    return "dead"
+
+
+def _staging_folders(out: Path) -> list[Path]:
+    """The folders named as ``staging_folder(out)`` names them, inside ``out`` and beside it."""
+    inside = sorted(out.glob(".partial-*")) if out.is_dir() else []
+    beside = (sorted(out.parent.glob(f"{glob.escape('.' + out.name)}.partial-*"))
+              if out.parent.is_dir() else [])
+    return [p for p in inside + beside if p.is_dir()]
+
+
+def _remove_killed_runs(out: Path) -> None:
+    """Remove the staging folders that generations into ``out`` killed by a signal no one can
+    catch (``kill -9``, the OOM killer, a power cut) left: hidden from ``ls``, the one inside
+    ``out`` made every later run refuse ``out`` as not empty, and the one beside it held a
+    whole partial dataset. Only the folders whose ``OWNER_LOCK`` no one holds are removed."""
+    for folder in _staging_folders(out):
+        if _staging_state(folder) == "dead":
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _staging_note(folders: list[Path], out: Path) -> str:
+    """What the hidden staging folders ``folders`` in ``out`` are, and what to do with them."""
+    notes = []
+    for folder in folders:
+        if _staging_state(folder) == "live":
+            notes.append(f"{folder}, the hidden staging folder of a generation into {out} "
+                         "running now: wait for it to end or choose another --out")
+        else:
+            notes.append(f"{folder}, the hidden staging folder of an nvsm command that was "
+                         "interrupted or is running now: delete it (unless an nvsm command is "
+                         f"writing into {out}) and run again")
+    return "; ".join(notes)
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
     """Raise unless ``out`` can take the dataset: missing or empty, or, with ``overwrite``, an
-    earlier synthetic dataset. Touches nothing."""
+    earlier synthetic dataset. Hidden staging folders (``ls`` does not show them) that make it
+    not empty are named in the error, with what to do. Touches nothing."""
     check_output_folder(out)  # ValueError: out, or a folder above it, is a file
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} is not empty; pass --overwrite (overwrite=True in "
-                                  "Python) to replace a synthetic dataset there")
-        if not (out / MANIFEST_NAME).is_file():
-            raise FileExistsError(f"{out} is not empty and holds no {MANIFEST_NAME}: refusing to "
-                                  "overwrite a folder nvsm did not generate")
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return
+    staging = [p for p in _staging_folders(out) if p.parent == out]
+    if len(staging) == len(entries):  # --overwrite would not help: there is no dataset
+        raise FileExistsError(f"{out} is not empty: it holds {_staging_note(staging, out)}")
+    note = f" (it also holds {_staging_note(staging, out)})" if staging else ""
+    if not overwrite:
+        raise FileExistsError(f"{out} is not empty; pass --overwrite (overwrite=True in "
+                              f"Python) to replace a synthetic dataset there{note}")
+    if not (out / MANIFEST_NAME).is_file():
+        raise FileExistsError(f"{out} is not empty and holds no {MANIFEST_NAME}: refusing to "
+                              f"overwrite a folder nvsm did not generate{note}")
 
 
 def _move_into_place(build: Path, out: Path, overwrite: bool) -> None:
@@ -488,7 +580,10 @@ def generate_synthetic_dataset(
     """Render a synthetic pose dataset in the PASCAL3D+ layout (see the module docstring).
 
     Args:
-        out: dataset root (created; must be empty unless ``overwrite``).
+        out: dataset root (created; must be empty unless ``overwrite``). The hidden staging
+            folders that earlier generations into ``out`` killed by ``kill -9`` (or a crash)
+            left, inside or beside it, are removed first; another one there (a generation
+            running now, or an nvsm run that left no mark of its own) is named in the error.
         size: ``"tiny"`` (a few images per category, seconds), ``"default"`` (car 400/150,
             aeroplane and chair 150/60 train/val) or a mapping category → (train, val).
         seed: seed of every random choice; equal seeds give byte-identical files.
@@ -508,7 +603,7 @@ def generate_synthetic_dataset(
     Raises:
         ValueError: unknown size or category, bad counts.
         FileExistsError: ``out`` is not empty (and not an earlier synthetic dataset with
-            ``overwrite``).
+            ``overwrite``), naming the hidden staging folders that it holds.
     """
     start = time.perf_counter()
     out = Path(out)
@@ -518,12 +613,13 @@ def generate_synthetic_dataset(
         raise ValueError(f"seed: expected an integer >= 0, got {seed}")
     if workers < 1:
         raise ValueError(f"workers: expected an integer >= 1, got {workers}")
+    _remove_killed_runs(out)
     _check_out(out, overwrite)
     # Every option is checked before anything is written; the photos here, not mid-render.
     bank_names = BackgroundBank.default(backgrounds, use_skimage_backgrounds, check=True).names
     # Rendered into a hidden staging folder and moved into place when complete: a failure or
     # an interruption leaves ``out`` as it was (an earlier dataset there included).
-    with staging_folder(out) as staging:
+    with staging_folder(out) as staging, _owning(staging):
         build = staging / "out"
         n_files = _render_dataset(build, seed, backgrounds, categories, counts, image_size,
                                   occlusion, workers, use_skimage_backgrounds, progress)

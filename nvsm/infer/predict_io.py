@@ -23,9 +23,10 @@ import csv
 import io
 import json
 import math
+import numbers
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -146,23 +147,33 @@ def mark_failed(predictions: Predictions, failed: dict[int, str]) -> Predictions
 # ----------------------------------------------------------------------------- files
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with a real number as a plain ``float``: a numpy scalar was written as its
+    repr (``np.float64(10.0)``) in the CSV, and stopped ``json.dumps`` (``np.float32``)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
 def _clean(value: Any) -> Any:
-    """JSON value: non-finite floats become null."""
+    """JSON value: ``_plain``, non-finite floats becoming null."""
+    value = _plain(value)
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
 
 
 def write_predictions_csv(path: str | os.PathLike[str], rows: Iterable[Row]) -> Path:
-    """Write rows as CSV with the ``ROW_FIELDS`` header, atomically; NaN is written ``nan``."""
+    """Write rows as CSV with the ``ROW_FIELDS`` header, atomically: numbers unquoted (``repr``
+    of a float; NaN is ``nan``), every other field quoted."""
     path = Path(path)
     with atomic_open(path, "w") as fh:
-        writer = csv.DictWriter(fh, fieldnames=ROW_FIELDS, lineterminator="\n")
-        writer.writeheader()
+        fh.write(",".join(ROW_FIELDS) + "\n")  # plain names, nothing to quote
+        # Strings are all quoted: with "\n" line ends csv quotes only what holds "\n", the
+        # delimiter or a quote, and a bare "\r" in a uid ended the row for every reader.
+        writer = csv.writer(fh, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
         for row in rows:
-            writer.writerow(
-                {k: (repr(row[k]) if isinstance(row[k], float) else row[k]) for k in ROW_FIELDS}
-            )
+            writer.writerow([_plain(row[k]) for k in ROW_FIELDS])
     return path
 
 
@@ -177,21 +188,46 @@ def write_predictions_jsonl(path: str | os.PathLike[str], rows: Iterable[Row]) -
     return path
 
 
-def _typed(row: Any, path: Path, line: int) -> Row:
-    """A row read back, checked: every field, numbers (empty, ``nan`` or null for none) and an
-    error message exactly where the pose is missing, as the writers leave them."""
+#: A number as the CSV writer writes it (``repr`` of a float; any case of inf and nan). Stricter
+#: than ``float``, which also took " 1_0 " (spaces, underscores) and non-ASCII digits.
+_CSV_NUMBER = re.compile(
+    r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[+-]?[0-9]+)?|inf(?:inity)?|nan)",
+    re.IGNORECASE | re.ASCII,
+)
+
+
+def _csv_number(text: str, path: Path, field: str) -> float:
+    """A float field of a CSV row: NaN for none (empty or ``nan``), else a number."""
+    if text == "":
+        return math.nan
+    if _CSV_NUMBER.fullmatch(text):
+        return float(text)
+    raise DataFormatError(path, field, "a number (e.g. 12.5, 1e-05; empty or nan for none)", text)
+
+
+def _json_number(value: Any, path: Path, field: str) -> float:
+    """A float field of a JSON row: NaN for null, else a JSON number (not a string: the writer
+    writes numbers, and ``float`` also took "1_0"; not a boolean)."""
+    if value is None:
+        return math.nan
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond the floats
+            pass
+    raise DataFormatError(path, field, "a number (null for none)", value)
+
+
+def _typed(
+    row: dict[str, Any], path: Path, line: int, number: Callable[[Any, Path, str], float]
+) -> Row:
+    """A row read back (keys exactly ``ROW_FIELDS``), checked: numbers (as ``number``, the
+    format's ``_csv_number`` or ``_json_number``, reads them), strings, and an error message
+    exactly where the pose is missing, as the writers leave them."""
     where = f"line {line}"
-    if not isinstance(row, dict):
-        raise DataFormatError(path, where, f"an object with the fields {', '.join(ROW_FIELDS)}",
-                              type(row).__name__)
-    missing = [k for k in ROW_FIELDS if k not in row]
-    if missing:
-        raise DataFormatError(path, f"{where} {missing[0]}",
-                              f"the fields {', '.join(ROW_FIELDS)}", f"fields {sorted(row)}")
-    out: Row = {k: row[k] for k in ROW_FIELDS}
+    out: Row = dict(row)
     for k in _FLOAT_FIELDS:
-        out[k] = _number(out[k], path, f"{where} {k}")
-    out["error"] = out["error"] or ""
+        out[k] = number(row[k], path, f"{where} {k}")
     for k in ("image", "uid", "category", "error"):
         if not isinstance(out[k], str):
             raise DataFormatError(path, f"{where} {k}", "a string", out[k])
@@ -202,21 +238,11 @@ def _typed(row: Any, path: Path, line: int) -> Row:
     return out
 
 
-def _number(value: Any, path: Path, field: str) -> float:
-    """A float field read back: NaN for none (empty, ``nan`` or null), else a number."""
-    if value is None or value == "":
-        return math.nan
-    if isinstance(value, int | float | str) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    raise DataFormatError(path, field, "a number (empty, nan or null for none)", value)
-
-
 def _read_text(path: Path) -> str:
+    """The file's text, line ends untranslated: ``read_text`` turned a quoted "\\r" into "\\n"."""
     try:
-        return path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8", newline="") as fh:
+            return fh.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise DataFormatError(path, "<file>", "a readable UTF-8 predictions file",
                               f"{type(exc).__name__}: {exc}") from exc
@@ -226,33 +252,93 @@ def read_predictions_csv(path: str | os.PathLike[str]) -> list[Row]:
     """Rows of a file written by ``write_predictions_csv`` (floats parsed, ``nan`` → NaN).
 
     Raises:
-        DataFormatError: naming the file, line and field of what is not such a row.
+        DataFormatError: naming the file, line and field of what is not such a row: a header
+            other than ``ROW_FIELDS``, a row of fewer or more fields, a number written
+            otherwise than ``repr`` writes it, an error message without a failed pose or a
+            failed pose without one.
     """
     path = Path(path)
-    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
-    header = reader.fieldnames or []
-    if not set(ROW_FIELDS) <= set(header):
-        raise DataFormatError(path, "line 1 (header)", f"the columns {','.join(ROW_FIELDS)}",
-                              ",".join(header))
-    return [_typed(r, path, reader.line_num) for r in reader]
+    # strict: a stray quote inside a field was read as part of it
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""), strict=True)
+    try:
+        header = next(reader, [])
+        if tuple(header) != ROW_FIELDS:
+            raise DataFormatError(path, "line 1 (header)",
+                                  f"the columns {','.join(ROW_FIELDS)}", ",".join(header))
+        rows = []
+        start = reader.line_num + 1  # the line a row starts on (a quoted field may span lines)
+        for fields in reader:
+            if fields:  # not a blank line
+                rows.append(_typed(_csv_row(fields, path, start), path, start, _csv_number))
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise DataFormatError(path, f"line {reader.line_num}", "CSV fields (a field with "
+                              "a quote, comma or line break quoted, its quotes doubled)",
+                              str(exc)) from None
+    return rows
+
+
+def _csv_row(fields: list[str], path: Path, line: int) -> dict[str, str]:
+    """The fields of a CSV data row by column, refusing a row of fewer or more fields than the
+    header (``csv.DictReader`` filled the missing ones with None and kept the extra)."""
+    n = len(ROW_FIELDS)
+    if len(fields) < n:
+        raise DataFormatError(path, f"line {line} {ROW_FIELDS[len(fields)]}",
+                              f"{n} fields, as the header", f"{len(fields)} fields")
+    if len(fields) > n:
+        raise DataFormatError(path, f"line {line} (after {ROW_FIELDS[-1]})",
+                              f"{n} fields, as the header", f"{len(fields)} fields")
+    return dict(zip(ROW_FIELDS, fields, strict=True))
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``'s object hook: refuses a key given twice (the last one was kept)."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"the key {key!r} twice")
+        obj[key] = value
+    return obj
+
+
+def _json_constant(name: str) -> Any:
+    """``json.loads``'s hook for NaN and Infinity, which are not JSON (the writer writes
+    null)."""
+    raise ValueError(f"{name}, which is not JSON (null for none)")
 
 
 def read_predictions_jsonl(path: str | os.PathLike[str]) -> list[Row]:
     """Rows of a file written by ``write_predictions_jsonl`` (``null`` → NaN).
 
     Raises:
-        DataFormatError: naming the file, line and field of what is not such a row.
+        DataFormatError: naming the file, line and field of what is not such a row: not one
+            JSON object, a missing or unknown field, a number given as a string, a non-string
+            text field, an error message without a failed pose or a failed pose without one.
     """
     path = Path(path)
     rows = []
-    for n, text in enumerate(_read_text(path).splitlines(), 1):
+    # Lines end at "\n" alone: str.splitlines also split at characters (U+2028, \x1c, ...)
+    # that a JSON string may hold.
+    for n, text in enumerate(_read_text(path).split("\n"), 1):
         if not text.strip():
             continue
         try:
-            row = json.loads(text)
+            row = json.loads(text, object_pairs_hook=_json_object, parse_constant=_json_constant)
         except ValueError as exc:
             raise DataFormatError(path, f"line {n}", "a JSON object", f"{exc}") from None
-        rows.append(_typed(row, path, n))
+        if not isinstance(row, dict):
+            raise DataFormatError(path, f"line {n}",
+                                  f"an object with the fields {', '.join(ROW_FIELDS)}",
+                                  type(row).__name__)
+        missing = [k for k in ROW_FIELDS if k not in row]
+        if missing:
+            raise DataFormatError(path, f"line {n} {missing[0]}",
+                                  f"the fields {', '.join(ROW_FIELDS)}", f"fields {sorted(row)}")
+        unknown = [k for k in row if k not in ROW_FIELDS]
+        if unknown:
+            raise DataFormatError(path, f"line {n} {unknown[0]}",
+                                  f"only the fields {', '.join(ROW_FIELDS)}", "an unknown field")
+        rows.append(_typed({k: row[k] for k in ROW_FIELDS}, path, n, _json_number))
     return rows
 
 
