@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -113,15 +114,26 @@ def _config(
         _fail(_name_option(str(exc), given))
 
 
+def _yaml_value(value: object) -> str:
+    """``value`` written so that the override's YAML reads it back exactly as typed: a number
+    or true/false as itself, anything else as a string (a path "2024" was read as a number, and
+    a "#" in one began a comment). Strings go through YAML's own double-quoted style, escapes
+    and all: JSON's \\u escapes split a character beyond U+FFFF (an emoji) into two halves,
+    which YAML read as two lone surrogates, and YAML takes U+0085 and U+2028 as line breaks."""
+    if isinstance(value, int | float):
+        return json.dumps(value)
+    return yaml.safe_dump(str(value), default_style='"', allow_unicode=False,
+                          width=sys.maxsize).rstrip("\n")
+
+
 def _option_overrides(
     options: dict[str, tuple[str, object]],
 ) -> tuple[list[str], dict[str, str]]:
     """The ``key=value`` overrides that command-line options stand for (``options``: config
     key → (option, its value or None when not given)), and config key → option of those given.
-    A value is taken as typed: JSON-quoted, which YAML reads back as it was (a path "2024" was
-    read as a number, and a "#" in one began a comment)."""
+    A value is taken as typed (``_yaml_value``)."""
     given = {key: option for key, (option, value) in options.items() if value is not None}
-    extra = [f"{key}={json.dumps(value if isinstance(value, int | float) else str(value))}"
+    extra = [f"{key}={_yaml_value(value)}"
              for key, (_, value) in options.items() if value is not None]
     return extra, given
 
@@ -214,9 +226,10 @@ def train(
     overrides: SetOpt = None,
     resume: Annotated[bool, typer.Option(help="Continue from RUN/model.pt.")] = False,
     evaluate: Annotated[bool, typer.Option(help="Evaluate on the test split after.")] = True,
-    backbone_weights: Annotated[
-        Path | None,
-        typer.Option(help="Local ImageNet state dict for the backbone (torchvision format)."),
+    backbone_weights: Annotated[  # a string: a Path made "" the working directory
+        str | None,
+        typer.Option(metavar="PATH",
+                     help="Local ImageNet state dict for the backbone (torchvision format)."),
     ] = None,
 ) -> None:
     """Train a NeMo model (backbone + neural mesh features); checkpoint at RUN/model.pt.
@@ -409,7 +422,9 @@ def fewshot(
             "unless --recipe is given."
         ),
     ] = None,
-    root: Annotated[Path | None, typer.Option(help="Dataset root on disk (real datasets).")] = None,
+    root: Annotated[  # a string: a Path made "" the working directory
+        str | None, typer.Option(metavar="PATH", help="Dataset root on disk (real datasets).")
+    ] = None,
     recipe: RecipeOpt = None,
     tiny: Annotated[
         bool,
@@ -422,9 +437,13 @@ def fewshot(
         typer.Option("--with-oracle", help="Also train on every training label (oracle row)."),
     ] = False,
     baselines: Annotated[
-        bool,
-        typer.Option(help="Run the nemo_same_steps and self_training rows (same budget)."),
-    ] = True,
+        bool | None,
+        typer.Option(
+            "--baselines/--no-baselines",
+            help="Run the nemo_same_steps and self_training rows (same budget; default: the "
+            "recipe's fewshot.baselines).",
+        ),
+    ] = None,
     out: Annotated[
         Path | None, typer.Option(help="Run folder (default runs/fewshot-<time>).")
     ] = None,
@@ -449,23 +468,22 @@ def fewshot(
         nvsm fewshot --annotations 7 --rounds 3 --out runs/nvsm7 --resume
         nvsm fewshot --annotations 20 --with-oracle
         nvsm fewshot --tiny --with-oracle --out /tmp/smoke
-        nvsm fewshot --dataset pascal3d --root /data/PASCAL3D+_release1.1
+        nvsm fewshot --dataset pascal3d --root /data/PASCAL3D+_release1.1 \\
             -s data.occluded_root=/data/OccludedPASCAL3D
-        nvsm fewshot --dataset kitti --root /data/kitti/object
+        nvsm fewshot --dataset kitti --root /data/kitti/object \\
             -s data.cad_root=/data/PASCAL3D+_release1.1
         nvsm fewshot -r synthetic-car-7shot -s fewshot.matcher=faiss -s fewshot.rounds=3
         torchrun --standalone --nproc_per_node 4 -m nvsm.cli fewshot --annotations 7
     """
     from nvsm.data.splits import Strategy
     from nvsm.fewshot.loop import run_fewshot
+    from nvsm.pipeline import check_backbone_weights
     from nvsm.train.distributed import PeerFailed
 
     if dataset is not None:
         check_option(console, "--dataset", dataset, FEWSHOT_DATASETS)
     if anchors is not None:
         check_option(console, "--anchors", anchors, Strategy)
-    if dataset not in (None, "synthetic") and root is None and recipe is None:
-        _fail(f"--dataset {dataset} needs --root PATH (the dataset on disk)")
     if tiny and (recipe is not None or dataset not in (None, "synthetic")):
         _fail("--tiny picks its own recipe and dataset (synthetic-car-tiny)")
     name = "synthetic-car-tiny" if tiny else recipe or f"{dataset or 'synthetic'}-car-7shot"
@@ -477,12 +495,18 @@ def fewshot(
         "data.dataset": ("--dataset", dataset),  # with --recipe it named no recipe: it was lost
         "data.root": ("--root", root),
         "fewshot.oracle": ("--with-oracle", True if with_oracle else None),
-        "fewshot.baselines": ("--no-baselines", None if baselines else False),
+        "fewshot.baselines": ("--baselines/--no-baselines", baselines),  # None: the recipe's
     })
     if cfg.labels.annotations is None:
         _fail("the few-shot loop needs --annotations N (N >= 1)")
+    # A root from --root, -s data.root or the recipe (-s was refused for want of --root).
+    if cfg.data.dataset != "synthetic" and cfg.data.root is None:
+        _fail(f"dataset {cfg.data.dataset} needs its root on disk: --root PATH (or -s "
+              "data.root=PATH)")
     folder = _run_dir(out, "fewshot")
     try:  # a bad config, run folder or dataset fails before the run folder is written
+        if not resume:  # a resumed run's models are in its folder (see check_backbone_weights)
+            check_backbone_weights(cfg)
         result = run_fewshot(cfg, folder, resume=resume, log=console.print)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))

@@ -27,7 +27,7 @@ import yaml
 from nvsm.data.datasets import DatasetName
 from nvsm.data.splits import Strategy
 from nvsm.data.synth import SynthSize
-from nvsm.errors import ConfigError, check_choice
+from nvsm.errors import ConfigError, check_choice, short_repr
 from nvsm.models.common import STRIDE
 from nvsm.pose.camera import CropProtocol
 from nvsm.render.rasterizer import RasterizerName
@@ -87,6 +87,19 @@ class NonEmpty:
 
 
 @dataclass(frozen=True)
+class Distinct:
+    """Marks a list setting whose items name things once each (``data.categories [car, car]``
+    read every record twice). Checked on every load, as ``Bounds`` are."""
+
+    def admits(self, value: list[Any]) -> bool:
+        """Whether no item of ``value`` is given twice."""
+        return len(set(value)) == len(value)
+
+    def __str__(self) -> str:
+        return "each item once"
+
+
+@dataclass(frozen=True)
 class ImageSize:
     """Marks an (H, W) list setting: two items, each a multiple of ``multiple_of`` (the
     backbone's feature stride, so that a crop maps onto whole feature cells). Checked on every
@@ -128,7 +141,9 @@ class DataConfig:
     # Occluded PASCAL3D+ release (images/, annotations/, lists/) for test levels 1-3 of
     # PASCAL3D+-layout sets; None: <root>/OccludedPASCAL3D (where the synthetic set has it)
     occluded_root: PathSetting | None = None
-    categories: Annotated[list[str], NonEmpty()] = field(default_factory=lambda: ["car"])
+    categories: Annotated[list[str], NonEmpty(), Distinct()] = field(
+        default_factory=lambda: ["car"]
+    )
     crop_protocol: CropProtocol = "gt-normalized"
     # None: the per-category default
     crop_size: Annotated[list[PositiveInt], ImageSize(STRIDE)] | None = None
@@ -220,9 +235,9 @@ class FewShotConfig:
     rounds: PositiveInt = 2
     mstep_steps: PositiveInt = 300
     mstep_init: MStepInit = "continue"  # restart: from the labelled-only model
-    occlusion_levels: Annotated[list[Annotated[int, Bounds(ge=0, le=3)]], NonEmpty()] = field(
-        default_factory=lambda: [0]
-    )
+    occlusion_levels: Annotated[
+        list[Annotated[int, Bounds(ge=0, le=3)]], NonEmpty(), Distinct()
+    ] = field(default_factory=lambda: [0])
     unlabelled_limit: PositiveInt | None = None  # None: every unlabelled training image
     max_pseudo_anchors: NonNegativeInt = 64  # accepted pseudo-labels reused as anchors (the surest)
     shift_step_deg: PositiveFloat = 10.0
@@ -305,10 +320,12 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         base, *extras = typing.get_args(tp)
         value = _check_type(value, base, where)
         for extra in extras:
-            checked = Bounds | NonEmpty | ImageSize
+            checked = Bounds | NonEmpty | Distinct | ImageSize
             if isinstance(extra, checked) and value is not None and not extra.admits(value):
-                raise ConfigError(f"{where}: expected {extra}, got {value!r}")
+                raise ConfigError(f"{where}: expected {extra}, got {short_repr(value)}")
             if isinstance(extra, AbsolutePath) and value is not None:
+                if not value.strip():  # abspath("") is the working directory: no path given
+                    raise ConfigError(f"{where}: expected a path, got {value!r}")
                 value = os.path.abspath(os.path.expanduser(value))
         return value
     if origin in (typing.Union, types.UnionType):
@@ -323,36 +340,39 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
                 return _check_type(value, arg, where)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{where}: unexpected value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{where}: unexpected value {short_repr(value)}")
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {short_repr(value)}")
         return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {short_repr(value)}")
         return _from_dict(tp, value, where)
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
-            number = float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an int beyond float's range: refused below, as inf is
+                number = math.inf
         elif isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
             # YAML 1.1 (PyYAML) reads exponents without a dot, such as 3e-5, as strings.
             number = float(value)
         else:
-            raise ConfigError(f"{where}: expected float, got {value!r}")
+            raise ConfigError(f"{where}: expected float, got {short_repr(value)}")
         if not math.isfinite(number):
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{where}: expected a finite number, got {short_repr(value)}")
         return number
     if origin is Literal:
         return check_choice(value, tp, where)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        raise ConfigError(f"{where}: expected true/false, got {short_repr(value)}")
     if tp in (int, str) and isinstance(value, tp) and not isinstance(value, bool):
         return value
-    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {short_repr(value)}")
 
 
 def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
@@ -360,7 +380,8 @@ def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(names)}")
+        raise ConfigError(f"{where}: unknown key(s) {short_repr(unknown)}; expected some of "
+                          f"{sorted(names)}")
     base = cls()
     kwargs = {}
     for name in names:
@@ -465,9 +486,28 @@ def list_recipes(recipe_dir: Path = RECIPE_DIR) -> dict[str, str]:
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML
-    keeps the last value silently, so a recipe could say two things and mean one), and so is a
-    key that is not a string (settings have names; a list or number key failed deep inside)."""
+    """PyYAML's safe loader, except that these are errors:
+
+    - a key given twice in one mapping (PyYAML keeps the last value silently, so a recipe could
+      say two things and mean one);
+    - a key that is not a string (settings have names; a list or number key failed deep
+      inside);
+    - an alias (``*name``): a few lines of nested aliases expand to millions of values, which
+      took minutes and gigabytes to check and to quote in the error (no setting needs one);
+    - a YAML 1.1 base-60 (``1:30``, read as 90) or leading-zero octal (``010``, read as 8)
+      number, which nobody means in a recipe; and an integer too long for ``int`` to read
+      (its ValueError escaped as a traceback).
+    """
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None,
+                f"alias *{event.anchor}: a recipe takes no aliases; write the value out",
+                event.start_mark
+            )
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -475,15 +515,51 @@ class _RecipeLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)
             if not isinstance(key, str):
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is not a setting's name (a string)",
+                    None, None, f"key {short_repr(key)} is not a setting's name (a string)",
                     key_node.start_mark
                 )
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                    None, None, f"key {short_repr(key)} is given twice", key_node.start_mark
                 )
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+    def _refuse_yaml11_number(self, node: yaml.ScalarNode, value: Any) -> None:
+        """ConstructorError where ``node``, read as ``value``, is a base-60 or octal number."""
+        text = str(node.value)
+        digits = text.lstrip("+-").replace("_", "")
+        if ":" in digits:
+            kind = "a base-60"
+        elif isinstance(value, int) and re.fullmatch(r"0[0-9]+", digits):  # 00.5 is a float
+            kind = "an octal"
+        else:
+            return
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{short_repr(text)} is {kind} number in YAML 1.1 (it reads as "
+            f"{value}): write the decimal number you mean, or quote it for a string",
+            node.start_mark
+        )
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        try:
+            value = int(super().construct_yaml_int(node))
+        except ValueError as exc:  # more digits than sys.get_int_max_str_digits()
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer of {len(str(node.value))} characters is too long "
+                "to read", node.start_mark
+            ) from exc
+        self._refuse_yaml11_number(node, value)
+        return value
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        value = float(super().construct_yaml_float(node))
+        self._refuse_yaml11_number(node, value)
+        return value
+
+
+_RecipeLoader.add_constructor("tag:yaml.org,2002:int", _RecipeLoader.construct_yaml_int)
+_RecipeLoader.add_constructor("tag:yaml.org,2002:float", _RecipeLoader.construct_yaml_float)
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -508,6 +584,8 @@ def _read_recipe(path: Path) -> dict[str, Any]:
         loaded = yaml.load(text, Loader=_RecipeLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from exc
+    except RecursionError as exc:  # nested too deep for PyYAML's recursive composer
+        raise ConfigError(f"{path}: not valid YAML (nested too deep: {exc})") from exc
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return loaded
@@ -548,16 +626,20 @@ def recipe_path(name: str | os.PathLike[str], recipe_dir: Path = RECIPE_DIR) -> 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"train.steps=200"`` → (["train", "steps"], 200); the value is parsed as YAML."""
+    quoted = short_repr(text)
     if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected KEY.PATH=VALUE")
+        raise ConfigError(f"override {quoted}: expected KEY.PATH=VALUE")
     key, raw = text.split("=", 1)
     if not key.strip():
-        raise ConfigError(f"override {text!r}: empty key")
+        raise ConfigError(f"override {quoted}: empty key")
     try:
         value = yaml.load(raw, Loader=_RecipeLoader)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML "
+        raise ConfigError(f"override {quoted}: the value is not valid YAML "
                           f"({_yaml_problem(exc)})") from exc
+    except RecursionError as exc:  # nested too deep for PyYAML's recursive composer
+        raise ConfigError(f"override {quoted}: the value is not valid YAML (nested too deep: "
+                          f"{exc})") from exc
     return key.strip().split("."), value
 
 
@@ -579,16 +661,26 @@ def load_config(
     return override_config(config, overrides, "overrides") if overrides else config
 
 
+def _merged(old: Any, new: Any) -> Any:
+    """``new`` laid over ``old``: mappings key by key, nested ones too; anything else
+    replaced."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return new
+    return {**old, **{k: _merged(old.get(k), v) for k, v in new.items()}}
+
+
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Set each ``KEY.PATH=VALUE`` override in the nested mapping ``data`` (in place)."""
+    """Set each ``KEY.PATH=VALUE`` override in the nested mapping ``data`` (in place). A
+    mapping value sets its keys only (``train={batch_size: 2}`` is ``train.batch_size=2``): it
+    replaced the whole section, resetting the recipe's other values to their defaults."""
     for text in overrides:
         keys, value = parse_override(text)
         node = data
         for k in keys[:-1]:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {k} is not a section")
-        node[keys[-1]] = value
+                raise ConfigError(f"override {short_repr(text)}: {k} is not a section")
+        node[keys[-1]] = _merged(node.get(keys[-1]), value)
     return data
 
 

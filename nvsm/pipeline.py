@@ -123,6 +123,18 @@ def check_run_config(config: RunConfig) -> torch.device:
     return device
 
 
+def check_backbone_weights(config: RunConfig) -> None:
+    """Fail, before any work, when ``model.backbone_weights`` names no file: a fresh model
+    reads it (``build_model``), which found it missing only after the built-in dataset had been
+    generated and cropped. Not part of ``check_run_config``: evaluating or resuming from a
+    checkpoint does not read it (the backbone is in the checkpoint), and a checkpoint's config
+    keeps the training machine's path."""
+    path = config.model.backbone_weights
+    if path is not None and not Path(path).is_file():
+        raise ValueError(f"model.backbone_weights: no file {path} (expected a local ImageNet "
+                         "state dict for the backbone, torchvision format)")
+
+
 def ensure_synthetic(size: str, seed: int = 0) -> Path:
     """Root of the built-in synthetic dataset of this size, generated on first use.
 
@@ -155,7 +167,10 @@ def dataset_root(config: RunConfig) -> Path:
     if config.data.dataset != "synthetic":
         raise ValueError(f"dataset {config.data.dataset!r} needs data.root (-s data.root=PATH; "
                          "nvsm fewshot: --root PATH)")
-    return ensure_synthetic(config.data.synth_size, seed=0)
+    try:
+        return ensure_synthetic(config.data.synth_size, seed=0)
+    except FileExistsError as exc:  # a bad folder, reported as bad input by every command
+        raise ValueError(str(exc)) from exc
 
 
 def cad_root(config: RunConfig, root: Path) -> Path:
@@ -364,6 +379,8 @@ def train_and_evaluate(
     from nvsm.io import check_run_folder
 
     check_run_config(config)
+    if not (resume and (Path(run_dir) / "model.pt").is_file()):  # a fresh model, built below
+        check_backbone_weights(config)
     check_resumed_config(run_dir, check_run_folder(run_dir, resume, "train"),
                          config_to_dict(config), TRAIN_RESUMABLE_KEYS)
     with ddp.process_group(config.device) as info:

@@ -491,3 +491,159 @@ def test_an_unreadable_training_image_stops_train_before_the_run_folder(tiny_syn
                               "-s", "data.crop_scale=0.2", "--out", str(tmp_path / "run")])
     assert res.exit_code == 2 and f"{image}: field 'image'" in " ".join(res.output.split())
     assert not (tmp_path / "run").exists()  # it held run_info.json
+
+
+def _checkpoint(path: Path) -> Path:
+    """A small untrained model of the built-in synthetic car set (no data.root) at ``path``."""
+    import numpy as np
+
+    from nvsm.config import load_config
+    from nvsm.mesh import single_cuboid
+    from nvsm.train.model import NeMoModel, configured_backbone
+
+    cfg = load_config(None, ["device=cpu", "model.feature_dim=8", "model.n_vertices=8"])
+    corners = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], float)
+    mesh = single_cuboid([corners], 1.0, 8)
+    NeMoModel(configured_backbone(cfg, pretrained=False), {"car": mesh}, cfg).save(path)
+    return path
+
+
+def test_an_incomplete_built_in_dataset_folder_is_one_line_in_every_command(tmp_path,
+                                                                             monkeypatch):
+    # ensure_synthetic's FileExistsError went uncaught: a boxed traceback in each command.
+    from nvsm.data.synth import SIZE_PRESETS
+
+    home = tmp_path / "home"
+    for size in SIZE_PRESETS:
+        (home / f"synthetic-{size}-seed0").mkdir(parents=True)
+    monkeypatch.setenv("NVSM_DATA", str(home))
+    model = _checkpoint(tmp_path / "model.pt")
+    for cmd, size in (
+        (["fewshot", "--tiny", "--out", str(tmp_path / "f")], "tiny"),
+        (["train", "-s", "device=cpu", "--out", str(tmp_path / "t")], "default"),
+        (["evaluate", "-m", str(model)], "default"),
+        (["infer", "-m", str(model), "--out", str(tmp_path / "i")], "default"),
+    ):
+        res = runner.invoke(app, cmd)
+        folder = home / f"synthetic-{size}-seed0"
+        assert res.exit_code == 2, (cmd, res.output)
+        assert res.output == (
+            f"error: {folder} exists but holds no synthetic_manifest.json (not a complete nvsm "
+            "synthetic dataset); remove it or set $NVSM_DATA to another folder\n"), res.output
+    assert not any(p.name in ("f", "t", "i") for p in tmp_path.iterdir())
+
+
+def test_option_values_keep_every_character(tmp_path, monkeypatch):
+    # --root went through json.dumps' \u escapes into YAML, which read an emoji's two escapes
+    # as two lone surrogates: a wrong path stored, then a UnicodeEncodeError traceback.
+    seen = {}
+
+    def record(config, folder, **kwargs):
+        seen["config"] = config
+        raise ValueError("stop here")
+
+    monkeypatch.setattr("nvsm.fewshot.loop.run_fewshot", record)
+    for root in (f"{tmp_path}/\U0001F600 data", f"{tmp_path}/a\x85b\u2028c", f"{tmp_path}/\"q\""):
+        res = runner.invoke(app, ["fewshot", "--dataset", "pascal3d", "--root", root,
+                                  "--out", str(tmp_path / "r")])
+        assert res.exit_code == 2 and "stop here" in res.output, res.output
+        assert seen["config"].data.root == root
+
+
+def test_empty_paths_are_refused_as_the_option(tmp_path):
+    # Typer's Path made "" the working directory: the run read or loaded from there.
+    for cmd, message in (
+        (["fewshot", "--dataset", "pascal3d", "--root", ""],
+         "error: --root (data.root): expected a path, got ''\n"),
+        (["train", "--backbone-weights", ""],
+         "error: --backbone-weights (model.backbone_weights): expected a path, got ''\n"),
+        (["train", "-s", "data.root=''"], "error: overrides.data.root: expected a path, got ''\n"),
+    ):
+        res = runner.invoke(app, [*cmd, "--out", str(tmp_path / "run")])
+        assert res.exit_code == 2 and res.output == message, res.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_backbone_weights_file_stops_before_the_dataset_is_made(tmp_path,
+                                                                          monkeypatch):
+    # It was found missing only when the model was built: after the built-in dataset had been
+    # generated and the training images cropped.
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("NVSM_DATA", str(home))
+    weights = tmp_path / "missing.pth"
+    message = (f"error: model.backbone_weights: no file {weights} (expected a local ImageNet "
+               "state dict for the backbone, torchvision format)\n")
+    for cmd in (["train", "-s", "data.synth_size=tiny", "-s", "device=cpu",
+                 "--backbone-weights", str(weights)],
+                ["fewshot", "--tiny", "-s", f"model.backbone_weights={weights}"]):
+        res = runner.invoke(app, [*cmd, "--out", str(tmp_path / "run")])
+        assert not any(home.iterdir()) and not (tmp_path / "run").exists()
+        assert res.exit_code == 2 and res.output == message, res.output
+
+
+def test_baselines_option_overrides_the_recipe_either_way(tmp_path, monkeypatch):
+    # --baselines was ignored when the recipe turned them off ("None if baselines else False").
+    seen = {}
+
+    def record(config, folder, **kwargs):
+        seen["baselines"] = config.fewshot.baselines
+        raise ValueError("stop here")
+
+    monkeypatch.setattr("nvsm.fewshot.loop.run_fewshot", record)
+    recipe = tmp_path / "nobase.yaml"
+    recipe.write_text("labels:\n  annotations: 3\nfewshot:\n  baselines: false\n")
+    for args, want in (([], False), (["--baselines"], True), (["--no-baselines"], False)):
+        res = runner.invoke(app, ["fewshot", "-r", str(recipe), *args, "--out", str(tmp_path)])
+        assert "stop here" in res.output and seen["baselines"] is want, (args, res.output)
+    for args, want in (([], True), (["--baselines"], True), (["--no-baselines"], False)):
+        res = runner.invoke(app, ["fewshot", "--tiny", *args, "--out", str(tmp_path)])
+        assert "stop here" in res.output and seen["baselines"] is want, (args, res.output)
+
+
+def test_fewshot_takes_the_dataset_root_from_set_or_the_recipe(tmp_path, monkeypatch):
+    # --dataset pascal3d -s data.root=PATH was refused as "needs --root PATH".
+    seen = {}
+
+    def record(config, folder, **kwargs):
+        seen["config"] = config
+        raise ValueError("stop here")
+
+    monkeypatch.setattr("nvsm.fewshot.loop.run_fewshot", record)
+    res = runner.invoke(app, ["fewshot", "--dataset", "pascal3d", "-s", f"data.root={tmp_path}",
+                              "--out", str(tmp_path / "r")])
+    assert "stop here" in res.output, res.output
+    assert seen["config"].data.root == str(tmp_path)
+    assert seen["config"].data.dataset == "pascal3d"
+    for cmd in (["--dataset", "pascal3d"], ["-r", "kitti-car-7shot"]):
+        res = runner.invoke(app, ["fewshot", *cmd, "--out", str(tmp_path / "r")])
+        dataset = cmd[1].split("-")[0]
+        assert res.exit_code == 2 and res.output == (
+            f"error: dataset {dataset} needs its root on disk: --root PATH (or -s "
+            "data.root=PATH)\n"), res.output
+
+
+def test_help_examples_continue_their_lines_with_a_backslash():
+    # The pascal3d and kitti examples of fewshot --help went on on a second line with no
+    # backslash: pasted into a shell, the first line ran alone and the second failed.
+    import inspect
+    import itertools
+
+    import typer
+
+    def helps(command, name):
+        yield name, inspect.cleandoc(command.help or "")
+        for sub_name, sub in getattr(command, "commands", {}).items():
+            yield from helps(sub, f"{name} {sub_name}")
+
+    def indent(line: str) -> int:
+        return len(line) - len(line.lstrip())
+
+    continued = []
+    for name, text in helps(typer.main.get_command(app), "nvsm"):
+        lines = text.partition("Example")[2].split("\n")[1:]
+        for line, after in itertools.pairwise(lines):
+            if line.strip() and after.strip() and indent(after) > indent(line):
+                continued.append(line)
+                assert line.endswith(" \\"), (name, line)
+    assert len(continued) >= 2

@@ -298,3 +298,102 @@ def test_path_settings_are_stored_absolute(tmp_path, monkeypatch):
     assert cfg.model.backbone_weights == os.path.expanduser("~/w.pth")
     assert cfg.data.occluded_root is None  # not set stays not set
     assert config_from_dict(config_to_dict(cfg)) == cfg  # already absolute: unchanged
+
+
+def test_a_huge_integer_for_a_float_setting_is_not_a_finite_number(tmp_path):
+    # float() of an int beyond its range raised OverflowError: a traceback, naming no key.
+    huge = "1" * 400
+    with pytest.raises(ConfigError, match=r"^overrides\.train\.lr_head: expected a finite number"):
+        load_config(None, [f"train.lr_head={huge}"])
+    (tmp_path / "r.yaml").write_text(f"data:\n  crop_scale: {huge}\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml\.data\.crop_scale: expected a finite number"):
+        load_config("r", recipe_dir=tmp_path)
+    # Longer than Python reads into an int at all (its ValueError escaped from PyYAML).
+    with pytest.raises(ConfigError, match="an integer of 5000 characters is too long to read"):
+        load_config(None, [f"seed={'1' * 5000}"])
+
+
+def test_yaml_nested_too_deep_names_the_file_or_the_override(tmp_path):
+    # PyYAML composes recursively: 3000 levels raised RecursionError, a traceback.
+    deep = "[" * 3000 + "]" * 3000
+    (tmp_path / "deep.yaml").write_text(f"seed: {deep}\n")
+    path = tmp_path / "deep.yaml"
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: not valid YAML (nested too deep: ")):
+        load_config("deep", recipe_dir=tmp_path)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"seed={deep}"])
+    assert "the value is not valid YAML (nested too deep: " in str(err.value)
+    assert str(err.value).startswith("override 'seed=[[[") and len(str(err.value)) < 500
+
+
+def test_a_mapping_override_sets_only_its_keys(tmp_path):
+    # -s 'train={batch_size: 2}' replaced the recipe's whole train section: its steps (and
+    # everything else it set) silently went back to the defaults.
+    (tmp_path / "r.yaml").write_text(
+        "train:\n  steps: 3\n  augment:\n    color_jitter: 0.5\ndata:\n  crop_size: [64, 96]\n"
+    )
+    cfg = load_config("r", ["train={batch_size: 2, augment: {flip: false}}",
+                            "data={crop_size: [64, 120]}"], recipe_dir=tmp_path)
+    assert (cfg.train.steps, cfg.train.batch_size) == (3, 2)
+    assert cfg.train.augment.color_jitter == 0.5 and cfg.train.augment.flip is False
+    assert cfg.data.crop_size == [64, 120]  # a list is one value: replaced whole
+    assert cfg == load_config("r", ["train.batch_size=2", "train.augment.flip=false",
+                                    "data.crop_size=[64, 120]"], recipe_dir=tmp_path)
+    # Without a recipe the section's other keys keep their defaults, as before.
+    assert load_config(None, ["train={batch_size: 2}"]).train.steps == RunConfig().train.steps
+
+
+def test_errors_quote_values_briefly_and_aliases_are_refused(tmp_path):
+    # Five lines of nested aliases expanded to 10**6 values, all quoted in a 358 KB message
+    # (seven lines ran out of time and memory); a recipe takes no aliases now.
+    lines = ["seed:", "  - &a0 [1,1,1,1,1,1,1,1,1,1]"]
+    lines += [f"  - &a{i} [{','.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 7)]
+    (tmp_path / "laughs.yaml").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_config("laughs", recipe_dir=tmp_path)
+    assert str(err.value) == (f"{tmp_path / 'laughs.yaml'}: not valid YAML (alias *a0: a recipe "
+                              "takes no aliases; write the value out at line 3, column 10)")
+    with pytest.raises(ConfigError, match=r"alias \*b: a recipe takes no aliases"):
+        load_config(None, ["train=[&b 1, *b]"])
+    # A long or deeply nested value written out is quoted shortly.
+    for value in ("[" + ", ".join(["1"] * 5000) + "]", "[" * 100 + "]" * 100, "x" * 5000):
+        with pytest.raises(ConfigError, match=r"^overrides\.seed: expected int, got ") as err:
+            load_config(None, [f"seed={value}"])
+        assert len(str(err.value)) < 400, len(str(err.value))
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"data.categories=[{', '.join(['car'] * 5000)}]"])
+    assert str(err.value).startswith("overrides.data.categories: expected each item once, got "
+                                     "['car', 'car', ") and len(str(err.value)) < 400
+
+
+def test_duplicates_empty_paths_and_yaml_1_1_numbers_are_refused(tmp_path):
+    # Each was accepted silently: [car, car] read every record twice, '' stood for the working
+    # directory, 1:30 read as 90 (base 60) and 010 as 8 (octal).
+    for setting, message in (
+        ("data.categories=[car, bottle, car]", "data.categories: expected each item once, got "
+         "['car', 'bottle', 'car']"),
+        ("fewshot.occlusion_levels=[0, 0]", "fewshot.occlusion_levels: expected each item "
+         "once, got [0, 0]"),
+        ("data.root=''", "data.root: expected a path, got ''"),
+        ("data.cad_root=' '", "data.cad_root: expected a path, got ' '"),
+        ("model.backbone_weights=''", "model.backbone_weights: expected a path, got ''"),
+        ("train.steps=1:30", "'1:30' is a base-60 number in YAML 1.1 (it reads as 90): write "
+         "the decimal number you mean, or quote it for a string at line 1, column 1"),
+        ("train.lr_head=1:30.5", "'1:30.5' is a base-60 number in YAML 1.1 (it reads as 90.5)"),
+        ("seed=010", "'010' is an octal number in YAML 1.1 (it reads as 8)"),
+        ("seed=-0_10", "'-0_10' is an octal number in YAML 1.1 (it reads as -8)"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(None, [setting])
+    (tmp_path / "r.yaml").write_text("seed: 010\n")
+    with pytest.raises(ConfigError, match=re.escape(
+            f"{tmp_path / 'r.yaml'}: not valid YAML ('010' is an octal number in YAML 1.1")):
+        load_config("r", recipe_dir=tmp_path)
+    (tmp_path / "c.yaml").write_text("data:\n  categories: [car, car]\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml\.data\.categories: expected each item once"):
+        load_config("c", recipe_dir=tmp_path)
+    # What these numbers mean unambiguously still reads, as do 0, a float and a quoted string.
+    cfg = load_config(None, ["seed=0x1F", "train.steps=1_000", "train.lr_head=00.5",
+                             "fewshot.occlusion_levels=[0, 1]", "description='1:30'"])
+    assert (cfg.seed, cfg.train.steps, cfg.train.lr_head) == (31, 1000, 0.5)
+    assert cfg.description == "1:30" and load_config(None, ["seed=0"]).seed == 0
