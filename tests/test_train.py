@@ -403,8 +403,8 @@ def test_a_checkpoint_with_the_wrong_contents_is_named(tiny_synthetic, tmp_path)
         # Float faces failed in rendering; NaN vertices gave every image the first template.
         "float_faces": ({**good.tensors,
                          "meshes": {"car": {**mesh, "faces": mesh["faces"].float()}}},
-                        good.metadata, "entry 'meshes.car': Mesh.faces must be integer vertex "
-                        "indices, got torch.float32"),
+                        good.metadata, "entry 'meshes.car': Mesh.faces must be int32 or int64 "
+                        "vertex indices, got torch.float32"),
         "nan_vertices": ({**good.tensors, "meshes": {"car": {
             **mesh, "vertices": mesh["vertices"].clone().fill_(math.nan)}}}, good.metadata,
             "entry 'meshes.car': Mesh.vertices must be finite"),
@@ -418,7 +418,8 @@ def test_a_checkpoint_with_the_wrong_contents_is_named(tiny_synthetic, tmp_path)
     # Metadata that is JSON but not a mapping (save_checkpoint itself writes only mappings).
     payload = torch.load(tmp_path / "good.pt", weights_only=True)
     torch.save({**payload, "metadata": "[1, 2]"}, tmp_path / "list_meta.pt")
-    with pytest.raises(CheckpointError, match=r"list_meta\.pt: metadata lacks the run's config"):
+    with pytest.raises(CheckpointError,
+                       match=r"list_meta\.pt: checkpoint metadata must be a JSON object, got list"):
         NeMoModel.load(tmp_path / "list_meta.pt")
 
 
