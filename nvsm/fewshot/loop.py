@@ -464,7 +464,9 @@ def with_synthesized_images(
 ) -> CropSet:
     """``crops``, then every crop re-rendered at its pose + Δa for each azimuth shift in turn
     (``synthesize_images``, the category's cuboid; same weights, uids and cameras): the M-step's
-    image-level view synthesis. ``chunk`` crops are rendered at a time (bounds memory)."""
+    image-level view synthesis. The image boxes are kept too: the fill there is the source
+    crop blurred, so its padding stays where it was. ``chunk`` crops are rendered at a time
+    (bounds memory)."""
     parts = [crops]
     for shift_deg in azimuth_shifts_deg:
         images = torch.empty(crops.images.shape, dtype=torch.uint8)
