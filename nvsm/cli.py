@@ -319,9 +319,10 @@ def infer(
         typer.Argument(help="Image files or folders (their images, not recursive)."),
     ] = None,
     dataset_split: Annotated[
-        str,
-        typer.Option(help="Without PATHS: the checkpoint dataset's split, test (= val) | train."),
-    ] = "test",
+        str | None,
+        typer.Option(help="Without PATHS: the checkpoint dataset's split, test (= val, the "
+                     "default) | train."),
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option(help="Output folder, without an earlier inference's outputs (default "

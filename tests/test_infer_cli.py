@@ -594,6 +594,13 @@ def test_infer_end_to_end(tiny_synthetic, tmp_path):
     res = runner.invoke(app, ["infer", "-m", ckpt, str(junk), "--out", str(tmp_path / "pj")])
     assert res.exit_code == 1 and "no image gave a pose" in res.output
     assert f"failed: {junk / 'a.png'} (a:0)" in res.output
+    # The options of a dataset split are refused beside images (they were ignored in silence).
+    for option in (["--dataset-split", "train"], ["--infer-category"]):
+        target = tmp_path / "beside"
+        res = runner.invoke(app, ["infer", "-m", ckpt, str(pngs[0]), *option, "--out", str(target)])
+        assert res.exit_code == 2, res.output
+        assert f"error: {option[0]}: applies without PATHS only" in res.output
+        assert not target.exists()
     # A second inference into the same folder is refused before any work: it replaced the
     # predictions and left the first run's overlays beside them.
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}

@@ -464,7 +464,7 @@ def run_inference(
     checkpoint: Path,
     paths: Sequence[str | os.PathLike[str]] = (),
     out: Path = Path("predictions"),
-    dataset_split: str = "test",
+    dataset_split: str | None = None,
     category: str | None = None,
     infer_category: bool = False,
     overlays: bool = False,
@@ -478,7 +478,8 @@ def run_inference(
     Args:
         checkpoint: ``model.pt``.
         paths: image files / folders; empty: the checkpoint's dataset split instead.
-        dataset_split: ``test`` (= ``val``, the dataset's test list) or ``train``.
+        dataset_split: without ``paths``, ``test`` (= ``val``, the dataset's test list; the
+            default, None) or ``train``.
         category: the images' category (skips inference); with a dataset split, keep only it.
         infer_category: with a dataset split, infer the category instead of using the
             annotation (images given as ``paths`` are always inferred unless ``category``).
@@ -505,7 +506,14 @@ def run_inference(
     sched = resolve_schedule(config.infer.schedule)
     if category is not None and category not in model.meshes:
         raise ValueError(f"category {category!r} is not in the model ({model.categories})")
-    split = {"val": "test"}.get(dataset_split, dataset_split)
+    # Both options name what to do with a dataset split: beside images they did nothing.
+    if paths and dataset_split is not None:
+        raise ValueError("--dataset-split: applies without PATHS only (a split of the "
+                         "checkpoint's dataset instead of image files)")
+    if paths and infer_category:
+        raise ValueError("--infer-category: applies without PATHS only (images given as PATHS "
+                         "have their category inferred unless --category names it)")
+    split = {"val": "test", None: "test"}.get(dataset_split, dataset_split)
     if not paths and split not in ("test", "train"):
         raise ValueError(f"dataset split must be test, val or train, got {dataset_split!r}")
     device = check_run_config(config)
