@@ -478,7 +478,6 @@ def fewshot(
     """
     from nvsm.data.splits import Strategy
     from nvsm.fewshot.loop import run_fewshot
-    from nvsm.pipeline import check_backbone_weights
     from nvsm.train.distributed import PeerFailed
 
     if dataset is not None:
@@ -506,8 +505,6 @@ def fewshot(
               "data.root=PATH)")
     folder = _run_dir(out, "fewshot")
     try:  # a bad config, run folder or dataset fails before the run folder is written
-        if not resume:  # a resumed run's models are in its folder (see check_backbone_weights)
-            check_backbone_weights(cfg)
         result = run_fewshot(cfg, folder, resume=resume, log=console.print)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))

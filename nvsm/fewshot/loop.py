@@ -718,7 +718,11 @@ def run_fewshot(
     same result; the process group is set up here and torn down after, unless one is
     running already.
     """
+    from nvsm.pipeline import check_backbone_weights
+
     validate_fewshot_config(config)
+    if not resume:  # a resumed run's models are in its folder (see check_backbone_weights)
+        check_backbone_weights(config)
     with ddp.process_group(config.device) as info:
         return _run_fewshot(config, Path(run_dir), resume, data, matcher, schedule,
                             show_progress, log, info)
