@@ -18,6 +18,7 @@ from nvsm.train.cropset import (
     affine_jitter,
     build_cropset,
     flip_batch,
+    hidden_cells,
     outside_image,
 )
 from nvsm.train.model import NeMoModel, build_model
@@ -123,8 +124,8 @@ def test_the_image_box_marks_a_crops_own_padding(tmp_path):
     # with the image plus whatever the jitter read from off the crop.
     images = crop[None].float() / 255
     still = AugmentConfig(flip=False, color_jitter=0.0, scale_jitter=0.0, translate_jitter=0.0)
-    *_, hidden = BatchAugmenter(still)(images, data.k, data.poses, data.image_box)
-    assert torch.equal(hidden[0], outside)
+    batch = BatchAugmenter(still)(images, data.k, data.poses, data.image_box)
+    assert torch.equal(batch.padding[0], outside) and torch.equal(batch.hidden[0], outside)
     moved, _, padded = affine_jitter(
         images, data.k, data.image_box, torch.tensor([0.9]), torch.tensor([[-6.0, 3.0]])
     )
@@ -167,6 +168,35 @@ def test_vertices_on_a_crops_own_padding_are_not_trained_as_seen(tmp_path):
     assert bool((facing & on_padding).any())
 
 
+def test_clutter_is_not_drawn_from_a_crops_own_padding(tmp_path, monkeypatch):
+    """Clutter features teach the bank what background looks like; the zeros beyond the image
+    are no scene's background, so the cells holding them are excluded as the object's are."""
+    import nvsm.train.trainer as trainer_module
+    from nvsm.mesh import cuboid_mesh
+    from nvsm.models.common import STRIDE
+
+    data = _crop_past_the_left_border(tmp_path)
+    cfg = _cfg(**{"train.batch_size": 1, "train.augment.flip": "false",
+                  "train.augment.color_jitter": 0, "train.augment.scale_jitter": 0,
+                  "train.augment.translate_jitter": 0})  # fmt: skip
+    model = build_model(cfg, {"car": cuboid_mesh([-0.2, -0.4, -0.15], [0.2, 0.4, 0.15], 200)})
+    trainer = NeMoTrainer(model, cfg.train, seed=0)
+    excluded = []
+    draw = trainer_module.sample_clutter_features
+
+    def spy(feature_map, object_mask, n_per_image, generator=None):
+        excluded.append(object_mask.clone())
+        return draw(feature_map, object_mask, n_per_image, generator)
+
+    monkeypatch.setattr(trainer_module, "sample_clutter_features", spy)
+    trainer.batch_loss(data, torch.tensor([0]))
+    padding = hidden_cells(outside_image(data.image_box, tuple(SIZE)), STRIDE)
+    (mask,) = excluded
+    assert bool(padding.any()) and bool((~padding).any())
+    assert bool(mask[padding].all())  # every padding cell is off limits ...
+    assert bool((~mask).any())  # ... and background cells remain to draw from
+
+
 def test_augmenter_is_seeded():
     imgs = torch.rand(3, 3, 32, 48)
     k = torch.eye(3).double().repeat(3, 1, 1)
@@ -177,7 +207,8 @@ def test_augmenter_is_seeded():
     b = BatchAugmenter(AugmentConfig(occluders=1.0), seed=3)(imgs, k, poses, box)
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
-    assert a[3].any()  # occluders were pasted and reported
+    assert a.occluded.any()  # occluders were pasted and reported
+    assert torch.equal(a.hidden, a.padding | a.occluded)
     # ... and the seed matters (each DDP rank and round gets its own).
     c = BatchAugmenter(AugmentConfig(occluders=1.0), seed=4)(imgs, k, poses, box)
     assert not torch.equal(a[0], c[0])

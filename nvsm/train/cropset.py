@@ -14,7 +14,9 @@ camera/pose together, so the pose annotation stays exact:
 
 The pixels that show no image are returned as hidden, so that the loss treats the vertices
 projected there as invisible: pasted occluders, and the zero padding, both the crop's own
-(where the crop reaches past the original image: ``CropSet.image_box``) and the jitter's.
+(where the crop reaches past the original image: ``CropSet.image_box``) and the jitter's. The
+padding is also reported on its own: it is not part of any scene, so the clutter (background)
+features are not drawn from it either, while a pasted occluder is clutter.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO
+from typing import IO, NamedTuple
 
 import kornia.augmentation as KA
 import numpy as np
@@ -450,6 +452,24 @@ def affine_jitter(
     return out, k, padded.to(images.device)
 
 
+class AugmentedBatch(NamedTuple):
+    """One augmented batch: images (B, 3, H, W) float in [0, 1], intrinsics k (B, 3, 3), poses
+    (B, 4), and two (B, H, W) bool masks of the pixels that show none of the object's image:
+    ``padding`` (zeros from outside the crop or its ``image_box``) and ``occluded`` (pasted
+    occluders)."""
+
+    images: torch.Tensor
+    k: torch.Tensor
+    poses: torch.Tensor
+    padding: torch.Tensor
+    occluded: torch.Tensor
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """(B, H, W) bool: padding or occluder, the pixels where no vertex is seen."""
+        return self.padding | self.occluded
+
+
 class BatchAugmenter:
     """Applies ``AugmentConfig`` to float image batches in [0, 1] with exact camera updates."""
 
@@ -461,9 +481,8 @@ class BatchAugmenter:
 
     def __call__(
         self, images: torch.Tensor, k: torch.Tensor, poses: torch.Tensor, image_box: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """images (B, 3, H, W) float, image_box (B, 4) (``CropSet.image_box``); returns (images,
-        k, poses, hidden (B, H, W) bool: pasted occluders and padding)."""
+    ) -> AugmentedBatch:
+        """images (B, 3, H, W) float, image_box (B, 4) (``CropSet.image_box``)."""
         cfg, g = self.config, self.generator
         b, _, h, w = images.shape
         if cfg.flip:
@@ -476,16 +495,17 @@ class BatchAugmenter:
             scale = 1 + (torch.rand(b, generator=g) * 2 - 1) * cfg.scale_jitter
             shift = (torch.rand(b, 2, generator=g) * 2 - 1) * cfg.translate_jitter
             shift = shift * torch.tensor([w, h], dtype=shift.dtype)
-            images, k, hidden = affine_jitter(images, k, image_box, scale, shift)
+            images, k, padding = affine_jitter(images, k, image_box, scale, shift)
         else:
-            hidden = outside_image(image_box, (h, w)).to(images.device)
+            padding = outside_image(image_box, (h, w)).to(images.device)
         if self.color is not None:
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
             images = self.color(images).clamp(0, 1)
+        occluded = torch.zeros_like(padding)
         if cfg.occluders > 0:
-            images, occluded = paste_occluders(images, cfg.occluders, g)
-            hidden = hidden | occluded.to(hidden.device)
-        return images, k, poses, hidden
+            images, pasted = paste_occluders(images, cfg.occluders, g)
+            occluded = pasted.to(padding.device)
+        return AugmentedBatch(images, k, poses, padding, occluded)
 
 
 def paste_occluders(

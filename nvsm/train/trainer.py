@@ -219,6 +219,7 @@ class NeMoTrainer:
         poses: torch.Tensor,
         k_feat: torch.Tensor,
         occluded: torch.Tensor,
+        padding: torch.Tensor,
         weights: torch.Tensor,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.config
@@ -237,14 +238,16 @@ class NeMoTrainer:
         under = occluded.to(self.device)[rows, iy.clamp(0, h - 1), ix.clamp(0, w - 1)]
         visible = visible & inside & ~under
         feats = sample_vertex_features(fmap, vpx, visible, mode=cfg.sample_mode)
-        # Clutter comes from outside the rendered cuboid silhouette (dilated by one cell).
+        # Clutter comes from outside the rendered cuboid silhouette (dilated by one cell) and
+        # off the padding: zeros beyond the image are no scene's background.
         with torch.no_grad():
             r_cv, t_cv = opencv_extrinsics(p[:, 0], p[:, 1], p[:, 2], p[:, 3])
             screen = project_vertices(mesh.vertices.double(), r_cv, t_cv, k_feat.double())
             sil = self.rasterizer.rasterize(screen.float(), mesh.faces, (h, w)) >= 0
             sil = F.max_pool2d(sil[:, None].float(), 3, stride=1, padding=1)[:, 0] > 0
+        not_clutter = sil.to(self.device) | padding.to(self.device)
         clutter, valid = sample_clutter_features(
-            fmap, sil.to(self.device), cfg.clutter_per_image, self.generator
+            fmap, not_clutter, cfg.clutter_per_image, self.generator
         )
         loss = contrastive_loss(
             feats,
@@ -274,12 +277,13 @@ class NeMoTrainer:
         ``valid``, ``weights``). The loss is the crop-count-weighted mean of the per-category
         losses."""
         images = data.images[index].float() / 255.0
-        images, k, poses, hidden = self.augment(
+        batch = self.augment(
             images, data.k[index].clone(), data.poses[index].clone(), data.image_box[index]
         )
-        k_feat = torch.as_tensor(feature_intrinsics(k.numpy(), STRIDE))
-        occ_cells = hidden_cells(hidden, STRIDE)
-        images = normalize_images(images.to(self.device))
+        k_feat = torch.as_tensor(feature_intrinsics(batch.k.numpy(), STRIDE))
+        occ_cells = hidden_cells(batch.hidden, STRIDE)
+        pad_cells = hidden_cells(batch.padding, STRIDE)
+        images = normalize_images(batch.images.to(self.device))
         with torch.autocast(self.device.type, enabled=self.use_amp):
             fmap = self.net(images)
         fmap = fmap.float()
@@ -292,9 +296,10 @@ class NeMoTrainer:
             loss, upd = self._category_loss(
                 cat,
                 fmap[sel.to(self.device)],
-                poses[sel],
+                batch.poses[sel],
                 k_feat[sel],
                 occ_cells[sel],
+                pad_cells[sel],
                 weights[sel.to(self.device)],
             )
             total = total + loss * (int(sel.sum()) / len(cats))
