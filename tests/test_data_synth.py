@@ -301,8 +301,14 @@ def test_background_folder(tmp_path: Path) -> None:
     folder = tmp_path / "bg"
     folder.mkdir()
     Image.fromarray(np.full((40, 50, 3), 200, np.uint8)).save(folder / "flat.png")
+    # A folder whose name ends like an image's is searched, not taken for a photo (it was,
+    # and failed deep inside rendering, or was named as an unreadable photo).
+    (folder / "more.jpg").mkdir()
+    Image.fromarray(np.full((40, 50, 3), 200, np.uint8)).save(folder / "more.jpg" / "also.png")
+    bank = BackgroundBank.default(folder, use_skimage=False, check=True)
+    assert bank.names == ["dir:flat.png", "dir:more.jpg/also.png"]
     bank = BackgroundBank.default(folder, use_skimage=False)
-    assert bank.names == ["dir:flat.png"]
+    assert bank.names == ["dir:flat.png", "dir:more.jpg/also.png"]
     img = bank.sample(np.random.default_rng(0), (30, 20))
     assert img.shape == (30, 20, 3) and img.dtype == np.float32
     assert np.allclose(img, 200 / 255, atol=0.02)

@@ -11,13 +11,18 @@ from PIL import Image, UnidentifiedImageError
 from nvsm.data.errors import DataFormatError
 from nvsm.data.record import ObjectRecord
 
-__all__ = ["IMAGE_READ_ERRORS", "check_image", "load_image", "load_mask", "load_masks"]
+__all__ = [
+    "IMAGE_READ_ERRORS", "IMAGE_SUFFIXES", "check_image", "load_image", "load_mask", "load_masks",
+]
 
 #: What Pillow raises for a file it cannot read, truncated data and a header declaring more
 #: pixels than Pillow's decompression-bomb limit included (that one is no OSError).
 IMAGE_READ_ERRORS: tuple[type[Exception], ...] = (
     OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError,
 )
+#: Files taken for images when a folder is searched for them (case-insensitive suffixes):
+#: ``nvsm infer`` on a folder, the synthetic generator's backgrounds folder.
+IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 #: Integer masks (e.g. Occluded PASCAL3D+'s JPEG-derived object masks, 0..255) are foreground
 #: where the value exceeds this (the generator's own threshold); float/bool masks above 0.5.

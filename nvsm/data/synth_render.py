@@ -25,7 +25,7 @@ from scipy.ndimage import gaussian_filter
 from skimage.draw import ellipse as draw_ellipse
 from skimage.draw import polygon as draw_polygon
 
-from nvsm.data.images import IMAGE_READ_ERRORS
+from nvsm.data.images import IMAGE_READ_ERRORS, IMAGE_SUFFIXES
 from nvsm.data.shapes import PartMesh
 from nvsm.pose.convention import PASCAL3D_VIEWPORT, intrinsics, opencv_extrinsics
 from nvsm.render import Rasterizer, project_vertices
@@ -62,7 +62,6 @@ SKIMAGE_BACKGROUNDS: tuple[tuple[str, bool], ...] = (
     ("moon.png", False),
     ("coins.png", False),
 )
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)
@@ -319,7 +318,9 @@ class BackgroundBank:
             if not extra.is_dir():
                 state = "is a file, not a folder" if extra.exists() else "does not exist"
                 raise FileNotFoundError(f"backgrounds folder {extra} {state}")
-            files = sorted(p for p in extra.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(
+                p for p in extra.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+            )
             if not files:
                 raise FileNotFoundError(
                     f"backgrounds folder {extra} holds no images ({', '.join(IMAGE_SUFFIXES)})"

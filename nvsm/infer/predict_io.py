@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from nvsm.data.errors import DataFormatError
+from nvsm.data.images import IMAGE_SUFFIXES
 from nvsm.infer.evaluate import Predictions
 from nvsm.io import (
     atomic_open,
@@ -62,8 +63,6 @@ ROW_FIELDS: tuple[str, ...] = (
 )
 _FLOAT_FIELDS = ("azimuth_deg", "elevation_deg", "theta_deg", "distance", "score", "seconds")
 _POSE_FIELDS = ("azimuth_deg", "elevation_deg", "theta_deg", "distance")
-#: Files ``find_images`` takes from a folder (case-insensitive suffixes).
-IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 #: Focal length (px) assumed for raw images, whose camera is unknown (PASCAL3D+'s viewport).
 ASSUMED_FOCAL_PX = PASCAL3D_VIEWPORT
 
@@ -613,7 +612,6 @@ def run_inference(
 
 __all__ = [
     "ASSUMED_FOCAL_PX",
-    "IMAGE_SUFFIXES",
     "ROW_FIELDS",
     "InferencePart",
     "canonical_degrees",
