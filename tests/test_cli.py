@@ -580,6 +580,19 @@ def test_a_missing_backbone_weights_file_stops_before_the_dataset_is_made(tmp_pa
         res = runner.invoke(app, [*cmd, "--out", str(tmp_path / "run")])
         assert not any(home.iterdir()) and not (tmp_path / "run").exists()
         assert res.exit_code == 2 and res.output == message, res.output
+    # So does resuming a run stopped before any model was saved: it trains a fresh one too
+    # (a resumed few-shot run skipped the check and found the file missing after the crops).
+    for command in ("train", "fewshot"):
+        run = tmp_path / f"stopped-{command}"
+        run.mkdir()
+        (run / "run_info.json").write_text(json.dumps({"command": command}))
+        cmd = (["train", "-s", "data.synth_size=tiny", "-s", "device=cpu",
+                "--backbone-weights", str(weights)] if command == "train" else
+               ["fewshot", "--tiny", "-s", f"model.backbone_weights={weights}"])
+        res = runner.invoke(app, [*cmd, "--out", str(run), "--resume"])
+        assert not any(home.iterdir())
+        assert sorted(p.name for p in run.iterdir()) == ["run_info.json"]
+        assert res.exit_code == 2 and res.output == message, res.output
 
 
 def test_baselines_option_overrides_the_recipe_either_way(tmp_path, monkeypatch):

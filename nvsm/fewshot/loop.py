@@ -344,9 +344,7 @@ class _Run:
         seed follow the EM rounds, which ``--resume --rounds K`` may change. A stage saved
         before nvsm recorded its seed counts as stale when ``fewshot.rounds`` changed. With
         ``round_index`` (EM round k), the metrics must be round k's."""
-        if not (self.resume and (folder / "metrics.json").is_file()):
-            return None
-        if not (folder / "model.pt").is_file():
+        if not (self.resume and _saved_stage(folder)):
             return None
         try:
             saved_config = read_json_object(folder / "config.json")
@@ -640,6 +638,12 @@ def _saturated(schedule: AcceptanceSchedule, k: int, gaps: list[float]) -> bool:
     return k >= 3 and schedule.rule(k - 1) == schedule.rule(k - 2) and gaps[-1] >= gaps[-2]
 
 
+def _saved_stage(folder: Path) -> bool:
+    """Whether ``folder`` holds a stage's results (its metrics and checkpoint), which a resumed
+    run reuses unless stale or damaged (``_Run.complete``)."""
+    return (folder / "metrics.json").is_file() and (folder / "model.pt").is_file()
+
+
 def _single_stage(
     run: _Run,
     folder: Path,
@@ -721,7 +725,10 @@ def run_fewshot(
     from nvsm.pipeline import check_backbone_weights
 
     validate_fewshot_config(config)
-    if not resume:  # a resumed run's models are in its folder (see check_backbone_weights)
+    # Only the stages that start from a fresh model read the backbone weights; a resumed run
+    # whose such stages are all saved does not (see check_backbone_weights).
+    fresh = [Path(run_dir) / "round_0", *([Path(run_dir) / "oracle"] * config.fewshot.oracle)]
+    if not (resume and all(_saved_stage(folder) for folder in fresh)):
         check_backbone_weights(config)
     with ddp.process_group(config.device) as info:
         return _run_fewshot(config, Path(run_dir), resume, data, matcher, schedule,
