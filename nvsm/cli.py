@@ -6,6 +6,7 @@ import datetime as _dt
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -25,6 +26,8 @@ from nvsm.runtime import (
     flow_help,
     interruption,
     keep_freed_memory,
+    path_option,
+    path_parser,
     raise_on_sigterm,
 )
 
@@ -55,6 +58,7 @@ recipes_app = typer.Typer(
 app.add_typer(recipes_app, name="recipes")
 app.add_typer(pseudo_labels_app, name="pseudo-labels")
 console = Console()
+_path = partial(path_option, console)
 
 
 @app.callback()
@@ -221,7 +225,8 @@ def recipes_show(
 def train(
     recipe: RecipeOpt = "synthetic-car-supervised",
     out: Annotated[
-        Path | None, typer.Option(help="Run folder (default runs/train-<time>).")
+        Path | None,
+        typer.Option(help="Run folder (default runs/train-<time>).", **_path("--out")),
     ] = None,
     overrides: SetOpt = None,
     resume: Annotated[bool, typer.Option(help="Continue from RUN/model.pt.")] = False,
@@ -263,10 +268,13 @@ def train(
 
 @app.command()
 def evaluate(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint (model.pt).")],
+    model: Annotated[
+        Path, typer.Option("--model", "-m", help="Checkpoint (model.pt).", **_path("--model"))
+    ],
     out: Annotated[
         Path | None,
-        typer.Option(help="Folder for metrics.json (not one holding a metrics.json already)."),
+        typer.Option(help="Folder for metrics.json (not one holding a metrics.json already).",
+                     **_path("--out")),
     ] = None,
     schedule: Annotated[str | None, typer.Option(help=_SCHEDULE_HELP)] = None,
     occlusion_level: Annotated[
@@ -313,10 +321,13 @@ def evaluate(
 
 @app.command()
 def infer(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint (model.pt).")],
+    model: Annotated[
+        Path, typer.Option("--model", "-m", help="Checkpoint (model.pt).", **_path("--model"))
+    ],
     paths: Annotated[
         list[Path] | None,
-        typer.Argument(help="Image files or folders (their images, not recursive)."),
+        typer.Argument(help="Image files or folders (their images, not recursive).",
+                       parser=path_parser(console, "PATHS")),
     ] = None,
     dataset_split: Annotated[
         str | None,
@@ -326,7 +337,7 @@ def infer(
     out: Annotated[
         Path | None,
         typer.Option(help="Output folder, without an earlier inference's outputs (default "
-                     "runs/infer-<time>)."),
+                     "runs/infer-<time>).", **_path("--out")),
     ] = None,
     overlays: Annotated[
         bool, typer.Option("--overlays", help="Also write OUT/overlays/*.png per image.")
@@ -446,7 +457,8 @@ def fewshot(
         ),
     ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="Run folder (default runs/fewshot-<time>).")
+        Path | None,
+        typer.Option(help="Run folder (default runs/fewshot-<time>).", **_path("--out")),
     ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Skip the stages already complete in --out.")

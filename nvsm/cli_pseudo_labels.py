@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from nvsm.runtime import exit_with_error
+from nvsm.runtime import exit_with_error, path_option, path_parser
 
 app = typer.Typer(
     help="""Export a few-shot run's pseudo-labels (CSV, JSON lines) or inspect them (HTML).
@@ -29,7 +29,9 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 RunArg = Annotated[
-    Path, typer.Argument(help="Run folder written by 'nvsm fewshot --out RUN'.", show_default=False)
+    Path,
+    typer.Argument(help="Run folder written by 'nvsm fewshot --out RUN'.", show_default=False,
+                   parser=path_parser(console, "RUN")),
 ]
 
 
@@ -58,7 +60,9 @@ def export(
         ),
     ] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Output file (default: stdout).")
+        Path | None,
+        typer.Option("--out", "-o", help="Output file (default: stdout).",
+                     **path_option(console, "--out")),
     ] = None,
     accepted_only: Annotated[
         bool, typer.Option("--accepted-only", help="Only the labels the round accepted.")
@@ -101,7 +105,8 @@ def inspect(
     run: RunArg,
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="HTML file (default RUN/pseudo_labels_report.html)."),
+        typer.Option("--out", "-o", help="HTML file (default RUN/pseudo_labels_report.html).",
+                     **path_option(console, "--out")),
     ] = None,
     per_round: Annotated[
         int, typer.Option("--per-round", "-n", min=1, help="Thumbnails per round's contact sheet.")

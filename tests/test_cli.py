@@ -660,3 +660,32 @@ def test_help_examples_continue_their_lines_with_a_backslash():
                 continued.append(line)
                 assert line.endswith(" \\"), (name, line)
     assert len(continued) >= 2
+
+
+def test_an_empty_path_is_refused_not_read_as_the_working_folder(tmp_path, monkeypatch):
+    # Typer read --out "" (say, --out "$RUN" with RUN unset) as ".", and a run wrote into the
+    # working folder.
+    monkeypatch.chdir(tmp_path)
+    for args, name in (
+        (["train", "--out", ""], "--out"),
+        (["fewshot", "--tiny", "--out", ""], "--out"),
+        (["evaluate", "-m", ""], "--model"),
+        (["evaluate", "-m", "model.pt", "--out", ""], "--out"),
+        (["infer", "-m", ""], "--model"),
+        (["infer", "-m", "model.pt", "a.jpg", ""], "PATHS"),
+        (["infer", "-m", "model.pt", "--out", ""], "--out"),
+        (["data", "synth", "--tiny", "--out", ""], "--out"),
+        (["data", "synth", "--tiny", "--out", "syn", "--backgrounds", ""], "--backgrounds"),
+        (["data", "verify", "-d", "pascal3d", "--root", ""], "--root"),
+        (["data", "verify", "-d", "occluded_pascal3d", "--root", "r", "--pascal3d-root", ""],
+         "--pascal3d-root"),
+        (["data", "split", "-d", "pascal3d", "--root", "", "--out", "s"], "--root"),
+        (["data", "split", "-d", "pascal3d", "--root", "r", "--out", ""], "--out"),
+        (["pseudo-labels", "export", ""], "RUN"),
+        (["pseudo-labels", "export", "run", "--out", ""], "--out"),
+        (["pseudo-labels", "inspect", "run", "--out", ""], "--out"),
+    ):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, (args, res.output)
+        assert res.output == f"error: {name}: expected a path, got ''\n", (args, res.output)
+        assert not any(tmp_path.iterdir()), args

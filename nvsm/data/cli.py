@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -25,7 +26,7 @@ from nvsm.data.splits import (
 from nvsm.data.synth import synth_command
 from nvsm.data.verify import check_dataset_root, verify_dataset
 from nvsm.io import check_output_folder
-from nvsm.runtime import check_option, exit_with_error
+from nvsm.runtime import check_option, exit_with_error, path_option
 
 app = typer.Typer(
     help="""Datasets: verify a local copy, write few-shot split lists, render the synthetic set.
@@ -41,6 +42,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command("synth")(synth_command)
+_path = partial(path_option, Console())
 
 
 def _unique(categories: list[str] | None) -> list[str] | None:
@@ -54,13 +56,15 @@ _NAMES = ", ".join(DATASET_NAMES)
 @app.command()
 def verify(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help=f"One of: {_NAMES}.")],
-    root: Annotated[Path, typer.Option("--root", "-r", help="Root folder of the local copy.")],
+    root: Annotated[Path, typer.Option("--root", "-r", help="Root folder of the local copy.",
+                                       **_path("--root"))],
     category: Annotated[list[str] | None, typer.Option(
         "--category", "-c", help="Only these categories (repeatable).")] = None,
     decode: Annotated[bool, typer.Option(
         "--decode/--no-decode", help="Fully decode every image (slow), not headers only.")] = False,
     pascal3d_root: Annotated[Path | None, typer.Option(
-        "--pascal3d-root", help="occluded_pascal3d: also check the source annotations.")] = None,
+        "--pascal3d-root", help="occluded_pascal3d: also check the source annotations.",
+        **_path("--pascal3d-root"))] = None,
     limit: Annotated[int, typer.Option(
         "--limit", min=0, help="Rows shown in the table (all are counted).")] = 200,
 ) -> None:
@@ -98,8 +102,9 @@ def verify(
 def split(
     ctx: typer.Context,
     dataset: Annotated[str, typer.Option("--dataset", "-d", help=f"One of: {_NAMES}.")],
-    root: Annotated[Path, typer.Option("--root", "-r", help="Root folder of the dataset.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    root: Annotated[Path, typer.Option("--root", "-r", help="Root folder of the dataset.",
+                                       **_path("--root"))],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.", **_path("--out"))],
     annotations: Annotated[list[str] | None, typer.Option(
         "--annotations", "-n", help="Labelled-set sizes: '--annotations 7 20 50' or '7,20,50' "
         f"(repeatable; default {','.join(map(str, FEW_SHOT_LADDER))}).")] = None,

@@ -72,6 +72,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import typer
 from PIL import Image
+from rich.console import Console
 from scipy.ndimage import gaussian_filter
 
 from nvsm.data.matlab import MATLAB_PIXEL_OFFSET
@@ -99,6 +100,7 @@ from nvsm.io import (
 )
 from nvsm.mesh import write_off
 from nvsm.pose.convention import PASCAL3D_VIEWPORT
+from nvsm.runtime import path_option
 
 if sys.platform != "win32":
     import fcntl
@@ -805,12 +807,21 @@ def _parse_counts(values: Sequence[str]) -> dict[str, tuple[int, int]]:
     return counts
 
 
+#: Where ``synth_command``'s option parsers report a bad value.
+_CONSOLE = Console()
+
+
 def synth_command(
-    out: Annotated[Path, typer.Option("--out", help="Dataset root to create.")],
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Dataset root to create.", **path_option(_CONSOLE, "--out")),
+    ],
     tiny: Annotated[bool, typer.Option("--tiny", help="A few images per category.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same bytes).")] = 0,
     backgrounds: Annotated[
-        Path | None, typer.Option("--backgrounds", help="Folder of extra background photos.")
+        Path | None,
+        typer.Option("--backgrounds", help="Folder of extra background photos.",
+                     **path_option(_CONSOLE, "--backgrounds")),
     ] = None,
     categories: Annotated[
         list[str] | None, typer.Option("--category", "-c", help="Category (repeatable).")
