@@ -124,7 +124,16 @@ def raise_on_sigterm() -> None:
 
 def interruption(exc: KeyboardInterrupt) -> tuple[str, int]:
     """What stopped a command, in a word, and its exit code: 128 + the signal's number, the
-    shell's code for a process a signal ended (130 for Ctrl-C's SIGINT, 143 for SIGTERM)."""
+    shell's code for a process a signal ended (130 for Ctrl-C's SIGINT, 143 for SIGTERM).
+
+    Every command that turns Ctrl-C into its exit code asks this, so it also clears CPython's
+    mark of an unhandled Ctrl-C: a ``KeyboardInterrupt`` that leaves code run from a string
+    (``exec``/``eval`` of source: a dataclass or namedtuple being made, say by a module that
+    training imports on first use) is marked unhandled even though it is caught further up, and
+    under ``python -m nvsm.cli`` (not the ``nvsm`` script) the interpreter then ended the
+    process by SIGINT (status -2) instead of with this code. Running any string resets the
+    mark (CPython's ``run_eval_code_obj``)."""
+    exec("None")
     if isinstance(exc, Terminated):
         return "terminated", 128 + signal.SIGTERM
     return "interrupted", 128 + signal.SIGINT
