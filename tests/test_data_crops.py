@@ -19,6 +19,7 @@ from nvsm.data.crops import (
     warp_to_crop,
 )
 from nvsm.pose import feature_intrinsics, project_opencv, project_pascal3d
+from nvsm.pose.camera import CropCamera
 
 H, W = 240, 320
 CAD = np.array([[0, 0, 0], [0.5, -1.0, 0.3], [-0.5, 1.0, -0.3], [0.4, 0.9, 0.2],
@@ -156,3 +157,22 @@ def test_sizes_and_errors() -> None:
         crop_object(np.zeros((H, W)), _rec(), "bbox", (64, 64))
     with pytest.raises(ValueError):
         warp_to_crop(torch.zeros(H, W), crop_camera(_rec(), "bbox", (64, 64)))
+
+
+@pytest.mark.parametrize("image_hw", [(1, 40), (30, 1), (1, 1)])
+def test_a_one_pixel_side_is_not_smeared_over_the_crop(image_hw: tuple[int, int]) -> None:
+    """grid_sample read a 1-pixel-high image's row at every crop row (and a 1-pixel-wide one's
+    column at every crop column): the crop showed a band where the image is one pixel."""
+    from nvsm.pose.convention import intrinsics
+
+    h, w = image_hw
+    scale, offset = 4.0, np.array([10.0, 12.0])
+    cam = CropCamera(k=np.asarray(intrinsics(3000.0, 32.0, 32.0)), scale=scale, offset=offset,
+                     size=(64, 96), protocol="bbox")
+    crop = warp_to_crop(torch.ones(3, h, w), cam, antialias=False)[0]
+    # The image's pixel centres land at offset + scale·index; bilinear reading gives weight 0
+    # one image pixel (``scale`` crop pixels) beyond them (float32 leaves ~6e-8 there).
+    ys, xs = torch.nonzero(crop > 1e-6, as_tuple=True)
+    assert float(ys.min()) > offset[1] - scale and float(ys.max()) < offset[1] + scale * h
+    assert float(xs.min()) > offset[0] - scale and float(xs.max()) < offset[0] + scale * w
+    assert float(crop[int(offset[1]), int(offset[0])]) == 1.0  # the first pixel centre itself

@@ -126,15 +126,19 @@ def warp_to_crop(
         sigma = (1.0 / camera.scale - 1.0) / 2.0
         if sigma > 0.25:
             x = gaussian_blur(x, sigma)
+    # A one-pixel side has no span between its first and last pixel centres to normalise by:
+    # grid_sample (align_corners) then read that one row or column at every crop position.
+    # A zero pixel on each side of it is what the zero padding beyond the image gives anyway.
+    pad_x, pad_y = int(w == 1), int(h == 1)
+    x = F.pad(x, (pad_x, pad_x, pad_y, pad_y))
     out_h, out_w = camera.size
     dev = x.device
     u = torch.arange(out_w, dtype=torch.float64, device=dev)
     v = torch.arange(out_h, dtype=torch.float64, device=dev)
-    xs = (u - float(camera.offset[0])) / camera.scale
-    ys = (v - float(camera.offset[1])) / camera.scale
+    xs = (u - float(camera.offset[0])) / camera.scale + pad_x
+    ys = (v - float(camera.offset[1])) / camera.scale + pad_y
     pix = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)
-    # A one-pixel side has no centre span to normalise by; a divisor of 1 keeps it finite.
-    grid = normalize_pixel_coordinates(pix, max(h, 2), max(w, 2)).to(x.dtype)
+    grid = normalize_pixel_coordinates(pix, h + 2 * pad_y, w + 2 * pad_x).to(x.dtype)
     out = F.grid_sample(x, grid[None], mode=mode, padding_mode="zeros", align_corners=True)
     return out[0]
 
