@@ -511,10 +511,6 @@ def fewshot(
     })
     if cfg.labels.annotations is None:
         _fail("the few-shot loop needs --annotations N (N >= 1)")
-    # A root from --root, -s data.root or the recipe (-s was refused for want of --root).
-    if cfg.data.dataset != "synthetic" and cfg.data.root is None:
-        _fail(f"dataset {cfg.data.dataset} needs its root on disk: --root PATH (or -s "
-              "data.root=PATH)")
     folder = _run_dir(out, "fewshot")
     try:  # a bad config, run folder or dataset fails before the run folder is written
         result = run_fewshot(cfg, folder, resume=resume, log=console.print)

@@ -645,12 +645,16 @@ def test_fewshot_takes_the_dataset_root_from_set_or_the_recipe(tmp_path, monkeyp
     assert "stop here" in res.output, res.output
     assert seen["config"].data.root == str(tmp_path)
     assert seen["config"].data.dataset == "pascal3d"
+    # Without a root the loop itself refuses, before the run folder is written (the command
+    # line checked it too, in other words).
+    monkeypatch.undo()
     for cmd in (["--dataset", "pascal3d"], ["-r", "kitti-car-7shot"]):
         res = runner.invoke(app, ["fewshot", *cmd, "--out", str(tmp_path / "r")])
         dataset = cmd[1].split("-")[0]
         assert res.exit_code == 2 and res.output == (
-            f"error: dataset {dataset} needs its root on disk: --root PATH (or -s "
-            "data.root=PATH)\n"), res.output
+            f"error: dataset '{dataset}' needs data.root (-s data.root=PATH; nvsm fewshot: "
+            "--root PATH)\n"), res.output
+        assert not (tmp_path / "r").exists()
 
 
 def test_help_examples_continue_their_lines_with_a_backslash():
