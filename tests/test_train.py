@@ -110,6 +110,17 @@ def _crop_past_the_left_border(tmp_path, value=200):
     return build_cropset([rec], crop_scale=0.2, crop_size=tuple(SIZE), show_progress=False)
 
 
+def _trainer_without_augmentation() -> NeMoTrainer:
+    """A trainer of a fresh car cuboid model, one crop a batch, no augmentation."""
+    from nvsm.mesh import cuboid_mesh
+
+    cfg = _cfg(**{"train.batch_size": 1, "train.augment.flip": "false",
+                  "train.augment.color_jitter": 0, "train.augment.scale_jitter": 0,
+                  "train.augment.translate_jitter": 0})  # fmt: skip
+    model = build_model(cfg, {"car": cuboid_mesh([-0.2, -0.4, -0.15], [0.2, 0.4, 0.15], 200)})
+    return NeMoTrainer(model, cfg.train, seed=0)
+
+
 def test_the_image_box_marks_a_crops_own_padding(tmp_path):
     data = _crop_past_the_left_border(tmp_path)
     crop = data.images[0]
@@ -141,13 +152,8 @@ def test_vertices_on_a_crops_own_padding_are_not_trained_as_seen(tmp_path):
     from nvsm.train.trainer import project_mesh_vertices
 
     data = _crop_past_the_left_border(tmp_path)
-    cfg = _cfg(**{"train.batch_size": 1, "train.augment.flip": "false",
-                  "train.augment.color_jitter": 0, "train.augment.scale_jitter": 0,
-                  "train.augment.translate_jitter": 0})  # fmt: skip
-    from nvsm.mesh import cuboid_mesh
-
-    model = build_model(cfg, {"car": cuboid_mesh([-0.2, -0.4, -0.15], [0.2, 0.4, 0.15], 200)})
-    trainer = NeMoTrainer(model, cfg.train, seed=0)
+    trainer = _trainer_without_augmentation()
+    model = trainer.model
     _, updates = trainer.batch_loss(data, torch.tensor([0]))
     visible = updates["car"]["visible"][0]
     mesh = model.meshes["car"]
@@ -172,15 +178,10 @@ def test_clutter_is_not_drawn_from_a_crops_own_padding(tmp_path, monkeypatch):
     """Clutter features teach the bank what background looks like; the zeros beyond the image
     are no scene's background, so the cells holding them are excluded as the object's are."""
     import nvsm.train.trainer as trainer_module
-    from nvsm.mesh import cuboid_mesh
     from nvsm.models.common import STRIDE
 
     data = _crop_past_the_left_border(tmp_path)
-    cfg = _cfg(**{"train.batch_size": 1, "train.augment.flip": "false",
-                  "train.augment.color_jitter": 0, "train.augment.scale_jitter": 0,
-                  "train.augment.translate_jitter": 0})  # fmt: skip
-    model = build_model(cfg, {"car": cuboid_mesh([-0.2, -0.4, -0.15], [0.2, 0.4, 0.15], 200)})
-    trainer = NeMoTrainer(model, cfg.train, seed=0)
+    trainer = _trainer_without_augmentation()
     excluded = []
     draw = trainer_module.sample_clutter_features
 
