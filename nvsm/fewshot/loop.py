@@ -727,7 +727,9 @@ def run_fewshot(
     validate_fewshot_config(config)
     # Only the stages that start from a fresh model read the backbone weights; a resumed run
     # whose such stages are all saved does not (see check_backbone_weights).
-    fresh = [Path(run_dir) / "round_0", *([Path(run_dir) / "oracle"] * config.fewshot.oracle)]
+    fresh = [Path(run_dir) / "round_0"]
+    if config.fewshot.oracle:
+        fresh.append(Path(run_dir) / "oracle")
     if not (resume and all(_saved_stage(folder) for folder in fresh)):
         check_backbone_weights(config)
     with ddp.process_group(config.device) as info:
