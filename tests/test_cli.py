@@ -10,8 +10,23 @@ import torch
 from typer.testing import CliRunner
 
 from nvsm.cli import app
+from nvsm.config import RunConfig
 
 runner = CliRunner()
+
+
+def _record_configs(monkeypatch: pytest.MonkeyPatch, target: str) -> list[RunConfig]:
+    """Replace the library entry point ``target`` (``run_fewshot``, ``train_and_evaluate``)
+    with a stand-in that records the config the command passes and stops there (a
+    ``ValueError`` "stop here", which the command reports); returns the recorded configs."""
+    seen: list[RunConfig] = []
+
+    def record(config: RunConfig, folder: Path, **kwargs: object) -> None:
+        seen.append(config)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(target, record)
+    return seen
 
 
 def test_recipes_list_and_show():
@@ -120,24 +135,18 @@ def test_option_values_are_taken_as_typed(tmp_path, monkeypatch):
     # --root and --backbone-weights were read as YAML: "2024" became a number, "#" began a
     # comment (so "data #1" silently read ./data), "null" meant no root. --dataset was lost
     # when a --recipe was given.
-    seen = {}
-
-    def record(config, folder, **kwargs):
-        seen["config"] = config
-        raise ValueError("stop here")
-
-    monkeypatch.setattr("nvsm.fewshot.loop.run_fewshot", record)
+    seen = _record_configs(monkeypatch, "nvsm.fewshot.loop.run_fewshot")
     for root in ("2024", "data #1", "null"):
         res = runner.invoke(app, ["fewshot", "--dataset", "pascal3d", "--root", root,
                                   "-r", "synthetic-car-tiny", "--out", str(tmp_path / "r")])
         assert res.exit_code == 2 and "stop here" in res.output, res.output
-        assert seen["config"].data.root == str(Path(root).resolve())  # made absolute, not parsed
-        assert seen["config"].data.dataset == "pascal3d"
-    monkeypatch.setattr("nvsm.pipeline.train_and_evaluate", record)
+        assert seen[-1].data.root == str(Path(root).resolve())  # made absolute, not parsed
+        assert seen[-1].data.dataset == "pascal3d"
+    trained = _record_configs(monkeypatch, "nvsm.pipeline.train_and_evaluate")
     res = runner.invoke(app, ["train", "--backbone-weights", "w #1.pth", "--out",
                               str(tmp_path / "t")])
     assert res.exit_code == 2, res.output
-    assert seen["config"].model.backbone_weights == str(Path("w #1.pth").resolve())
+    assert trained[-1].model.backbone_weights == str(Path("w #1.pth").resolve())
 
 
 def test_a_seed_torch_cannot_take_is_refused_by_name(tmp_path):
@@ -553,18 +562,12 @@ def test_an_incomplete_built_in_dataset_folder_is_one_line_in_every_command(tmp_
 def test_option_values_keep_every_character(tmp_path, monkeypatch):
     # --root went through json.dumps' \u escapes into YAML, which read an emoji's two escapes
     # as two lone surrogates: a wrong path stored, then a UnicodeEncodeError traceback.
-    seen = {}
-
-    def record(config, folder, **kwargs):
-        seen["config"] = config
-        raise ValueError("stop here")
-
-    monkeypatch.setattr("nvsm.fewshot.loop.run_fewshot", record)
+    seen = _record_configs(monkeypatch, "nvsm.fewshot.loop.run_fewshot")
     for root in (f"{tmp_path}/\U0001F600 data", f"{tmp_path}/a\x85b\u2028c", f"{tmp_path}/\"q\""):
         res = runner.invoke(app, ["fewshot", "--dataset", "pascal3d", "--root", root,
                                   "--out", str(tmp_path / "r")])
         assert res.exit_code == 2 and "stop here" in res.output, res.output
-        assert seen["config"].data.root == root
+        assert seen[-1].data.root == root
 
 
 def test_empty_paths_are_refused_as_the_option(tmp_path):
@@ -614,37 +617,25 @@ def test_a_missing_backbone_weights_file_stops_before_the_dataset_is_made(tmp_pa
 
 def test_baselines_option_overrides_the_recipe_either_way(tmp_path, monkeypatch):
     # --baselines was ignored when the recipe turned them off ("None if baselines else False").
-    seen = {}
-
-    def record(config, folder, **kwargs):
-        seen["baselines"] = config.fewshot.baselines
-        raise ValueError("stop here")
-
-    monkeypatch.setattr("nvsm.fewshot.loop.run_fewshot", record)
+    seen = _record_configs(monkeypatch, "nvsm.fewshot.loop.run_fewshot")
     recipe = tmp_path / "nobase.yaml"
     recipe.write_text("labels:\n  annotations: 3\nfewshot:\n  baselines: false\n")
     for args, want in (([], False), (["--baselines"], True), (["--no-baselines"], False)):
         res = runner.invoke(app, ["fewshot", "-r", str(recipe), *args, "--out", str(tmp_path)])
-        assert "stop here" in res.output and seen["baselines"] is want, (args, res.output)
+        assert "stop here" in res.output and seen[-1].fewshot.baselines is want, (args, res.output)
     for args, want in (([], True), (["--baselines"], True), (["--no-baselines"], False)):
         res = runner.invoke(app, ["fewshot", "--tiny", *args, "--out", str(tmp_path)])
-        assert "stop here" in res.output and seen["baselines"] is want, (args, res.output)
+        assert "stop here" in res.output and seen[-1].fewshot.baselines is want, (args, res.output)
 
 
 def test_fewshot_takes_the_dataset_root_from_set_or_the_recipe(tmp_path, monkeypatch):
     # --dataset pascal3d -s data.root=PATH was refused as "needs --root PATH".
-    seen = {}
-
-    def record(config, folder, **kwargs):
-        seen["config"] = config
-        raise ValueError("stop here")
-
-    monkeypatch.setattr("nvsm.fewshot.loop.run_fewshot", record)
+    seen = _record_configs(monkeypatch, "nvsm.fewshot.loop.run_fewshot")
     res = runner.invoke(app, ["fewshot", "--dataset", "pascal3d", "-s", f"data.root={tmp_path}",
                               "--out", str(tmp_path / "r")])
     assert "stop here" in res.output, res.output
-    assert seen["config"].data.root == str(tmp_path)
-    assert seen["config"].data.dataset == "pascal3d"
+    assert seen[-1].data.root == str(tmp_path)
+    assert seen[-1].data.dataset == "pascal3d"
     # Without a root the loop itself refuses, before the run folder is written (the command
     # line checked it too, in other words).
     monkeypatch.undo()
